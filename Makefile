@@ -1,0 +1,50 @@
+# sensor-ingest — the two commands: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SERVICES := deploy/local/services.sh
+CONFIG ?= deploy/sensor-ingest.example.toml
+
+.PHONY: help setup services services-down run test test-unit lint typecheck schemas clean
+
+help:
+	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
+	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
+	@echo "make lint    ruff + mypy --strict"
+	@echo "make schemas regenerate schemas/json from the pydantic models"
+
+$(BIN)/sensor-ingest: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/sensor-ingest
+	bash $(SERVICES) install
+
+services: setup
+	bash $(SERVICES) up
+
+services-down:
+	bash $(SERVICES) down
+
+run: services
+	eval "$$(bash $(SERVICES) env)" && $(BIN)/sensor-ingest migrate --config $(CONFIG) \
+	  && exec $(BIN)/sensor-ingest run --config $(CONFIG)
+
+test: setup
+	TZ=Asia/Ho_Chi_Minh $(BIN)/pytest -q
+
+test-unit: $(BIN)/sensor-ingest
+	TZ=Asia/Ho_Chi_Minh $(BIN)/pytest -q tests/unit tests/decoders
+
+lint: $(BIN)/sensor-ingest
+	$(BIN)/ruff check ingest tests bench
+	$(BIN)/mypy
+
+schemas: $(BIN)/sensor-ingest
+	$(BIN)/python -m ingest.wire
+
+clean:
+	rm -rf $(VENV) .services .pytest_cache

@@ -1,0 +1,170 @@
+"""The `sensor-ingest` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ingest import __version__
+from ingest.errors import ConfigError, DecodeError, MigrationError
+from ingest.logs import setup_logging
+from ingest.model import RawMessage
+from ingest.settings import ENV_SHORT_NAMES, Settings, load_settings, mask_url
+
+__all__ = ["main"]
+
+log = logging.getLogger("ingest")
+
+_ENV_HELP = "\n".join(f"  {name:34s} {section}.{key}" for name, (section, key) in ENV_SHORT_NAMES.items())
+
+DESCRIPTION = f"""\
+sensor-ingest collects a city's sensor readings from MQTT gateways of any make, keeps only data that
+is correct, complete and clean, and writes it to TimescaleDB. A message is acknowledged to the broker
+only after the transaction holding its readings (or its rejection) has committed.
+
+Configuration: one TOML file (--config; deploy/sensor-ingest.example.toml documents every key),
+overridden by the environment. These variables are enough on their own:
+{_ENV_HELP}
+Any other key: SENSOR_INGEST_<SECTION>__<KEY>, e.g. SENSOR_INGEST_MQTT__CLIENT_ID=ingest-2.
+Passwords are read only from the environment, never from the file.
+"""
+
+
+def _config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="FILE", type=Path, required=required,
+        help="TOML config file" + ("" if required else " (optional: the environment may be enough)"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sensor-ingest", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"sensor-ingest {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run", help="run the service: subscribe, decode, validate, store, acknowledge",
+        description="Run the ingest service until SIGTERM or SIGINT, then flush, commit, acknowledge "
+        "and disconnect (the broker keeps the session). Serves /healthz, /readyz and /metrics on "
+        "SENSOR_INGEST_HTTP_ADDR. The database must be migrated first (sensor-ingest migrate).",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "migrate", help="create or update the database schema (safe to run again, and concurrently)",
+        description="Apply pending schemas/migrations/*.sql in order, each in its own transaction. "
+        "Creates the timescaledb extension first and says what to do when it cannot.",
+    )
+    _config_arg(p)
+
+    p = sub.add_parser(
+        "check-config", help="validate a config file and report every problem with its key and fix",
+        description="Validate FILE together with the SENSOR_INGEST_* environment, without any network "
+        "call. Exit 0 when valid, 2 when not.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--show", action="store_true", help="print the effective settings (passwords masked)")
+
+    p = sub.add_parser(
+        "decode", help="dry run: decode one payload through a source and print the readings",
+        description="Decode a payload the way the service would, and print the readings and any "
+        "rejection as JSON. Touches neither the broker nor the database.",
+    )
+    _config_arg(p)
+    p.add_argument("--source", help="source name from the config (default: the source matching --topic)")
+    p.add_argument("--format", help="decode with this format instead of a configured source")
+    p.add_argument("--topic", required=True, help="the topic the payload arrived on")
+    p.add_argument("payload", nargs="?", type=Path, help="payload file (default: standard input)")
+    return parser
+
+
+def _settings(path: Path | None) -> Settings:
+    return load_settings(path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(f"{args.file}: OK ({len(settings.sources)} source(s))")
+    if args.show:
+        data = settings.model_dump(mode="json")
+        data["database"]["url"] = mask_url(data["database"]["url"])
+        data["mqtt"]["url"] = mask_url(data["mqtt"]["url"])
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from ingest.store.migrate import migrate
+
+    settings = _settings(args.config)
+    url = settings.database.url
+    if settings.database.password is not None:
+        from ingest.store.pool import with_password
+
+        url = with_password(url, settings.database.password.get_secret_value())
+    applied = migrate(url, connect_timeout=settings.database.connect_timeout)
+    if applied:
+        for m in applied:
+            log.info("applied %04d_%s", m.version, m.name)
+        print(f"applied {len(applied)} migration(s) to {mask_url(settings.database.url)}")
+    else:
+        print(f"schema of {mask_url(settings.database.url)} is up to date")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ingest.service import run_service
+
+    settings = _settings(args.config)
+    setup_logging(settings.log.level, settings.log.format)
+    return asyncio.run(run_service(settings))
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from ingest.process import Processor
+
+    settings = _settings(args.config)
+    payload = args.payload.read_bytes() if args.payload else sys.stdin.buffer.read()
+    processor = Processor.from_settings(settings, override_format=args.format, source=args.source)
+    result = processor.process(RawMessage(args.topic, payload, datetime.now(UTC)))
+    print(json.dumps(result.as_json(), indent=2, ensure_ascii=False))
+    return 0 if not result.rejections else 1
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "check-config": cmd_check_config,
+    "decode": cmd_decode,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        setup_logging("info", "text")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"sensor-ingest: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except MigrationError as exc:
+        print(f"sensor-ingest: migrate failed: {exc}", file=sys.stderr)
+        return 1
+    except DecodeError as exc:
+        print(f"sensor-ingest: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

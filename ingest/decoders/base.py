@@ -1,0 +1,58 @@
+"""The decoder seam: bytes in, readings out.
+
+A decoder is a pure function ``(payload, context) -> Decoded``. It raises DecodeError when the payload
+as a whole cannot be read (not JSON, wrong shape, device mismatch); it reports parts it had to skip
+(one bad record of a pack) as ``problems`` and still returns the good readings. It never does I/O and
+never reads the clock: the receive time comes in the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from typing import Any
+
+from ingest.model import Reading, Rejection
+
+__all__ = ["DecodeContext", "Decoded", "Decoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeContext:
+    """What a decoder knows besides the payload.
+
+    device:      the topic's {device} capture, verbatim, or None when the topic template has none.
+                 When it is set, a payload that names a different device is rejected
+                 (reason "device_mismatch"): a device may not speak for another.
+    captures:    every capture of the topic template ({device}, {metric}, {gateway}, ...).
+    received_at: when the service received the message (timezone-aware, UTC); the time of readings
+                 whose payload carries no time of its own (flagged FLAG_RECEIVE_TIME).
+    timezone:    the zone of timestamps written without an offset; None means such timestamps are
+                 rejected (reason "bad_time"), because guessing a zone shifts every reading.
+    options:     the source's format options (rename map, time_field, ...), already validated.
+    """
+
+    topic: str
+    received_at: datetime
+    device: str | None = None
+    captures: Mapping[str, str] = field(default_factory=dict)
+    timezone: tzinfo | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What a decoder made of one payload.
+
+    readings: the values to store.
+    problems: parts of the payload that were skipped, each with a reason and detail.
+    ignored:  leaves that are not readings (ids, versions), counted, not stored.
+    """
+
+    readings: list[Reading]
+    problems: list[Rejection] = field(default_factory=list)
+    ignored: int = 0
+
+
+Decoder = Callable[[bytes, DecodeContext], Decoded]

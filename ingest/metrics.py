@@ -1,0 +1,38 @@
+"""Prometheus metrics of one service instance, in its own registry (no module-level singletons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "sensor_ingest_"
+        self.messages_received = Counter(p + "messages_received", "MQTT messages received", ["source"], registry=r)
+        self.messages_acked = Counter(p + "messages_acked", "MQTT messages acknowledged after commit", registry=r)
+        self.readings_written = Counter(p + "readings_written", "readings committed (incl. states)", registry=r)
+        self.rejections = Counter(p + "rejections", "messages stored as rejections, by reason", ["reason"], registry=r)
+        self.ignored_leaves = Counter(p + "ignored_leaves", "payload leaves that are not readings", registry=r)
+        self.batch_messages = Histogram(p + "batch_messages", "messages per written batch",
+                                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000), registry=r)
+        self.flush_seconds = Histogram(p + "flush_seconds", "time to write and commit one batch",
+                                       buckets=_LATENCY, registry=r)
+        self.commit_latency = Histogram(p + "receive_to_commit_seconds",
+                                        "from receiving a message to the commit holding it", buckets=_LATENCY,
+                                        registry=r)
+        self.unacked = Gauge(p + "messages_unacked", "messages received and not yet acknowledged", registry=r)
+        self.oldest_unacked_age = Gauge(p + "oldest_unacked_age_seconds",
+                                        "age of the oldest message not yet acknowledged", registry=r)
+        self.db_errors = Counter(p + "db_errors", "database failures by class (retry, data, fatal)",
+                                 ["kind"], registry=r)
+        self.reconnects = Counter(p + "mqtt_reconnects", "MQTT connections made after the first", registry=r)
+        self.conflict_batches = Counter(p + "conflict_batches",
+                                        "batches written through INSERT ON CONFLICT (duplicates/redelivery)",
+                                        registry=r)
+        self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
+        self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)

@@ -1,0 +1,364 @@
+"""The MQTT bridge: paho-mqtt (MQTT v5, manual acks) driven by the asyncio event loop.
+
+Design (after aiomqtt): paho's socket is watched with loop.add_reader / add_writer and its
+housekeeping (keepalive pings) runs from a once-a-second task, so every paho call is made by the
+event loop and paho's callbacks only register and hand over messages. The one exception is the
+blocking TCP/TLS connect, which runs in a worker thread while the loop makes no other paho call;
+the socket is registered with the loop only after it returns.
+
+Delivery contract:
+- persistent session: clean_start False on every connect (paho would clean the first one) and a
+  SessionExpiryInterval, so the broker keeps what we have not acknowledged while we are away;
+- a ReceiveMaximum on every connect bounds the unacknowledged messages (and our memory);
+- a message is acknowledged only through ``ack()``, only on the connection (epoch) it arrived on,
+  and in arrival order (AckTracker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import select
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ingest.acks import AckTracker
+from ingest.metrics import Metrics
+from ingest.model import Clock, RawMessage, utc_now
+from ingest.settings import MqttSettings
+
+__all__ = ["MqttBridge", "MqttConnectError"]
+
+log = logging.getLogger(__name__)
+
+# Packets read per readiness callback before the loop gets a turn (fairness with the writer task).
+_MAX_PACKETS_PER_WAKE = 2000
+
+
+class MqttConnectError(Exception):
+    def __init__(self, message: str, reason_code: int | None = None) -> None:
+        self.reason_code = reason_code
+        super().__init__(message)
+
+
+def _more_to_read(sock: Any) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
+
+
+class MqttBridge:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        filters: list[str],
+        sink: Callable[[RawMessage], None],
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
+        if not filters:
+            raise ValueError("no subscription filters: configure at least one source")
+        self.settings = settings
+        self.filters = [f"$share/{settings.shared_group}/{f}" if settings.shared_group else f for f in filters]
+        self.sink = sink
+        self.metrics = metrics
+        self.clock = clock
+        self.tracker = AckTracker()
+        self.connected = False  # connected and subscribed
+        self.connections = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._sock: Any = None
+        self._connecting = False
+        self._reading_paused = False
+        self._stopping = False
+        self._ready: asyncio.Event | None = None
+        self._disconnected: asyncio.Event | None = None
+        self._connack: asyncio.Future[tuple[ReasonCode, bool, Properties | None]] | None = None
+        self._suback: asyncio.Future[list[ReasonCode]] | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+
+    # ---- public -------------------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        assert self._ready is not None, "run() first"
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        """Connect, subscribe, and reconnect with capped backoff until stop()."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._client = self._make_client()
+        delay = self.settings.reconnect_min
+        failing_since: float | None = None
+        while not self._stopping:
+            try:
+                await self._connect_once()
+            except (MqttConnectError, OSError, TimeoutError, ssl.SSLError) as exc:
+                self._teardown_socket()
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("MQTT broker %s:%d unavailable: %s; retrying with backoff",
+                                self.settings.host, self.settings.port, exc)
+                with contextlib.suppress(paho.WebsocketConnectionError, OSError):
+                    self._client.disconnect()
+                await self._sleep(delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, self.settings.reconnect_max)
+                continue
+            if failing_since is not None:
+                log.info("MQTT broker back after %.1fs", time.monotonic() - failing_since)
+                failing_since = None
+            delay = self.settings.reconnect_min
+            self.connected = True
+            self._set_gauge(1)
+            self._ready.set()
+            await self._disconnected.wait()
+            self.connected = False
+            self._set_gauge(0)
+            self._ready.clear()
+            self._teardown_socket()
+            if not self._stopping:
+                log.warning("MQTT connection lost; %d unacknowledged message(s) will be redelivered",
+                            self.tracker.unacked)
+                failing_since = time.monotonic()
+
+    def ack(self, epoch: int, seqs: list[int]) -> int:
+        """Messages of ``epoch`` have committed: acknowledge all that now can be, in arrival order."""
+        to_ack = self.tracker.committed(epoch, seqs)
+        client = self._client
+        if not to_ack or client is None or not self.connected or epoch != self.tracker.epoch:
+            return 0
+        for mid, qos in to_ack:
+            client.ack(mid, qos)
+        # Flush now rather than at the next writable callback: the broker frees its inflight slots
+        # (Receive Maximum) only when it sees the PUBACKs.
+        if self._sock is not None:
+            client.loop_write()
+        if self.metrics is not None:
+            self.metrics.messages_acked.inc(len(to_ack))
+        return len(to_ack)
+
+    def pause_reading(self) -> None:
+        """Stop taking new packets from the socket (shutdown, or an overfull queue)."""
+        if not self._reading_paused:
+            self._reading_paused = True
+            if self._sock is not None and self._loop is not None:
+                self._loop.remove_reader(self._sock)
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._sock is not None and self._loop is not None:
+                self._loop.add_reader(self._sock, self._on_readable)
+                self._on_readable()
+
+    async def stop(self) -> None:
+        """Disconnect cleanly. The broker keeps the session (and what was not acknowledged)."""
+        self._stopping = True
+        client = self._client
+        if client is not None and self._sock is not None:
+            client.disconnect()
+            with contextlib.suppress(Exception):
+                client.loop_write()
+        if self._disconnected is not None:
+            self._disconnected.set()
+        self._teardown_socket()
+
+    # ---- connection ---------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
+        client.connect_timeout = s.connect_timeout
+        user, password = s.credentials()
+        if user is not None:
+            client.username_pw_set(user, password)
+        if s.tls:
+            client.tls_set(
+                ca_certs=str(s.ca_file) if s.ca_file else None,
+                certfile=str(s.cert_file) if s.cert_file else None,
+                keyfile=str(s.key_file) if s.key_file else None,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        return client
+
+    async def _connect_once(self) -> None:
+        assert self._loop is not None
+        assert self._client is not None
+        assert self._disconnected is not None
+        loop, client, s = self._loop, self._client, self.settings
+        epoch = self.tracker.new_epoch()
+        self._disconnected.clear()
+        self._connack = loop.create_future()
+        self._suback = None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = s.session_expiry
+        props.ReceiveMaximum = s.receive_maximum
+        self._connecting = True
+        try:
+            # Blocking TCP (and TLS) connect, bounded by client.connect_timeout, off the loop.
+            await loop.run_in_executor(
+                None,
+                lambda: client.connect(s.host, s.port, s.keepalive, clean_start=False, properties=props),
+            )
+        finally:
+            self._connecting = False
+        sock = client.socket()
+        if sock is None:
+            raise MqttConnectError("the connection closed during connect")
+        self._sock = sock
+        if not self._reading_paused:
+            loop.add_reader(sock, self._on_readable)
+        if client.want_write():
+            loop.add_writer(sock, self._on_writable)
+        self._misc_task = loop.create_task(self._misc_loop(), name="mqtt-misc")
+        try:
+            rc, session_present, cprops = await asyncio.wait_for(self._connack, s.connect_timeout)
+        except TimeoutError as exc:
+            raise MqttConnectError(f"no CONNACK within {s.connect_timeout:.0f}s") from exc
+        if rc.is_failure:
+            raise MqttConnectError(f"broker refused the connection: {rc}", rc.value)
+        granted = {}
+        if cprops is not None:
+            for name in ("ReceiveMaximum", "SessionExpiryInterval", "ServerKeepAlive", "MaximumQoS",
+                         "AssignedClientIdentifier"):
+                if hasattr(cprops, name):
+                    granted[name] = getattr(cprops, name)
+        if self.connections and self.metrics is not None:
+            self.metrics.reconnects.inc()
+        self.connections += 1
+        log.info(
+            "MQTT connected to %s:%d as %r (epoch %d, session %s, receive_maximum sent %d; broker: %s)",
+            s.host, s.port, s.client_id, epoch, "resumed" if session_present else "new",
+            s.receive_maximum, granted or "no limits announced",
+        )
+        self._suback = loop.create_future()
+        opts = SubscribeOptions(qos=s.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        result, _mid = client.subscribe([(f, opts) for f in self.filters])
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
+        try:
+            codes = await asyncio.wait_for(self._suback, s.connect_timeout)
+        except TimeoutError as exc:
+            raise MqttConnectError(f"no SUBACK within {s.connect_timeout:.0f}s") from exc
+        refused = [(f, c) for f, c in zip(self.filters, codes, strict=False) if c.is_failure]
+        if refused:
+            raise MqttConnectError("broker refused subscriptions: " + ", ".join(f"{f} ({c})" for f, c in refused))
+        log.info("MQTT subscribed to %s", ", ".join(self.filters))
+
+    def _teardown_socket(self) -> None:
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+        if self._sock is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock)
+                self._loop.remove_writer(self._sock)
+        self._sock = None
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when stop() is called."""
+        assert self._disconnected is not None
+        self._disconnected.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._disconnected.wait(), seconds)
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._client is not None:
+                self._client.loop_misc()
+
+    # ---- event-loop I/O -----------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        for _ in range(_MAX_PACKETS_PER_WAKE):
+            if self._reading_paused:
+                break
+            rc = client.loop_read()
+            sock = client.socket()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or not _more_to_read(sock):
+                break
+
+    def _on_writable(self) -> None:
+        if self._client is not None:
+            self._client.loop_write()
+
+    # ---- paho callbacks (on the loop, except during the threaded connect) ---------------------
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if not self._connecting and self._loop is not None and self._sock is not None:
+            self._loop.add_writer(sock, self._on_writable)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if not self._connecting and self._loop is not None and self._sock is not None:
+            self._loop.remove_writer(sock)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._sock is not None and sock is self._sock and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            self._sock = None
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result((reason_code, bool(flags.session_present), properties))
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        if self._suback is not None and not self._suback.done():
+            self._suback.set_result(list(reason_codes))
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(MqttConnectError(f"disconnected before CONNACK: {reason_code}"))
+        if self._suback is not None and not self._suback.done():
+            self._suback.set_exception(MqttConnectError(f"disconnected before SUBACK: {reason_code}"))
+        if self._disconnected is not None:
+            self._disconnected.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
+            topic = bytes(msg._topic).decode("utf-8", "replace")
+        seq = self.tracker.arrived(msg.mid, msg.qos, time.monotonic())
+        self.sink(RawMessage(
+            topic=topic, payload=bytes(msg.payload), received_at=self.clock(), qos=msg.qos, mid=msg.mid,
+            epoch=self.tracker.epoch, seq=seq, redelivered=bool(msg.dup),
+        ))
+
+    def _set_gauge(self, value: int) -> None:
+        if self.metrics is not None:
+            self.metrics.mqtt_connected.set(value)

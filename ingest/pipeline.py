@@ -1,0 +1,205 @@
+"""Wiring of the data path: consume -> process -> batch -> write -> ack, with backpressure.
+
+Two tasks share the loop: ``consume`` turns arrived messages into outcomes and batches; ``write_loop``
+commits one batch at a time and then acknowledges its messages. The queue between them holds at most
+two batches, so a slow or absent database stops consumption, which stops acknowledgements, which
+stops the broker (Receive Maximum): backpressure all the way to the broker, nothing dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+from ingest.batcher import Batch, Batcher
+from ingest.metrics import Metrics
+from ingest.model import RawMessage, Rejection
+from ingest.process import Outcome, Processor
+from ingest.settings import IngestSettings
+from ingest.store.classify import classify
+from ingest.store.writer import Writer
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 500  # messages processed before the loop gets a turn
+_RETRY_MIN, _RETRY_MAX = 0.2, 10.0
+
+
+class ShutdownAbort(Exception):
+    """Stop was asked while the database is away: leave the rest unacknowledged for redelivery."""
+
+
+def _db_rejection(outcome: Outcome, exc: BaseException) -> Outcome:
+    state = getattr(exc, "sqlstate", None) or "?"
+    text = str(exc).replace("\x00", "\\0")[:500]
+    return Outcome(
+        outcome.message, outcome.source, [],
+        Rejection("db_rejected", f"the database refused this message's data (SQLSTATE {state}): {text}",
+                  outcome.rejection.device if outcome.rejection else
+                  (outcome.readings[0].device if outcome.readings else None)),
+    )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        processor: Processor,
+        writer: Writer,
+        metrics: Metrics,
+        *,
+        ack: Callable[[int, list[int]], int],
+        inbox_limit: int,
+        pause: Callable[[], None] = lambda: None,
+        resume: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.processor = processor
+        self.writer = writer
+        self.metrics = metrics
+        self._ack = ack
+        self._pause, self._resume = pause, resume
+        self.inbox: deque[RawMessage] = deque()
+        self.inbox_limit = inbox_limit
+        self._paused = False
+        self.batcher = Batcher(settings.batch_max_messages, settings.batch_max_readings, settings.batch_max_age)
+        self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._abort = False
+        self.db_ok = True
+        self.committed_messages = 0
+
+    # ---- input --------------------------------------------------------------------------------
+
+    def submit(self, msg: RawMessage) -> None:
+        """Called by the MQTT bridge for each message, on the loop."""
+        self.inbox.append(msg)
+        self._wake.set()
+        if not self._paused and len(self.inbox) >= self.inbox_limit:
+            # Only QoS 0 floods get here: QoS 1 is bounded by Receive Maximum.
+            self._paused = True
+            self._pause()
+
+    # ---- tasks --------------------------------------------------------------------------------
+
+    async def consume(self) -> None:
+        batcher, inbox = self.batcher, self.inbox
+        while True:
+            if not inbox:
+                if self._stopping:
+                    break
+                due = batcher.due_at()
+                self._wake.clear()
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            for _ in range(min(len(inbox), _CHUNK)):
+                msg = inbox.popleft()
+                outcome = self.processor.process(msg)
+                self.metrics.messages_received.labels(outcome.source or "-").inc()
+                batcher.add(outcome, time.monotonic())
+                if batcher.full():
+                    await self._batches.put(batcher.take())
+            if self._paused and len(inbox) < self.inbox_limit // 2:
+                self._paused = False
+                self._resume()
+            if batcher.ready(time.monotonic()):
+                await self._batches.put(batcher.take())
+            await asyncio.sleep(0)
+        if not batcher.empty:
+            await self._batches.put(batcher.take())
+        await self._batches.put(None)
+
+    async def write_loop(self) -> None:
+        while True:
+            batch = await self._batches.get()
+            if batch is None:
+                return
+            try:
+                await self._commit(batch.outcomes)
+            except ShutdownAbort:
+                log.warning("shutting down with the database away: %d message(s) left unacknowledged "
+                            "for the broker to redeliver", len(batch))
+                return
+            by_epoch: dict[int, list[int]] = defaultdict(list)
+            for o in batch.outcomes:
+                by_epoch[o.message.epoch].append(o.message.seq)
+            for epoch, seqs in by_epoch.items():
+                self._ack(epoch, seqs)
+            self.committed_messages += len(batch)
+            self.metrics.batch_messages.observe(len(batch))
+
+    def stop(self, abort_writes: bool = False) -> None:
+        """Finish what has arrived (flush, commit, ack) and end both tasks."""
+        self._stopping = True
+        self._abort = abort_writes
+        self._wake.set()
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    async def _commit(self, outcomes: list[Outcome], depth: int = 0) -> None:
+        delay = _RETRY_MIN
+        failing_since: float | None = None
+        while True:
+            t0 = time.monotonic()
+            try:
+                result = await self.writer.write(outcomes)
+            except Exception as exc:
+                kind = classify(exc)
+                self.metrics.db_errors.labels(kind).inc()
+                if kind == "data":
+                    await self._narrow(outcomes, exc, depth)
+                    return
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                if self.db_ok:
+                    self.db_ok = False
+                    self.metrics.db_ok.set(0)
+                    level = logging.WARNING if kind == "retry" else logging.ERROR
+                    log.log(level, "database write failed (%s: %s); retrying with backoff, %d message(s) "
+                            "held unacknowledged", kind, exc, len(outcomes), exc_info=kind == "fatal")
+                if self._abort:
+                    raise ShutdownAbort from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            now = time.monotonic()
+            if not self.db_ok:
+                self.db_ok = True
+                self.metrics.db_ok.set(1)
+                log.info("database writes succeed again after %.1fs",
+                         now - failing_since if failing_since else 0.0)
+            m = self.metrics
+            m.flush_seconds.observe(now - t0)
+            m.readings_written.inc(result.readings + result.states)
+            if result.conflict_path:
+                m.conflict_batches.inc()
+            for o in outcomes:
+                if o.rejection is not None:
+                    m.rejections.labels(o.rejection.reason).inc()
+                m.ignored_leaves.inc(o.ignored)
+            return
+
+    async def _narrow(self, outcomes: list[Outcome], exc: BaseException, depth: int) -> None:
+        """A data-class failure: split until the one message at fault becomes a rejection."""
+        if len(outcomes) > 1:
+            half = len(outcomes) // 2
+            await self._commit(outcomes[:half], depth)
+            await self._commit(outcomes[half:], depth)
+            return
+        if depth >= 2:
+            # Even its rejection row cannot be stored: say so loudly with everything needed to
+            # recover it by hand; acknowledging is then the only way not to block the fleet.
+            msg = outcomes[0].message
+            log.error("message on %r cannot be stored even as a rejection (%s); payload hex: %s",
+                      msg.topic, exc, msg.payload[:4096].hex())
+            return
+        log.warning("message on %r refused by the database (%s); storing it as a rejection",
+                    outcomes[0].message.topic, exc)
+        await self._commit([_db_rejection(outcomes[0], exc)], depth + 1)

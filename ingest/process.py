@@ -1,0 +1,145 @@
+"""Pure per-message processing: route the topic, decode the payload, validate the readings.
+
+One message becomes one Outcome: the readings to store, and at most one rejection row (the whole
+message when it could not be decoded; or a summary of the readings that were skipped). Nothing is
+dropped without a trace: a message is stored as readings, as a rejection, or both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ingest.decoders import get_decoder
+from ingest.decoders.base import DecodeContext, Decoder
+from ingest.errors import DecodeError
+from ingest.model import RawMessage, Reading, Rejection
+from ingest.routing import Route, Router, compile_template
+from ingest.settings import Settings, SourceSettings
+from ingest.validate import Limits, validate
+
+__all__ = ["Outcome", "Processor", "SourceRuntime"]
+
+MAX_DETAIL = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    message: RawMessage
+    source: str | None
+    readings: list[Reading]
+    rejection: Rejection | None = None
+    ignored: int = 0
+    problems: list[Rejection] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "topic": self.message.topic,
+            "source": self.source,
+            "readings": [
+                {"device": r.device, "metric": r.metric, "time": r.time.isoformat(), "value": r.value,
+                 "unit": r.unit, "flags": r.flags}
+                for r in self.readings
+            ],
+            "rejection": None if self.rejection is None else
+            {"reason": self.rejection.reason, "detail": self.rejection.detail},
+            "ignored": self.ignored,
+        }
+
+    @property
+    def rejections(self) -> list[Rejection]:
+        return [] if self.rejection is None else [self.rejection]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRuntime:
+    """A configured source, compiled: its route, decoder and zone."""
+
+    settings: SourceSettings
+    route: Route
+    decoder: Decoder
+    timezone: tzinfo | None
+
+
+def _summary(problems: list[Rejection]) -> Rejection:
+    first = problems[0]
+    detail = "; ".join(p.detail for p in problems)
+    if len(problems) > 1:
+        detail = f"{len(problems)} readings skipped: {detail}"
+    if len(detail) > MAX_DETAIL:
+        detail = detail[: MAX_DETAIL - 3] + "..."
+    return Rejection(first.reason, detail, first.device)
+
+
+class Processor:
+    """Everything that turns a RawMessage into an Outcome, compiled once from the settings."""
+
+    def __init__(self, sources: list[SourceRuntime], limits: Limits, max_message_bytes: int) -> None:
+        self.sources = {s.settings.name: s for s in sources}
+        self.router = Router([s.route for s in sources])
+        self.limits = limits
+        self.max_message_bytes = max_message_bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, override_format: str | None = None,
+                      source: str | None = None) -> Processor:
+        runtimes = []
+        for s in settings.sources:
+            if source is not None and s.name != source:
+                continue
+            if override_format is not None:
+                s = s.model_copy(update={"format": override_format})
+            runtimes.append(SourceRuntime(
+                s, compile_template(s.topic, s.name), get_decoder(s.format),
+                ZoneInfo(s.timezone) if s.timezone else None,
+            ))
+        if override_format is not None and not runtimes:
+            ad_hoc = SourceSettings(name="adhoc", topic="#", format=override_format)
+            runtimes.append(SourceRuntime(ad_hoc, compile_template("#", "adhoc"), get_decoder(override_format), None))
+        earliest = datetime.fromisoformat(settings.ingest.earliest_time)
+        if earliest.tzinfo is None:
+            earliest = earliest.replace(tzinfo=UTC)
+        limits = Limits(earliest, timedelta(seconds=settings.ingest.max_future))
+        return cls(runtimes, limits, settings.ingest.max_message_bytes)
+
+    @property
+    def filters(self) -> list[str]:
+        return self.router.filters
+
+    def process(self, msg: RawMessage) -> Outcome:
+        size = len(msg.payload)
+        if size > self.max_message_bytes:
+            # Keep the first bytes for diagnosis; the whole payload could be anything.
+            head = msg.payload[: self.max_message_bytes]
+            short = RawMessage(msg.topic, head, msg.received_at, msg.qos, msg.mid, msg.epoch, msg.seq, msg.redelivered)
+            return Outcome(short, None, [], Rejection(
+                "too_large", f"payload of {size} bytes exceeds ingest.max_message_bytes = "
+                f"{self.max_message_bytes}; the first {self.max_message_bytes} bytes are kept here"))
+        found = self.router.route(msg.topic)
+        if found is None:
+            return Outcome(msg, None, [], Rejection("no_source", f"no source's topic template matches {msg.topic!r}"))
+        route, captures = found
+        src = self.sources[route.source]
+        prefix = src.settings.device_prefix
+        device = captures.get("device")
+        ctx = DecodeContext(
+            topic=msg.topic, received_at=msg.received_at, device=device, captures=captures,
+            timezone=src.timezone, options=src.settings.options,
+        )
+        try:
+            decoded = src.decoder(msg.payload, ctx)
+        except DecodeError as exc:
+            who = (prefix + device) if device else None
+            return Outcome(msg, route.source, [], Rejection(exc.reason, exc.detail, who))
+        readings = decoded.readings
+        if prefix:
+            readings = [
+                Reading(prefix + r.device, r.metric, r.time, r.value, r.unit, r.flags) for r in readings
+            ]
+        kept, problems = validate(readings, msg.received_at, self.limits)
+        problems = list(decoded.problems) + problems
+        if not kept and not problems:
+            problems = [Rejection("empty", "the payload holds no readings", device)]
+        return Outcome(msg, route.source, kept, _summary(problems) if problems else None, decoded.ignored, problems)

@@ -1,0 +1,157 @@
+"""`sensor-ingest run`: builds the parts from the settings and runs them until a stop signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import uvicorn
+
+from ingest.http import create_app
+from ingest.metrics import Metrics
+from ingest.mqtt import MqttBridge
+from ingest.pipeline import Pipeline
+from ingest.process import Processor
+from ingest.settings import Settings, mask_url
+from ingest.store.classify import is_retryable
+from ingest.store.migrate import discover
+from ingest.store.pool import create_pool
+from ingest.store.writer import Writer
+
+__all__ = ["run_service"]
+
+log = logging.getLogger("ingest.service")
+
+# After a stop signal: how long to keep trying to commit what has arrived before leaving it to
+# the broker's redelivery.
+SHUTDOWN_GRACE = 20.0
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn would install its own SIGTERM/SIGINT handlers over ours; the service owns them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _connect_database(settings: Settings, stop: asyncio.Event) -> asyncpg.Pool | None:
+    delay = 0.5
+    warned = False
+    while not stop.is_set():
+        try:
+            return await create_pool(settings.database)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if not warned:
+                log.warning("database %s unavailable (%s); retrying", mask_url(settings.database.url), exc)
+                warned = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+    return None
+
+
+async def _check_schema(pool: asyncpg.Pool) -> str | None:
+    want = max((m.version for m in discover()), default=0)
+    try:
+        have = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        have = None
+    if have is None or have < want:
+        return f"the database schema is at version {have or 0}, this release needs {want}: run `sensor-ingest migrate`"
+    return None
+
+
+async def run_service(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    processor = Processor.from_settings(settings)
+    if not processor.filters:
+        log.error("no [[sources]] configured: nothing to subscribe to (see deploy/sensor-ingest.example.toml)")
+        return 2
+
+    pool = await _connect_database(settings, stop)
+    if pool is None:
+        return 0
+    problem = await _check_schema(pool)
+    if problem:
+        log.error(problem)
+        await pool.close()
+        return 2
+    metrics.db_ok.set(1)
+
+    pipeline_ref: list[Pipeline] = []
+    bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics)
+    pipeline = Pipeline(
+        settings.ingest, processor, Writer(pool), metrics, ack=bridge.ack,
+        inbox_limit=2 * settings.mqtt.receive_maximum,
+        pause=bridge.pause_reading, resume=bridge.resume_reading,
+    )
+    pipeline_ref.append(pipeline)
+
+    def readiness() -> dict[str, bool]:
+        return {"mqtt": bridge.connected, "database": pipeline.db_ok}
+
+    server = _HttpServer(uvicorn.Config(
+        create_app(metrics, readiness), host=settings.http.host, port=settings.http.port,
+        log_level="warning", access_log=False, lifespan="off",
+    ))
+
+    async def gauges() -> None:
+        while True:
+            metrics.unacked.set(bridge.tracker.unacked)
+            oldest = bridge.tracker.oldest_arrival
+            metrics.oldest_unacked_age.set(0 if oldest is None else time.monotonic() - oldest)
+            await asyncio.sleep(1.0)
+
+    tasks = {
+        "mqtt": asyncio.create_task(bridge.run(), name="mqtt"),
+        "consume": asyncio.create_task(pipeline.consume(), name="consume"),
+        "write": asyncio.create_task(pipeline.write_loop(), name="write"),
+        "http": asyncio.create_task(server.serve(), name="http"),
+        "gauges": asyncio.create_task(gauges(), name="gauges"),
+    }
+    log.info("sensor-ingest running: %d source(s), database %s, broker %s, http %s",
+             len(processor.sources), mask_url(settings.database.url), mask_url(settings.mqtt.url), settings.http.addr)
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+    crashed = [t for t in done if t is not stopper]
+    for t in crashed:
+        exc = t.exception()
+        if exc is not None:
+            log.error("task %s failed: %r", t.get_name(), exc, exc_info=exc)
+        else:
+            log.error("task %s ended unexpectedly", t.get_name())
+
+    # Graceful stop: take no more messages, commit and acknowledge what has arrived, disconnect.
+    log.info("stopping: flushing %d queued message(s)", len(pipeline.inbox))
+    bridge.pause_reading()
+    pipeline.stop()
+    try:
+        await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), SHUTDOWN_GRACE)
+    except TimeoutError:
+        log.warning("database did not take the last batches within %.0fs; the broker will redeliver them",
+                    SHUTDOWN_GRACE)
+        pipeline.stop(abort_writes=True)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), 2.0)
+    await bridge.stop()
+    server.should_exit = True
+    for name in ("mqtt", "gauges"):
+        tasks[name].cancel()
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
+    await pool.close()
+    log.info("stopped: %d message(s) committed and acknowledged", pipeline.committed_messages)
+    return 1 if crashed else 0

@@ -1,0 +1,419 @@
+"""The one typed configuration object, built once in main() and passed down.
+
+Sources, highest priority first:
+  1. SENSOR_INGEST_DATABASE_URL, SENSOR_INGEST_MQTT_URL, SENSOR_INGEST_HTTP_ADDR (and the other
+     short names in ENV_SHORT_NAMES): enough on their own to run the service;
+  2. SENSOR_INGEST_<SECTION>__<KEY> for any other key (e.g. SENSOR_INGEST_MQTT__CLIENT_ID);
+  3. the TOML file given with --config;
+  4. the defaults below (deploy/sensor-ingest.example.toml documents each one).
+Secrets (passwords) come only from the environment: a password written in the file is refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import quote, unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ingest.errors import ConfigError, ConfigProblem
+
+__all__ = [
+    "ENV_SHORT_NAMES",
+    "DatabaseSettings",
+    "HttpSettings",
+    "IngestSettings",
+    "LogSettings",
+    "MqttSettings",
+    "Settings",
+    "SourceSettings",
+    "load_settings",
+    "mask_url",
+]
+
+ENV_PREFIX = "SENSOR_INGEST_"
+
+# Short environment names -> (section, key). The three URLs are the documented minimum.
+ENV_SHORT_NAMES: dict[str, tuple[str, str]] = {
+    "SENSOR_INGEST_DATABASE_URL": ("database", "url"),
+    "SENSOR_INGEST_DATABASE_PASSWORD": ("database", "password"),
+    "SENSOR_INGEST_MQTT_URL": ("mqtt", "url"),
+    "SENSOR_INGEST_MQTT_USERNAME": ("mqtt", "username"),
+    "SENSOR_INGEST_MQTT_PASSWORD": ("mqtt", "password"),
+    "SENSOR_INGEST_HTTP_ADDR": ("http", "addr"),
+    "SENSOR_INGEST_LOG_LEVEL": ("log", "level"),
+    "SENSOR_INGEST_LOG_FORMAT": ("log", "format"),
+}
+
+# Keys that are secrets: refused in the file, accepted from the environment.
+SECRET_KEYS = {("database", "password"), ("mqtt", "password")}
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/sensor_ingest",
+        description="PostgreSQL URL (postgresql://user@host:port/db). Env: SENSOR_INGEST_DATABASE_URL",
+    )
+    password: SecretStr | None = Field(
+        None, description="Env only: SENSOR_INGEST_DATABASE_PASSWORD (or PGPASSWORD, or in the env URL)"
+    )
+    pool_size: int = Field(4, ge=1, le=100, description="connections of the ingest pool")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for a new connection")
+    command_timeout: float = Field(30.0, gt=0, description="seconds a statement may take before it is abandoned")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"must start with postgresql:// (got {scheme or 'no'} scheme)")
+        return v
+
+
+class MqttSettings(_Section):
+    url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="broker URL: mqtt://host:port, or mqtts://host:port for TLS. Env: SENSOR_INGEST_MQTT_URL",
+    )
+    username: str | None = Field(None, description="or in the URL; env SENSOR_INGEST_MQTT_USERNAME")
+    password: SecretStr | None = Field(None, description="Env only: SENSOR_INGEST_MQTT_PASSWORD (or in the env URL)")
+    client_id: str = Field(
+        "sensor-ingest-1",
+        min_length=1,
+        max_length=128,
+        description="stable client id: the broker keeps this id's session (and unacknowledged messages)",
+    )
+    session_expiry: int = Field(86400, ge=1, description="seconds the broker keeps the session while we are away")
+    receive_maximum: int = Field(
+        4096, ge=1, le=65535, description="messages the broker may send before we acknowledge (bounds memory)"
+    )
+    keepalive: int = Field(30, ge=5, le=65535, description="seconds between pings")
+    qos: Literal[0, 1, 2] = Field(1, description="subscription QoS (1: at-least-once, the product's promise)")
+    shared_group: str | None = Field(
+        None, description="subscribe as $share/<group>/<filter> so several workers share the load"
+    )
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
+    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
+    key_file: Path | None = Field(None, description="client key for mutual TLS")
+    reconnect_min: float = Field(0.5, gt=0, description="first reconnect delay, seconds")
+    reconnect_max: float = Field(30.0, gt=0, description="reconnect delay cap, seconds")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for CONNACK")
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"must start with mqtt:// or mqtts:// (got {parts.scheme or 'no'} scheme)")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {exc}") from exc
+        return v
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/+#")):
+            raise ValueError("must be a non-empty name without '/', '+' or '#'")
+        return v
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(username, password): explicit settings win over the URL's user info."""
+        parts = urlsplit(self.url)
+        user = self.username or (unquote(parts.username) if parts.username else None)
+        if self.password is not None:
+            return user, self.password.get_secret_value()
+        return user, unquote(parts.password) if parts.password else None
+
+
+class HttpSettings(_Section):
+    addr: str = Field(
+        "127.0.0.1:8080",
+        description="host:port of /healthz, /readyz, /metrics and the API. Env: SENSOR_INGEST_HTTP_ADDR",
+    )
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8080 or 0.0.0.0:8080")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.addr.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rpartition(":")[2])
+
+
+class IngestSettings(_Section):
+    batch_max_messages: int = Field(1000, ge=1, description="flush a batch when it holds this many messages")
+    batch_max_readings: int = Field(20000, ge=1, description="... or this many readings")
+    batch_max_age: float = Field(0.2, gt=0, description="... or when its oldest message is this many seconds old")
+    max_message_bytes: int = Field(
+        65536, ge=64, description="larger payloads are rejected (reason too_large); keep <= the broker's limit"
+    )
+    max_future: float = Field(
+        600.0, ge=0, description="seconds a reading's time may be ahead of the receive time (device clock drift)"
+    )
+    earliest_time: str = Field(
+        "2000-01-01T00:00:00Z", description="readings timed before this are rejected (bad_time), e.g. clocks at 1970"
+    )
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    format: Literal["text", "json"] = Field("text", description="text for people, json for log collectors")
+
+
+_FORMATS = ("native", "senml")
+
+
+class SourceSettings(_Section):
+    """A topic template bound to a payload format."""
+
+    name: str = Field(min_length=1, max_length=64, description="name used in logs, metrics and rejections")
+    topic: str = Field(min_length=1, description="topic template, e.g. city/{device}/up; {x} captures one level")
+    format: str = Field(description="payload format: " + ", ".join(_FORMATS))
+    timezone: str | None = Field(None, description="IANA zone for timestamps without an offset")
+    device_prefix: str = Field("", description="prepended to every device id of this source")
+    options: dict[str, Any] = Field(default_factory=dict, description="format options")
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in _FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(_FORMATS)}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {v!r} (use an IANA name like Asia/Ho_Chi_Minh)") from exc
+        return v
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        # Deferred import: routing is pure and imports nothing from here.
+        from ingest.routing import compile_template
+
+        compile_template(v)
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    mqtt: MqttSettings = MqttSettings()
+    http: HttpSettings = HttpSettings()
+    ingest: IngestSettings = IngestSettings()
+    log: LogSettings = LogSettings()
+    sources: list[SourceSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> Settings:
+        seen: set[str] = set()
+        for s in self.sources:
+            if s.name in seen:
+                raise ValueError(f"two sources are named {s.name!r}; names must be unique")
+            seen.add(s.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment must win over it.
+        return (_ShortEnvSource(settings_cls), env_settings, init_settings)
+
+
+class _ShortEnvSource(PydanticBaseSettingsSource):
+    """SENSOR_INGEST_DATABASE_URL and friends -> nested keys."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, dict[str, str]] = {}
+        for env, (section, key) in ENV_SHORT_NAMES.items():
+            value = os.environ.get(env)
+            if value:
+                out.setdefault(section, {})[key] = value
+        return out
+
+
+def _key_of(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = get_args(ann)[0] if get_origin(ann) is list else ann
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _problems_of(exc: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        key = _key_of(loc)
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1) if known else []
+            fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+            problems.append(ConfigProblem(key, "unknown key", fix))
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        if err["type"] == "missing":
+            fix = "add it"
+        elif isinstance(given, str | int | float | bool) and not isinstance(given, dict):
+            fix = f"got {given!r}"
+        else:
+            fix = ""
+        problems.append(ConfigProblem(key, msg, fix))
+    return problems
+
+
+def _secrets_in_file(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    problems = []
+    for section, key in sorted(SECRET_KEYS):
+        sect = data.get(section)
+        if isinstance(sect, dict) and key in sect:
+            env = next(e for e, sk in ENV_SHORT_NAMES.items() if sk == (section, key))
+            problems.append(
+                ConfigProblem(f"{section}.{key}", "secrets are not read from files", f"set {env} in the environment")
+            )
+    for section in ("database", "mqtt"):
+        sect = data.get(section)
+        url = sect.get("url") if isinstance(sect, dict) else None
+        if isinstance(url, str):
+            try:
+                has_password = urlsplit(url).password is not None
+            except ValueError:
+                has_password = False
+            if has_password:
+                env = f"SENSOR_INGEST_{section.upper()}_PASSWORD"
+                problems.append(
+                    ConfigProblem(
+                        f"{section}.url",
+                        f"the URL holds a password ({mask_url(url)})",
+                        f"remove it from the file and set {env} (or the whole URL in the environment)",
+                    )
+                )
+    return problems
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the file (if any) and the environment; raise ConfigError listing every problem."""
+    source = str(path) if path is not None else "environment"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            problem = ConfigProblem("", f"cannot read the file: {exc.strerror}", "check the path")
+            raise ConfigError(source, [problem]) from exc
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, [ConfigProblem("", f"not valid TOML: {exc}", "fix the syntax")]) from exc
+        secret_problems = _secrets_in_file(data)
+        if secret_problems:
+            raise ConfigError(source, secret_problems)
+
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        where = source if path is None else f"{source} (with SENSOR_INGEST_* environment overrides)"
+        raise ConfigError(where, _problems_of(exc)) from exc

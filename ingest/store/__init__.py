@@ -1,0 +1,3 @@
+"""Everything that talks to PostgreSQL/TimescaleDB."""
+
+from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Device and metric ids: an in-memory cache filled on a miss by its own short transaction.
+
+The fill runs outside the batch transaction and commits before the ids are cached, so a batch that
+rolls back can never leave a cached id that does not exist. Keys are inserted in sorted order with
+ON CONFLICT DO NOTHING, so concurrent workers inserting overlapping new keys neither deadlock nor
+fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+__all__ = ["IdCache"]
+
+_INSERT_DEVICES = """
+INSERT INTO devices (uid, last_seen)
+SELECT u, now() FROM unnest($1::text[]) AS t(u) ORDER BY u
+ON CONFLICT (uid) DO NOTHING
+"""
+_SELECT_DEVICES = "SELECT uid, id FROM devices WHERE uid = ANY($1::text[])"
+_INSERT_METRICS = """
+INSERT INTO metrics (name, unit, kind)
+SELECT n, u, k FROM unnest($1::text[], $2::text[], $3::text[]) AS t(n, u, k) ORDER BY n
+ON CONFLICT (name) DO NOTHING
+"""
+_SELECT_METRICS = "SELECT name, id FROM metrics WHERE name = ANY($1::text[])"
+
+
+class IdCache:
+    def __init__(self) -> None:
+        self.devices: dict[str, int] = {}
+        self.metrics: dict[str, int] = {}
+
+    async def resolve_devices(self, conn: Conn, uids: Iterable[str]) -> None:
+        missing = sorted({u for u in uids if u not in self.devices})
+        if not missing:
+            return
+        async with conn.transaction():
+            await conn.execute(_INSERT_DEVICES, missing)
+        for uid, id_ in await conn.fetch(_SELECT_DEVICES, missing):
+            self.devices[uid] = id_
+
+    async def resolve_metrics(self, conn: Conn, metrics: dict[str, tuple[str | None, str]]) -> None:
+        """metrics: name -> (unit, kind) of the first reading seen, used only when creating the row."""
+        missing = sorted(n for n in metrics if n not in self.metrics)
+        if not missing:
+            return
+        units = [metrics[n][0] for n in missing]
+        kinds = [metrics[n][1] for n in missing]
+        async with conn.transaction():
+            await conn.execute(_INSERT_METRICS, missing, units, kinds)
+        for name, id_ in await conn.fetch(_SELECT_METRICS, missing):
+            self.metrics[name] = id_

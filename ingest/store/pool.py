@@ -1,0 +1,49 @@
+"""The asyncpg pool of the ingest path: timeouts everywhere, UTC sessions, TCP keepalives."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+
+from ingest.settings import DatabaseSettings
+
+__all__ = ["create_pool", "with_password"]
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def dsn_of(settings: DatabaseSettings) -> str:
+    if settings.password is not None:
+        return with_password(settings.url, settings.password.get_secret_value())
+    return settings.url
+
+
+async def create_pool(settings: DatabaseSettings, application_name: str = "sensor-ingest") -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn_of(settings),
+        min_size=1,
+        max_size=settings.pool_size,
+        timeout=settings.connect_timeout,
+        command_timeout=settings.command_timeout,
+        max_inactive_connection_lifetime=300,
+        server_settings={
+            "TimeZone": "UTC",
+            "application_name": application_name,
+            # A statement that outlives this is abandoned by the server too, not only by us.
+            "statement_timeout": str(int(settings.command_timeout * 1000)),
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "3",
+        },
+    )

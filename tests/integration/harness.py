@@ -1,0 +1,162 @@
+"""Run the real service as a process, publish to the real broker, read the real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as paho
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from tests.services import REPO, free_port, wait_until
+
+
+def write_config(path: Path, *, prefix: str, database_url: str, mqtt_url: str, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[database]
+url = "{database_url}"
+
+[mqtt]
+url = "{mqtt_url}"
+client_id = "ingest-{uuid.uuid4().hex[:8]}"
+reconnect_min = 0.1
+reconnect_max = 1.0
+keepalive = 10
+
+[http]
+addr = "127.0.0.1:{free_port()}"
+
+[log]
+level = "info"
+
+[[sources]]
+name = "native"
+topic = "{prefix}/{{device}}/up"
+format = "native"
+
+[[sources]]
+name = "gateway"
+topic = "{prefix}/gw/{{gateway}}"
+format = "native"
+
+[[sources]]
+name = "senml"
+topic = "{prefix}/senml/{{device}}"
+format = "senml"
+{extra}
+"""
+    )
+    return path
+
+
+class IngestProcess:
+    """`python -m ingest run --config FILE` as a child process."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        text = config.read_text()
+        self.http = text.split('addr = "', 1)[1].split('"', 1)[0]
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingest", "run", "--config", str(self.config)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(self.ready, 60, f"the ingest service to be ready (log: {self.log_path})", interval=0.1)
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"ingest exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"http://{self.http}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"http://{self.http}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(60)
+        self.proc = None
+        return rc
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+class Publisher:
+    """A QoS 1 publisher that counts only what the broker acknowledged."""
+
+    def __init__(self, port: int) -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pub-" + uuid.uuid4().hex[:8],
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.acked = 0
+        self._lock = threading.Lock()
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_publish(self, client: object, userdata: object, mid: int, rc: object, props: object) -> None:
+        with self._lock:
+            self.acked += 1
+
+    def publish_all(self, messages: Iterable[tuple[str, bytes]], qos: int = 1) -> int:
+        infos = [self.client.publish(topic, payload, qos=qos) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(60)
+        return len(infos)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def native(device: str, time: str, readings: dict[str, object]) -> bytes:
+    return json.dumps({"device": device, "time": time, "readings": readings}).encode()
+
+
+def stored_readings(url: str) -> set[tuple[str, str, str, float]]:
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT d.uid, m.name, r.time, r.value FROM readings r"
+            " JOIN devices d ON d.id = r.device_id JOIN metrics m ON m.id = r.metric_id"
+        ).fetchall()
+    return {(str(u), str(n), t.isoformat(), float(v)) for u, n, t, v in rows}
+
+
+def count(url: str, table: str) -> int:
+    with psycopg.connect(url) as c:
+        row = c.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return int(row[0])

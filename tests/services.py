@@ -1,0 +1,223 @@
+"""Private Mosquitto and PostgreSQL(+TimescaleDB) processes for the tests.
+
+Each runs on a free 127.0.0.1 port with the project's own config files (deploy/mosquitto/mosquitto.conf,
+deploy/postgres/postgresql.conf) and its data in a temporary directory, so the tests never use or
+disturb the machine's own services. Both can be stopped and started again (fault tests).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP_HINT = "run `make test` (it installs the services with deploy/local/services.sh install) or run that script"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll a condition. The timeout only bounds a hang: tests assert on conditions, not on time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _service_user(name: str) -> tuple[int, int] | None:
+    """(uid, gid) to run a server as when we are root (PostgreSQL refuses root), else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError as exc:
+        raise RuntimeError(f"running as root needs a {name!r} user; {SETUP_HINT}") from exc
+    return pw.pw_uid, pw.pw_gid
+
+
+def _chown_tree(path: Path, ids: tuple[int, int] | None) -> None:
+    if ids is None:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, *ids)
+        for f in files:
+            os.chown(os.path.join(root, f), *ids)
+        for d in dirs:
+            os.chown(os.path.join(root, d), *ids)
+
+
+def _pg_bindir() -> Path:
+    pg_config = shutil.which("pg_config")
+    candidates = []
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+        if out:
+            candidates.append(Path(out))
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for c in candidates:
+        if (c / "initdb").exists() and (c / "postgres").exists():
+            return c
+    raise RuntimeError(f"no PostgreSQL server binaries (initdb) found; {SETUP_HINT}")
+
+
+class Postgres:
+    """A private cluster: initdb in a temp dir, TimescaleDB preloaded, on a free port."""
+
+    def __init__(self) -> None:
+        self.bindir = _pg_bindir()
+        self.ids = _service_user("postgres")
+        self.dir = Path(tempfile.mkdtemp(prefix="sensor-ingest-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _run_as(self) -> dict[str, object]:
+        if self.ids is None:
+            return {}
+        uid, gid = self.ids
+        return {"user": uid, "group": gid, "extra_groups": []}
+
+    def init(self) -> None:
+        self.data.mkdir()
+        _chown_tree(self.dir, self.ids)
+        subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+             "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+            check=True, capture_output=True, **self._run_as(),  # type: ignore[call-overload]
+        )
+        conf = (REPO / "deploy" / "postgres" / "postgresql.conf").read_text()
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write("\n# --- deploy/postgres/postgresql.conf ---\n" + conf)
+            f.write(
+                "\n# --- test cluster ---\n"
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.dir}'\n"
+                # Template databases can be copied only while no background worker is attached.
+                "timescaledb.max_background_workers = 0\n"
+                # Speed, not durability: these clusters live for one test session. The tests kill
+                # the ingest process, never this server uncleanly.
+                "fsync = off\nfull_page_writes = off\nshared_buffers = 128MB\n"
+                "timescaledb.telemetry_level = off\n"
+            )
+
+    def start(self) -> None:
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [str(self.bindir / "postgres"), "-D", str(self.data)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            **self._run_as(),  # type: ignore[call-overload]
+        )
+        log.close()
+        wait_until(self._ready, 60, f"PostgreSQL on port {self.port} (log: {self.dir / 'server.log'})")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"PostgreSQL exited: {(self.dir / 'server.log').read_text()[-2000:]}")
+        try:
+            with psycopg.connect(self.url("postgres"), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        """SIGINT is PostgreSQL's fast shutdown; SIGQUIT its immediate one."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.proc = None
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(self.url("postgres"), autocommit=True)
+
+    def create_database(self, template: str = "template1") -> str:
+        name = "t_" + uuid.uuid4().hex[:12]
+        with self.admin() as c:
+            c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')  # type: ignore[arg-type]
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with self.admin() as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGQUIT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Mosquitto:
+    """A private broker with the project's config, persistence in a temp dir, on a free port."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise RuntimeError(f"mosquitto is not installed; {SETUP_HINT}")
+        self.exe = exe
+        self.ids = _service_user("mosquitto")
+        self.dir = Path(tempfile.mkdtemp(prefix="sensor-ingest-mqtt-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.dir / "data").mkdir()
+        conf = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+        (self.dir / "mosquitto.conf").write_text(
+            conf
+            + "\n# --- test broker ---\n"
+            + f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + f"persistence_location {self.dir}/data/\n"
+            + f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
+        )
+        _chown_tree(self.dir, self.ids)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.dir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_until(self._ready, 30, f"Mosquitto on port {self.port}")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            log = self.dir / "mosquitto.log"
+            raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:] if log.exists() else ''}")
+        return port_open(self.port)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM saves the persistence file first; SIGKILL loses what was not saved."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
