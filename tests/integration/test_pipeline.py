@@ -26,8 +26,12 @@ def make_ingest(tmp_path: Path) -> Iterator[list[IngestProcess]]:
         p.close()
 
 
-def _ingest(procs: list[IngestProcess], tmp_path: Path, prefix: str, db: str, mqtt: str, extra: str = "") -> IngestProcess:
-    cfg = write_config(tmp_path / f"ingest{len(procs)}.toml", prefix=prefix, database_url=db, mqtt_url=mqtt, extra=extra)
+def _ingest(
+    procs: list[IngestProcess], tmp_path: Path, prefix: str, db: str, mqtt: str, extra: str = ""
+) -> IngestProcess:
+    cfg = write_config(
+        tmp_path / f"ingest{len(procs)}.toml", prefix=prefix, database_url=db, mqtt_url=mqtt, extra=extra
+    )
     proc = IngestProcess(cfg, tmp_path / "ingest.log")
     procs.append(proc)
     return proc
@@ -52,22 +56,31 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url)
     ingest.start()
     malformed = b'{"device": "hn-aq-1", "readings": {"pm25": 12.5'  # cut short
-    senml = json.dumps([{"bn": "hn-rain-7:", "bt": T0.timestamp(), "n": "rain", "u": "mm", "v": 3.5},
-                        {"n": "level", "u": "m", "v": 1.25, "t": 60}]).encode()
+    senml = json.dumps(
+        [
+            {"bn": "hn-rain-7:", "bt": T0.timestamp(), "n": "rain", "u": "mm", "v": 3.5},
+            {"n": "level", "u": "m", "v": 1.25, "t": 60},
+        ]
+    ).encode()
     pub = Publisher(broker.port)
     try:
-        pub.publish_all([
-            (f"{topic_prefix}/hn-aq-1/up", native("hn-aq-1", T0.isoformat(), {"pm25": 10.0})),
-            (f"{topic_prefix}/hn-aq-1/up", malformed),
-            (f"{topic_prefix}/hn-aq-2/up", native("hn-aq-2", T0.isoformat(), {"pm25": 11.0, "no2": 40.0})),
-            (f"{topic_prefix}/senml/hn-rain-7", senml),
-            (f"{topic_prefix}/hn-aq-3/up", native("hn-aq-3", "1970-01-01T00:00:00Z", {"pm25": 1.0})),
-            (f"{topic_prefix}/hn-aq-4/up", native("hn-aq-1", T0.isoformat(), {"pm25": 99.0})),  # claims another id
-        ])
+        pub.publish_all(
+            [
+                (f"{topic_prefix}/hn-aq-1/up", native("hn-aq-1", T0.isoformat(), {"pm25": 10.0})),
+                (f"{topic_prefix}/hn-aq-1/up", malformed),
+                (f"{topic_prefix}/hn-aq-2/up", native("hn-aq-2", T0.isoformat(), {"pm25": 11.0, "no2": 40.0})),
+                (f"{topic_prefix}/senml/hn-rain-7", senml),
+                (f"{topic_prefix}/hn-aq-3/up", native("hn-aq-3", "1970-01-01T00:00:00Z", {"pm25": 1.0})),
+                (f"{topic_prefix}/hn-aq-4/up", native("hn-aq-1", T0.isoformat(), {"pm25": 99.0})),  # claims another id
+            ]
+        )
     finally:
         pub.close()
-    wait_until(lambda: count(database_url, "rejected_messages") == 3 and count(database_url, "readings") == 5,
-               60, "3 rejections and 5 readings")
+    wait_until(
+        lambda: count(database_url, "rejected_messages") == 3 and count(database_url, "readings") == 5,
+        60,
+        "3 rejections and 5 readings",
+    )
     assert stored_readings(database_url) == {
         ("hn-aq-1", "pm25", T0.isoformat(), 10.0),
         ("hn-aq-2", "pm25", T0.isoformat(), 11.0),
@@ -76,7 +89,9 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
         ("hn-rain-7", "level", (T0 + timedelta(seconds=60)).isoformat(), 1.25),
     }
     with psycopg.connect(database_url) as c:
-        rows = c.execute("SELECT reason, payload, topic, source, detail FROM rejected_messages ORDER BY reason").fetchall()
+        rows = c.execute(
+            "SELECT reason, payload, topic, source, detail FROM rejected_messages ORDER BY reason"
+        ).fetchall()
     by_reason = {r[0]: r for r in rows}
     assert set(by_reason) == {"bad_time", "device_mismatch", "malformed"}
     assert bytes(by_reason["malformed"][1]) == malformed
@@ -99,8 +114,11 @@ def test_sigkill_three_times_mid_stream_loses_and_doubles_nothing(
     kills = 0
     try:
         for fraction in (0.25, 0.5, 0.75):
-            wait_until(lambda f=fraction: count(database_url, "readings") >= f * len(expected),  # type: ignore[misc]
-                       120, f"{fraction:.0%} of the readings")
+            wait_until(
+                lambda f=fraction: count(database_url, "readings") >= f * len(expected),  # type: ignore[misc]
+                120,
+                f"{fraction:.0%} of the readings",
+            )
             ingest.kill()
             kills += 1
             ingest.start()
@@ -115,8 +133,11 @@ def test_sigkill_three_times_mid_stream_loses_and_doubles_nothing(
         # The same messages again: redelivery must add no row.
         before = ingest.metric("sensor_ingest_messages_acked_total")
         pub.publish_all(messages)
-        wait_until(lambda: ingest.metric("sensor_ingest_messages_acked_total") >= before + n, 120,
-                   "the republished messages to be acknowledged")
+        wait_until(
+            lambda: ingest.metric("sensor_ingest_messages_acked_total") >= before + n,
+            120,
+            "the republished messages to be acknowledged",
+        )
         assert count(database_url, "readings") == len(expected)
         assert stored_readings(database_url) == expected
         assert count(database_url, "rejected_messages") == 0
@@ -132,7 +153,7 @@ def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
     # not yet committed: they are committed on the old connection, must not be acked on the new
     # one, come back redelivered, and the unique key absorbs them.
     extra = "\n[ingest]\nbatch_max_age = 3.0\nbatch_max_messages = 100000\n"
-    extra_mqtt = 'receive_maximum = 500\n'
+    extra_mqtt = "receive_maximum = 500\n"
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, own_broker.url, extra)
     text = ingest.config.read_text().replace("keepalive = 10\n", "keepalive = 10\n" + extra_mqtt)
     ingest.config.write_text(text)
@@ -154,8 +175,11 @@ def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
     wait_until(lambda: ingest.metric("sensor_ingest_mqtt_reconnects_total") >= 1, 30, "the reconnect")
     assert stored_readings(database_url) == expected
     assert count(database_url, "readings") == len(expected)
-    wait_until(lambda: ingest.metric("sensor_ingest_conflict_batches_total") >= 1, 30,
-               "a batch of redelivered messages written through ON CONFLICT")
+    wait_until(
+        lambda: ingest.metric("sensor_ingest_conflict_batches_total") >= 1,
+        30,
+        "a batch of redelivered messages written through ON CONFLICT",
+    )
     assert ingest.terminate() == 0
 
 
@@ -168,7 +192,12 @@ def test_service_refuses_to_start_on_an_unmigrated_database(
     from tests.services import REPO
 
     cfg = write_config(tmp_path / "c.toml", prefix=topic_prefix, database_url=empty_database_url, mqtt_url=broker.url)
-    out = subprocess.run([sys.executable, "-m", "ingest", "run", "--config", str(cfg)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "ingest", "run", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "sensor-ingest migrate" in out.stderr

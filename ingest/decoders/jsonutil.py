@@ -1,0 +1,151 @@
+"""Helpers shared by the JSON decoders: strict loading, time parsing, device resolution.
+
+Everything here is pure. Failures of a whole payload raise DecodeError; failures of one value
+(a time that cannot be read) raise BadTime, which the decoders turn into a per-reading problem.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
+
+from ingest.decoders.base import DecodeContext
+from ingest.errors import DecodeError
+
+__all__ = [
+    "BadTime",
+    "describe",
+    "epoch_to_utc",
+    "is_number",
+    "load_json",
+    "offset_from",
+    "parse_time",
+    "resolve_device",
+    "shorten",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BadTime(ValueError):
+    """A time value that cannot be turned into an instant; ``detail`` says why."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys; a silently lost reading is worse than a rejected message.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DecodeError("malformed", f"duplicate key {shorten(key)} in a JSON object")
+        obj[key] = value
+    return obj
+
+
+def load_json(payload: bytes) -> Any:
+    """Parse UTF-8 JSON; every JSON number becomes a float (NaN and Infinity literals included)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("malformed", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    try:
+        # parse_int=float: integers become floats, and huge ones become inf instead of raising.
+        return json.loads(text, parse_int=float, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise DecodeError(
+            "malformed", f"not JSON: {exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
+        ) from exc
+    except RecursionError as exc:
+        raise DecodeError("malformed", "not JSON this service reads: nested too deeply") from exc
+
+
+def is_number(value: object) -> bool:
+    """A JSON number as load_json returns it (a bool is not a number)."""
+    return isinstance(value, float | int) and not isinstance(value, bool)
+
+
+def describe(value: object) -> str:
+    """The JSON type of a loaded value, for messages: 'a string', 'an array', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return f"a string ({shorten(value)})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """repr() of a payload string, cut so that one bad field cannot flood a log line."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def epoch_to_utc(seconds: float) -> datetime:
+    """Seconds since the Unix epoch -> aware UTC datetime (microsecond resolution)."""
+    try:
+        return _EPOCH + timedelta(seconds=seconds)
+    except (OverflowError, ValueError) as exc:
+        raise BadTime(f"{seconds!r} is not a usable number of seconds since 1970") from exc
+
+
+def offset_from(base: datetime, seconds: float) -> datetime:
+    """``base`` moved by ``seconds`` (for times relative to the receive time)."""
+    try:
+        return base.astimezone(UTC) + timedelta(seconds=seconds)
+    except (OverflowError, ValueError) as exc:
+        raise BadTime(f"{seconds!r} seconds from the receive time is not a usable time") from exc
+
+
+def parse_time(value: str | float, zone: tzinfo | None) -> datetime:
+    """An RFC 3339 / ISO 8601 string or epoch seconds -> aware UTC datetime.
+
+    A string without an offset is read in ``zone``; with no zone it is refused, because guessing
+    shifts every reading by hours. A date without a time of day is refused too.
+    """
+    if not isinstance(value, str):
+        return epoch_to_utc(value)
+    # RFC 3339 allows lower-case 't' and 'z'; fromisoformat does not.
+    text = value.strip().upper()
+    if not any(sep in text for sep in ("T", " ")):
+        raise BadTime(f"{shorten(value)} is not a date and time (ISO 8601 / RFC 3339)")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise BadTime(f"{shorten(value)} is not a date and time (ISO 8601 / RFC 3339)") from exc
+    if parsed.tzinfo is None:
+        if zone is None:
+            raise BadTime(
+                f"{shorten(value)} has no UTC offset; set `timezone` on the source (or send the time with Z or +hh:mm)"
+            )
+        parsed = parsed.replace(tzinfo=zone)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise BadTime(f"{shorten(value)} is out of range") from exc
+
+
+def resolve_device(named: str | None, ctx: DecodeContext, where: str = "payload") -> str:
+    """The device of a message: the one it names, checked against the topic's, else the topic's."""
+    if named is not None:
+        if ctx.device is not None and named != ctx.device:
+            raise DecodeError(
+                "device_mismatch",
+                f"{where} names device {shorten(named)} but the topic says {shorten(ctx.device)}",
+            )
+        return named
+    if ctx.device is None:
+        raise DecodeError(
+            "no_device",
+            f"{where} names no device and the topic template has no {{device}} capture",
+        )
+    return ctx.device

@@ -1,0 +1,136 @@
+"""Decoder of the native format: this project's own JSON (models in ingest.wire)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ingest.decoders.base import DecodeContext, Decoded
+from ingest.decoders.jsonutil import BadTime, describe, load_json, parse_time, resolve_device, shorten
+from ingest.errors import DecodeError
+from ingest.model import FLAG_RECEIVE_TIME, Reading, Rejection
+from ingest.wire import NativeMessage, describe_errors
+
+__all__ = ["decode"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """One reading as written, before its value and time are checked."""
+
+    path: str  # JSON path of the reading, for problem details
+    value_path: str  # JSON path of its value
+    metric: str
+    value: float | bool | str | None
+    text: str | None
+    unit: str | None
+    time: str | float | None
+    time_path: str
+
+
+def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
+    data = load_json(payload)
+    if isinstance(data, list):
+        if not data:
+            raise DecodeError("empty", "the batch array holds no messages")
+        messages = [(f"[{i}]", item) for i, item in enumerate(data)]
+    elif isinstance(data, dict):
+        messages = [("", data)]
+    else:
+        raise DecodeError("schema", f"expected a message object or an array of them, got {describe(data)}")
+
+    received = ctx.received_at.astimezone(UTC)
+    readings: list[Reading] = []
+    problems: list[Rejection] = []
+    for prefix, raw in messages:
+        message = _validate(raw, prefix)
+        device = resolve_device(message.device, ctx, f"message {prefix}" if prefix else "payload")
+        for slot in _slots(message, prefix):
+            reading_or_problem = _reading(slot, device, message.time, ctx, received)
+            if isinstance(reading_or_problem, Reading):
+                readings.append(reading_or_problem)
+            else:
+                problems.append(reading_or_problem)
+    return Decoded(readings=readings, problems=problems)
+
+
+def _validate(raw: Any, prefix: str) -> NativeMessage:
+    where = f"{prefix}: " if prefix else ""
+    if not isinstance(raw, dict):
+        raise DecodeError("schema", f"{where}expected a message object, got {describe(raw)}")
+    body = raw.get("readings")
+    if isinstance(body, dict | list) and not body:
+        raise DecodeError("empty", f"{prefix}{'.' if prefix else ''}readings: no readings")
+    try:
+        return NativeMessage.model_validate(raw)
+    except ValidationError as exc:
+        raise DecodeError("schema", describe_errors(exc, prefix)) from exc
+
+
+def _slots(message: NativeMessage, prefix: str) -> Iterator[_Slot]:
+    base = f"{prefix}.readings" if prefix else "readings"
+    message_time_path = f"{prefix}.time" if prefix else "time"
+    if isinstance(message.readings, dict):
+        for metric, obj in message.readings.items():
+            path = f"{base}.{metric}"
+            yield _Slot(
+                path=path,
+                value_path=path if obj.shorthand else f"{path}.value",
+                metric=metric,
+                value=obj.value,
+                text=obj.text,
+                unit=obj.unit,
+                time=None,
+                time_path=message_time_path,
+            )
+    else:
+        for i, item in enumerate(message.readings):
+            path = f"{base}[{i}]"
+            yield _Slot(
+                path=path,
+                value_path=f"{path}.value",
+                metric=item.metric,
+                value=item.value,
+                text=item.text,
+                unit=item.unit,
+                time=item.time,
+                time_path=f"{path}.time" if item.time is not None else message_time_path,
+            )
+
+
+def _reading(
+    slot: _Slot,
+    device: str,
+    message_time: str | float | None,
+    ctx: DecodeContext,
+    received: datetime,
+) -> Reading | Rejection:
+    value: float | bool | str
+    if slot.text is not None:
+        value = slot.text
+    elif isinstance(slot.value, str):
+        return Rejection(
+            "wrong_type",
+            f"{slot.value_path}: expected a number or boolean, got a string ({shorten(slot.value)}); "
+            'text belongs in {"text": ...}',
+            device,
+        )
+    elif slot.value is not None:
+        value = slot.value
+    else:  # the model already refuses this; kept so that the type is narrowed without assert
+        raise DecodeError("schema", f"{slot.path}: needs exactly one of `value` and `text`")
+
+    raw_time = slot.time if slot.time is not None else message_time
+    flags = 0
+    if raw_time is None:
+        when, flags = received, FLAG_RECEIVE_TIME
+    else:
+        try:
+            when = parse_time(raw_time, ctx.timezone)
+        except BadTime as exc:
+            return Rejection("bad_time", f"{slot.time_path}: {exc.detail} (reading {slot.path})", device)
+    return Reading(device=device, metric=slot.metric, time=when, value=value, unit=slot.unit, flags=flags)

@@ -1,0 +1,162 @@
+"""Property tests: whatever the bytes, a decoder returns Decoded or raises DecodeError, nothing else."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.decoders import REGISTRY, DecodeContext, Decoded
+from ingest.errors import DecodeError
+
+RECEIVED = datetime(2026, 11, 25, 3, 0, 5, tzinfo=UTC)
+PROPS = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+contexts = st.builds(
+    DecodeContext,
+    topic=st.just("t"),
+    received_at=st.just(RECEIVED),
+    device=st.sampled_from([None, "dev-a", "hn-aq-0001"]),
+    timezone=st.sampled_from([None, ZoneInfo("Asia/Ho_Chi_Minh")]),
+)
+formats = st.sampled_from(sorted(REGISTRY))
+
+times = st.one_of(
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    st.sampled_from(["2026-11-25T03:00:00Z", "2026-11-25", "yesterday", "", "9999-12-31T23:59:59-23:59"]),
+    st.floats(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.text(max_size=12),
+    times,
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=20,
+)
+
+numbers = st.one_of(st.floats(), st.integers(min_value=-(2**40), max_value=2**40))
+names = st.text(min_size=1, max_size=6)
+# Mostly well-formed values with a share of wrong ones, so that decoding gets past the shape checks.
+native_leaf = st.one_of(
+    numbers,
+    st.booleans(),
+    st.text(max_size=6),
+    st.fixed_dictionaries({"value": st.one_of(numbers, st.booleans(), scalars)}, optional={"unit": names}),
+    st.fixed_dictionaries({"text": st.text(max_size=6)}, optional={"unit": names}),
+    json_values,
+)
+native_item = st.fixed_dictionaries(
+    {"metric": names},
+    optional={
+        "value": st.one_of(numbers, st.booleans(), scalars),
+        "text": st.text(max_size=6),
+        "unit": names,
+        "time": times,
+    },
+)
+native_message = st.fixed_dictionaries(
+    {"readings": st.one_of(st.dictionaries(names, native_leaf, max_size=4), st.lists(native_item, max_size=4))},
+    optional={"device": st.sampled_from(["dev-a", "hn-aq-0001", "dev-b"]), "time": times},
+)
+native_like = st.one_of(native_message, st.lists(native_message, max_size=3))
+
+
+def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any] = json_values) -> st.SearchStrategy[Any]:
+    """``good`` nine times in ten, ``bad`` otherwise."""
+    return st.integers(0, 9).flatmap(lambda k: bad if k == 0 else good)
+
+
+senml_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "bn": mostly(st.sampled_from(["dev-a:", "hn-aq-0001/", "dev-b", ":", ""])),
+        "bt": mostly(st.one_of(numbers, st.sampled_from([1.795575600e9, 2.0**28]))),
+        "bu": mostly(names),
+        "bv": mostly(numbers),
+        "bs": numbers,
+        "bver": mostly(st.integers(min_value=1, max_value=10), st.sampled_from([0, 11, 2.5])),
+        "n": mostly(names),
+        "u": mostly(names),
+        "v": mostly(numbers),
+        "vs": mostly(st.text(max_size=6)),
+        "vb": mostly(st.booleans()),
+        "vd": st.text(max_size=6),
+        "s": mostly(numbers),
+        "t": mostly(numbers),
+        "ut": numbers,
+        "x": json_values,
+    },
+)
+senml_like = st.lists(
+    mostly(senml_record, st.dictionaries(st.sampled_from(["x_", "v", "n"]), json_values)),
+    max_size=6,
+)
+
+
+def _check(decoded: Decoded) -> None:
+    for reading in decoded.readings:
+        assert reading.time.tzinfo is UTC
+        assert isinstance(reading.value, float | bool | str)
+        assert isinstance(reading.device, str)
+        assert isinstance(reading.metric, str)
+        assert reading.metric
+    assert decoded.ignored >= 0
+
+
+def _run(name: str, payload: bytes, ctx: DecodeContext) -> None:
+    try:
+        decoded = REGISTRY[name](payload, ctx)
+    except DecodeError as exc:
+        error = exc
+    else:
+        _check(decoded)
+        return
+    assert error.reason
+    assert error.detail
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+@PROPS
+@given(name=formats, payload=st.binary(max_size=200), ctx=contexts)
+def test_random_bytes(name: str, payload: bytes, ctx: DecodeContext) -> None:
+    _run(name, payload, ctx)
+
+
+@PROPS
+@given(name=formats, value=json_values, ctx=contexts)
+def test_random_json(name: str, value: Any, ctx: DecodeContext) -> None:
+    _run(name, _dump(value), ctx)
+
+
+@PROPS
+@given(value=native_like, ctx=contexts)
+def test_native_shaped_json(value: Any, ctx: DecodeContext) -> None:
+    _run("native", _dump(value), ctx)
+
+
+@PROPS
+@given(value=senml_like, ctx=contexts)
+def test_senml_shaped_json(value: Any, ctx: DecodeContext) -> None:
+    _run("senml", _dump(value), ctx)
+
+
+def test_deep_nesting_is_a_decode_error() -> None:
+    ctx = DecodeContext(topic="t", received_at=RECEIVED)
+    for name in REGISTRY:
+        _run(name, b"[" * 100_000, ctx)
+        _run(name, b'{"readings":' * 50_000, ctx)
