@@ -20,8 +20,10 @@ $(BIN)/sensor-ingest: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-setup: $(BIN)/sensor-ingest
+# System packages first (they include python3-venv where it is missing), then the virtualenv.
+setup:
 	bash $(SERVICES) install
+	$(MAKE) --no-print-directory $(BIN)/sensor-ingest
 
 services: setup
 	bash $(SERVICES) up

@@ -112,8 +112,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         url = with_password(url, settings.database.password.get_secret_value())
     applied = migrate(url, connect_timeout=settings.database.connect_timeout)
     if applied:
-        for m in applied:
-            log.info("applied %04d_%s", m.version, m.name)
         print(f"applied {len(applied)} migration(s) to {mask_url(settings.database.url)}")
     else:
         print(f"schema of {mask_url(settings.database.url)} is up to date")

@@ -115,8 +115,12 @@ class MqttBridge:
                 self._teardown_socket()
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("MQTT broker %s:%d unavailable: %s; retrying with backoff",
-                                self.settings.host, self.settings.port, exc)
+                    log.warning(
+                        "MQTT broker %s:%d unavailable: %s; retrying with backoff",
+                        self.settings.host,
+                        self.settings.port,
+                        exc,
+                    )
                 with contextlib.suppress(paho.WebsocketConnectionError, OSError):
                     self._client.disconnect()
                 await self._sleep(delay * (0.8 + 0.4 * random.random()))
@@ -135,8 +139,9 @@ class MqttBridge:
             self._ready.clear()
             self._teardown_socket()
             if not self._stopping:
-                log.warning("MQTT connection lost; %d unacknowledged message(s) will be redelivered",
-                            self.tracker.unacked)
+                log.warning(
+                    "MQTT connection lost; %d unacknowledged message(s) will be redelivered", self.tracker.unacked
+                )
                 failing_since = time.monotonic()
 
     def ack(self, epoch: int, seqs: list[int]) -> int:
@@ -186,7 +191,9 @@ class MqttBridge:
     def _make_client(self) -> paho.Client:
         s = self.settings
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=MQTTProtocolVersion.MQTTv5,
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=True,
         )
         client.connect_timeout = s.connect_timeout
@@ -243,11 +250,23 @@ class MqttBridge:
         except TimeoutError as exc:
             raise MqttConnectError(f"no CONNACK within {s.connect_timeout:.0f}s") from exc
         if rc.is_failure:
-            raise MqttConnectError(f"broker refused the connection: {rc}", rc.value)
+            hint = ""
+            if rc.value in (0x86, 0x87):  # Bad user name or password / Not authorized
+                hint = (
+                    " (check the username in mqtt.url or SENSOR_INGEST_MQTT_USERNAME, and SENSOR_INGEST_MQTT_PASSWORD)"
+                )
+            elif rc.value == 0x85:  # Client Identifier not valid
+                hint = " (check mqtt.client_id)"
+            raise MqttConnectError(f"broker refused the connection: {rc}{hint}", rc.value)
         granted = {}
         if cprops is not None:
-            for name in ("ReceiveMaximum", "SessionExpiryInterval", "ServerKeepAlive", "MaximumQoS",
-                         "AssignedClientIdentifier"):
+            for name in (
+                "ReceiveMaximum",
+                "SessionExpiryInterval",
+                "ServerKeepAlive",
+                "MaximumQoS",
+                "AssignedClientIdentifier",
+            ):
                 if hasattr(cprops, name):
                     granted[name] = getattr(cprops, name)
         if self.connections and self.metrics is not None:
@@ -255,8 +274,13 @@ class MqttBridge:
         self.connections += 1
         log.info(
             "MQTT connected to %s:%d as %r (epoch %d, session %s, receive_maximum sent %d; broker: %s)",
-            s.host, s.port, s.client_id, epoch, "resumed" if session_present else "new",
-            s.receive_maximum, granted or "no limits announced",
+            s.host,
+            s.port,
+            s.client_id,
+            epoch,
+            "resumed" if session_present else "new",
+            s.receive_maximum,
+            granted or "no limits announced",
         )
         self._suback = loop.create_future()
         opts = SubscribeOptions(qos=s.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
@@ -329,18 +353,26 @@ class MqttBridge:
             self._loop.remove_writer(sock)
             self._sock = None
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
+    ) -> None:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result((reason_code, bool(flags.session_present), properties))
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
-                      properties: Properties | None) -> None:
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
         if self._suback is not None and not self._suback.done():
             self._suback.set_result(list(reason_codes))
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
-                       properties: Properties | None) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
+    ) -> None:
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(MqttConnectError(f"disconnected before CONNACK: {reason_code}"))
         if self._suback is not None and not self._suback.done():
@@ -354,10 +386,18 @@ class MqttBridge:
         except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
             topic = bytes(msg._topic).decode("utf-8", "replace")
         seq = self.tracker.arrived(msg.mid, msg.qos, time.monotonic())
-        self.sink(RawMessage(
-            topic=topic, payload=bytes(msg.payload), received_at=self.clock(), qos=msg.qos, mid=msg.mid,
-            epoch=self.tracker.epoch, seq=seq, redelivered=bool(msg.dup),
-        ))
+        self.sink(
+            RawMessage(
+                topic=topic,
+                payload=bytes(msg.payload),
+                received_at=self.clock(),
+                qos=msg.qos,
+                mid=msg.mid,
+                epoch=self.tracker.epoch,
+                seq=seq,
+                redelivered=bool(msg.dup),
+            )
+        )
 
     def _set_gauge(self, value: int) -> None:
         if self.metrics is not None:

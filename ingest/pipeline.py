@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ingest.batcher import Batch, Batcher
 from ingest.metrics import Metrics
-from ingest.model import RawMessage, Rejection
+from ingest.model import RawMessage, Rejection, utc_now
 from ingest.process import Outcome, Processor
 from ingest.settings import IngestSettings
 from ingest.store.classify import classify
@@ -177,6 +177,9 @@ class Pipeline:
                          now - failing_since if failing_since else 0.0)
             m = self.metrics
             m.flush_seconds.observe(now - t0)
+            committed_at = utc_now()
+            for o in outcomes:
+                m.commit_latency.observe((committed_at - o.message.received_at).total_seconds())
             m.readings_written.inc(result.readings + result.states)
             if result.conflict_path:
                 m.conflict_batches.inc()

@@ -174,7 +174,8 @@ class Postgres:
 class Mosquitto:
     """A private broker with the project's config, persistence in a temp dir, on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        """``users``: username -> password; when given, anonymous clients are refused."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError(f"mosquitto is not installed; {SETUP_HINT}")
@@ -188,10 +189,18 @@ class Mosquitto:
         (self.dir / "mosquitto.conf").write_text(
             conf
             + "\n# --- test broker ---\n"
-            + f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + f"listener {self.port} 127.0.0.1\n"
+            + (f"allow_anonymous false\npassword_file {self.dir}/passwd\n" if users else "allow_anonymous true\n")
             + f"persistence_location {self.dir}/data/\n"
             + f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
         )
+        if users:
+            passwd = self.dir / "passwd"
+            passwd.touch()
+            for user, password in users.items():
+                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(passwd),
+                                user, password], check=True, capture_output=True)
+            passwd.chmod(0o600)
         _chown_tree(self.dir, self.ids)
 
     @property

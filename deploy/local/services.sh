@@ -139,6 +139,8 @@ cmd_install() {
     exec 9>"$state/.install.lock"
     flock 9
     local major
+    # The Makefile's virtualenv needs venv/ensurepip, which Debian ships separately.
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then apt_install python3-venv; fi
     apt_install mosquitto
     major=$(pg_major)
     apt_install "postgresql-$major" "postgresql-client-$major"

@@ -62,21 +62,33 @@ format = "senml"
 class IngestProcess:
     """`python -m ingest run --config FILE` as a child process."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.extra_env = env or {}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         text = config.read_text()
         self.http = text.split('addr = "', 1)[1].split('"', 1)[0]
 
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")}
+    def start(self, wait: bool = True) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")} | self.extra_env
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingest", "run", "--config", str(self.config)],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-        wait_until(self.ready, 60, f"the ingest service to be ready (log: {self.log_path})", interval=0.1)
+        if wait:
+            wait_until(self.ready, 60, f"the ingest service to be ready (log: {self.log_path})", interval=0.1)
+
+    def readyz(self) -> int:
+        """The /readyz status code, or 0 while the HTTP server does not answer."""
+        try:
+            return httpx.get(f"http://{self.http}/readyz", timeout=1).status_code
+        except httpx.HTTPError:
+            return 0
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -116,9 +128,12 @@ class IngestProcess:
 class Publisher:
     """A QoS 1 publisher that counts only what the broker acknowledged."""
 
-    def __init__(self, port: int) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pub-" + uuid.uuid4().hex[:8],
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+    def __init__(self, port: int, username: str | None = None, password: str | None = None) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="pub-" + uuid.uuid4().hex[:8], protocol=MQTTProtocolVersion.MQTTv5
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.acked = 0

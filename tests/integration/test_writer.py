@@ -1,0 +1,113 @@
+"""The batch writer and the pipeline's failure narrowing, on a real TimescaleDB (asyncpg)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from ingest.metrics import Metrics
+from ingest.model import RawMessage, Reading, Rejection
+from ingest.pipeline import Pipeline
+from ingest.process import Outcome, Processor
+from ingest.settings import DatabaseSettings, IngestSettings, Settings
+from ingest.store.pool import create_pool
+from ingest.store.writer import Writer
+
+T0 = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+
+
+@pytest_asyncio.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(DatabaseSettings(url=database_url))
+    yield p
+    await p.close()
+
+
+def outcome(
+    i: int, readings: list[Reading], *, redelivered: bool = False, rejection: Rejection | None = None
+) -> Outcome:
+    msg = RawMessage(f"city/d{i}/up", b'{"x": %d}' % i, T0, 1, i, 1, i, redelivered)
+    return Outcome(msg, "native", readings, rejection)
+
+
+def reading(device: str, metric: str, minutes: int, value: float | bool | str) -> Reading:
+    return Reading(device, metric, T0 + timedelta(minutes=minutes), value)
+
+
+@pytest.mark.asyncio
+async def test_copy_then_duplicates_take_the_on_conflict_path(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool)
+    batch = [
+        outcome(i, [reading(f"d{i}", "pm25", 0, float(i)), reading(f"d{i}", "pm10", 0, 2.0 * i)]) for i in range(50)
+    ]
+    first = await writer.write(batch)
+    assert (first.readings, first.conflict_path) == (100, False)
+    # The same batch again, plus one new reading: the COPY conflicts, the savepoint is rolled back,
+    # and the ON CONFLICT insert keeps the batch's other work (the new reading and a rejection).
+    again = [
+        *batch,
+        outcome(99, [reading("d99", "pm25", 5, 1.5)]),
+        outcome(100, [], rejection=Rejection("malformed", "cut short")),
+    ]
+    second = await writer.write(again)
+    assert second.conflict_path is True
+    assert await pool.fetchval("SELECT count(*) FROM readings") == 101
+    assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == 1
+
+
+@pytest.mark.asyncio
+async def test_redelivered_batches_skip_the_copy_attempt(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool)
+    result = await writer.write([outcome(1, [reading("d1", "pm25", 0, 1.0)], redelivered=True)])
+    assert result.conflict_path is True
+    assert await pool.fetchval("SELECT count(*) FROM readings") == 1
+
+
+@pytest.mark.asyncio
+async def test_bools_are_one_and_zero_and_text_goes_to_states(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool)
+    await writer.write(
+        [
+            outcome(
+                1,
+                [
+                    reading("lamp-1", "on", 0, True),
+                    reading("lamp-1", "on", 1, False),
+                    reading("lamp-1", "mode", 0, "eco"),
+                ],
+            )
+        ]
+    )
+    assert [r[0] for r in await pool.fetch("SELECT value FROM readings ORDER BY time")] == [1.0, 0.0]
+    assert await pool.fetchval("SELECT value FROM states") == "eco"
+    kinds = dict(await pool.fetch("SELECT name, kind FROM metrics"))
+    assert kinds == {"on": "bool", "mode": "state"}
+    assert await pool.fetchval("SELECT count(*) FROM devices WHERE uid = 'lamp-1' AND last_seen IS NOT NULL") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_data_error_is_narrowed_to_the_one_message_that_caused_it(pool: asyncpg.Pool) -> None:
+    # A metric name longer than the schema allows (validation would normally stop it first) makes
+    # the database refuse the batch with a data-class error (23514, check violation).
+    settings = Settings()
+    pipeline = Pipeline(
+        IngestSettings(),
+        Processor.from_settings(settings),
+        Writer(pool),
+        Metrics(),
+        ack=lambda epoch, seqs: 0,
+        inbox_limit=100,
+    )
+    good = [outcome(i, [reading(f"d{i}", "pm25", 0, float(i))]) for i in range(7)]
+    bad = outcome(7, [reading("d7", "x" * 300, 0, 1.0)])
+    await pipeline._commit([*good[:3], bad, *good[3:]])
+    assert await pool.fetchval("SELECT count(*) FROM readings") == 7
+    rows = await pool.fetch("SELECT reason, detail, payload FROM rejected_messages")
+    assert len(rows) == 1
+    assert rows[0]["reason"] == "db_rejected"
+    assert "23514" in rows[0]["detail"]
+    assert bytes(rows[0]["payload"]) == bad.message.payload
