@@ -101,9 +101,17 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
     assert ingest.terminate() == 0
 
 
-def test_sigkill_three_times_mid_stream_loses_and_doubles_nothing(
-    tmp_path: Path, make_ingest: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_stopped_three_times_mid_stream_loses_and_doubles_nothing(
+    tmp_path: Path,
+    make_ingest: list[IngestProcess],
+    database_url: str,
+    broker: Mosquitto,
+    topic_prefix: str,
+    sig: signal.Signals,
 ) -> None:
+    # SIGKILL: nothing after the last commit was acknowledged, so the broker redelivers it.
+    # SIGTERM: the graceful path (stop reading, flush, commit, ack, disconnect) must exit 0.
     n = 20_000
     messages, expected = fleet(topic_prefix, n)
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url)
@@ -119,7 +127,10 @@ def test_sigkill_three_times_mid_stream_loses_and_doubles_nothing(
                 120,
                 f"{fraction:.0%} of the readings",
             )
-            ingest.kill()
+            if sig == signal.SIGKILL:
+                ingest.kill()
+            else:
+                assert ingest.terminate() == 0
             kills += 1
             ingest.start()
         publisher.join(120)
