@@ -37,6 +37,8 @@ Passwords are read only from the environment, never from the file.
 
 
 def _config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = f"Environment (overrides the file):\n{_ENV_HELP}\nPasswords only from the environment."
     p.add_argument(
         "--config", "-c", metavar="FILE", type=Path, required=required,
         help="TOML config file" + ("" if required else " (optional: the environment may be enough)"),

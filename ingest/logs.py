@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["SecretMaskingFilter", "mask_secrets", "setup_logging"]
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
-_KV_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)=([^\s&]+)")
+_KV_PASSWORD = re.compile(r"""(?i)\b(password|passwd|pwd|secret|token)=('[^']*'|"[^"]*"|[^\s&]+)""")
 
 
 def mask_secrets(text: str) -> str:

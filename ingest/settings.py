@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -27,7 +27,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -73,11 +72,11 @@ def mask_url(url: str) -> str:
         return "<unparseable url>"
     if parts.password is None:
         return url
-    user = parts.username or ""
+    user = parts.username or ""  # as written in the URL (still percent-encoded)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{quote(user, safe='')}:***@{host}"
+    netloc = f"{user}:***@{host}"
     if parts.port is not None:
         netloc += f":{parts.port}"
     return parts._replace(netloc=netloc).geturl()
@@ -277,14 +276,15 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     sources: list[SourceSettings] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_sources(self) -> Settings:
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[SourceSettings]) -> list[SourceSettings]:
         seen: set[str] = set()
-        for s in self.sources:
+        for s in sources:
             if s.name in seen:
                 raise ValueError(f"two sources are named {s.name!r}; names must be unique")
             seen.add(s.name)
-        return self
+        return sources
 
     @classmethod
     def settings_customise_sources(

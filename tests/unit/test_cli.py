@@ -1,0 +1,130 @@
+"""The `sensor-ingest` command: its help (through the installed entry point) and `decode`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).with_name("sensor-ingest")
+SHORT_ENV_NAMES = ("SENSOR_INGEST_DATABASE_URL", "SENSOR_INGEST_MQTT_URL", "SENSOR_INGEST_HTTP_ADDR")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SENSOR_INGEST_* variable of the outer environment may leak into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("SENSOR_INGEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def _restore_logging() -> Iterator[None]:
+    """main() installs its own root handler; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    assert SCRIPT.exists(), f"no entry point at {SCRIPT}: install the project (pip install -e .)"
+    # The checkout under test comes first on the path, whatever the venv's install points at.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False
+    )
+
+
+def test_help_names_the_environment_variables() -> None:
+    result = _run("--help")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: sensor-ingest")
+    for name in SHORT_ENV_NAMES:
+        assert name in result.stdout
+    assert "SENSOR_INGEST_<SECTION>__<KEY>" in result.stdout
+    for command in ("run", "migrate", "check-config", "decode"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "migrate", "check-config", "decode"])
+def test_subcommand_help(command: str) -> None:
+    result = _run(command, "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: sensor-ingest {command}")
+    # Each command is configured through the environment; its help should say with which names.
+    assert "SENSOR_INGEST_" in result.stdout, f"`sensor-ingest {command} --help` names no SENSOR_INGEST_* variable"
+
+
+def test_version() -> None:
+    result = _run("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("sensor-ingest ")
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = _run()
+
+    assert result.returncode == 2
+    assert "usage: sensor-ingest" in result.stderr
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_decode_prints_json_readings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = tmp_path / "payload.json"
+    payload.write_text(
+        '{"device": "aq-1", "time": "2024-05-01T10:00:00+07:00", "readings": {"pm25": 35.2, "door": true}}',
+        encoding="utf-8",
+    )
+
+    code = main(["decode", "--format", "native", "--topic", "x/y", str(payload)])
+
+    out, _ = capsys.readouterr()
+    assert code == 0
+    result = json.loads(out)
+    assert result["topic"] == "x/y"
+    assert result["rejection"] is None
+    assert result["readings"] == [
+        {"device": "aq-1", "metric": "pm25", "time": "2024-05-01T03:00:00+00:00", "value": 35.2,
+         "unit": None, "flags": 0},
+        {"device": "aq-1", "metric": "door", "time": "2024-05-01T03:00:00+00:00", "value": True,
+         "unit": None, "flags": 0},
+    ]
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_decode_prints_the_rejection_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"not json")
+
+    code = main(["decode", "--format", "native", "--topic", "x/y", str(payload)])
+
+    out, _ = capsys.readouterr()
+    assert code == 1
+    result = json.loads(out)
+    assert result["readings"] == []
+    assert result["rejection"]["reason"] == "malformed"
+    assert result["rejection"]["detail"]
+
+
+def test_decode_reads_standard_input() -> None:
+    payload = '{"device": "aq-2", "time": "2024-05-01T03:00:00Z", "readings": {"no2": 12.5}}'
+    result = _run("decode", "--format", "native", "--topic", "x/y", stdin=payload)
+
+    assert result.returncode == 0, result.stderr
+    readings = json.loads(result.stdout)["readings"]
+    assert [(r["device"], r["metric"], r["value"]) for r in readings] == [("aq-2", "no2", 12.5)]
+
