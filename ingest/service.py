@@ -138,12 +138,14 @@ async def run_service(settings: Settings) -> int:
     log.info("stopping: flushing %d queued message(s)", len(pipeline.inbox))
     bridge.pause_reading()
     pipeline.stop()
+    aborted = False
     try:
         await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), SHUTDOWN_GRACE)
     except TimeoutError:
         log.warning("database did not take the last batches within %.0fs; the broker will redeliver them",
                     SHUTDOWN_GRACE)
         pipeline.stop(abort_writes=True)
+        aborted = True
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), 2.0)
     await bridge.stop()
@@ -152,6 +154,9 @@ async def run_service(settings: Settings) -> int:
         tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
-    await pool.close()
+    if aborted:
+        pool.terminate()  # a graceful close would wait on connections stuck in a dead network
+    else:
+        await pool.close()
     log.info("stopped: %d message(s) committed and acknowledged", pipeline.committed_messages)
     return 1 if crashed else 0

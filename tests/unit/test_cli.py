@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,24 +15,6 @@ from ingest.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).with_name("sensor-ingest")
 SHORT_ENV_NAMES = ("SENSOR_INGEST_DATABASE_URL", "SENSOR_INGEST_MQTT_URL", "SENSOR_INGEST_HTTP_ADDR")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SENSOR_INGEST_* variable of the outer environment may leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("SENSOR_INGEST_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def _restore_logging() -> Iterator[None]:
-    """main() installs its own root handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -6,9 +6,6 @@ Also `sensor-ingest check-config`, which is load_settings() with an exit code.
 from __future__ import annotations
 
 import json
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +15,6 @@ from ingest.errors import ConfigError, ConfigProblem
 from ingest.settings import MqttSettings, load_settings, mask_url
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "sensor-ingest.example.toml"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SENSOR_INGEST_* variable of the outer environment may leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("SENSOR_INGEST_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def _restore_logging() -> Iterator[None]:
-    """main() installs its own root handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
