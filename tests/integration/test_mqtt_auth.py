@@ -26,19 +26,21 @@ def secure_broker() -> Iterator[tuple[Mosquitto, str]]:
         server.cleanup()
 
 
+def _ingest_as_user(
+    tmp_path: Path, database_url: str, broker: Mosquitto, prefix: str, password: str, **env: str
+) -> IngestProcess:
+    """The username sits in the file's URL; the password may only come from the environment."""
+    url = f"mqtt://ingest@127.0.0.1:{broker.port}"
+    cfg = write_config(tmp_path / "c.toml", prefix=prefix, database_url=database_url, mqtt_url=url)
+    return IngestProcess(cfg, tmp_path / "ingest.log", env={"SENSOR_INGEST_MQTT_PASSWORD": password, **env})
+
+
 def test_password_from_the_environment_connects_and_is_never_logged(
     tmp_path: Path, database_url: str, secure_broker: tuple[Mosquitto, str], topic_prefix: str
 ) -> None:
     broker, password = secure_broker
-    # The username may sit in the file's URL; the password may only come from the environment.
-    cfg = write_config(
-        tmp_path / "c.toml",
-        prefix=topic_prefix,
-        database_url=database_url,
-        mqtt_url=f"mqtt://ingest@127.0.0.1:{broker.port}",
-    )
-    log = tmp_path / "ingest.log"
-    ingest = IngestProcess(cfg, log, env={"SENSOR_INGEST_MQTT_PASSWORD": password, "SENSOR_INGEST_LOG_LEVEL": "debug"})
+    ingest = _ingest_as_user(tmp_path, database_url, broker, topic_prefix, password, SENSOR_INGEST_LOG_LEVEL="debug")
+    log = ingest.log_path
     try:
         ingest.start()
         pub = Publisher(broker.port, "gateway", password + "-gw")
@@ -60,14 +62,8 @@ def test_a_wrong_password_is_retried_and_reported_not_fatal(
     tmp_path: Path, database_url: str, secure_broker: tuple[Mosquitto, str], topic_prefix: str
 ) -> None:
     broker, password = secure_broker
-    cfg = write_config(
-        tmp_path / "c.toml",
-        prefix=topic_prefix,
-        database_url=database_url,
-        mqtt_url=f"mqtt://ingest@127.0.0.1:{broker.port}",
-    )
-    log = tmp_path / "ingest.log"
-    ingest = IngestProcess(cfg, log, env={"SENSOR_INGEST_MQTT_PASSWORD": "wrong-" + password})
+    ingest = _ingest_as_user(tmp_path, database_url, broker, topic_prefix, "wrong-" + password)
+    log = ingest.log_path
     try:
         ingest.start(wait=False)
         wait_until(lambda: "refused the connection" in log.read_text(), 60, "the refusal in the log")
