@@ -133,6 +133,12 @@ class Processor:
         except DecodeError as exc:
             who = (prefix + device) if device else None
             return Outcome(msg, route.source, [], Rejection(exc.reason, exc.detail, who))
+        except Exception as exc:
+            # A decoder bug must not become a poison message: raised here it would stop the service,
+            # leave the message unacknowledged, and stop it again on every redelivery.
+            who = (prefix + device) if device else None
+            detail = f"the {src.settings.format} decoder failed ({type(exc).__name__}: {exc}); report this payload"
+            return Outcome(msg, route.source, [], Rejection("decoder_error", detail[:MAX_DETAIL], who))
         readings = decoded.readings
         if prefix:
             readings = [

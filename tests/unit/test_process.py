@@ -86,3 +86,22 @@ def test_nan_from_a_payload_is_rejected_as_not_finite() -> None:
     assert out.readings == []
     assert out.rejection is not None
     assert out.rejection.reason == "not_finite"
+
+
+def test_a_decoder_bug_becomes_a_rejection_not_a_crash() -> None:
+    from ingest.decoders.base import DecodeContext, Decoded
+    from ingest.process import SourceRuntime
+    from ingest.routing import compile_template
+
+    def broken(payload: bytes, ctx: DecodeContext) -> Decoded:
+        raise KeyError("surprise")
+
+    base = processor()
+    src = SourceSettings(name="broken", topic="b/{device}", format="native")
+    p = Processor([SourceRuntime(src, compile_template(src.topic, src.name), broken, None)], base.limits, 1000)
+    out = p.process(msg("b/dev-1", {"readings": {"a": 1}}))
+    assert out.readings == []
+    assert out.rejection is not None
+    assert out.rejection.reason == "decoder_error"
+    assert "KeyError" in out.rejection.detail
+    assert out.rejection.device == "dev-1"
