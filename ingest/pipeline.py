@@ -14,6 +14,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import Any
 
 from ingest.batcher import Batch, Batcher
 from ingest.metrics import Metrics
@@ -74,6 +75,7 @@ class Pipeline:
         self._abort = False
         self.db_ok = True
         self.committed_messages = 0
+        self._received_by_source: dict[str, Any] = {}  # labelled counter children, looked up once
 
     # ---- input --------------------------------------------------------------------------------
 
@@ -102,7 +104,11 @@ class Pipeline:
             for _ in range(min(len(inbox), _CHUNK)):
                 msg = inbox.popleft()
                 outcome = self.processor.process(msg)
-                self.metrics.messages_received.labels(outcome.source or "-").inc()
+                source = outcome.source or "-"
+                counter = self._received_by_source.get(source)
+                if counter is None:
+                    counter = self._received_by_source[source] = self.metrics.messages_received.labels(source)
+                counter.inc()
                 batcher.add(outcome, time.monotonic())
                 if batcher.full():
                     await self._batches.put(batcher.take())
