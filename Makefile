@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 SERVICES := deploy/local/services.sh
 CONFIG ?= deploy/sensor-ingest.example.toml
 
-.PHONY: help setup services services-down run test test-unit lint typecheck schemas clean
+.PHONY: help setup services services-down run test test-unit bench lint typecheck schemas clean
 
 help:
 	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
 	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
+	@echo "make bench   quick benchmark (about 2 minutes) with the baseline ratio; make bench FULL=1 for the long one"
 	@echo "make lint    ruff + mypy --strict"
 	@echo "make schemas regenerate schemas/json from the pydantic models"
 
@@ -40,6 +41,10 @@ test: setup
 
 test-unit: $(BIN)/sensor-ingest
 	TZ=Asia/Ho_Chi_Minh $(BIN)/pytest -q tests/unit tests/decoders
+
+# Private, durable Mosquitto and PostgreSQL+TimescaleDB on free ports; the figures go to BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m bench.run $(if $(FULL),--full) $(BENCH_ARGS)
 
 lint: $(BIN)/sensor-ingest
 	$(BIN)/ruff check ingest tests bench

@@ -1,0 +1,41 @@
+"""`make bench` end to end, at a tiny size: the three scenarios run, verify and report.
+
+The figures themselves belong in BENCHMARKS.md, not here: this only proves the harness works on a
+clean machine, that each scenario's stored set was checked against the acknowledged one, and that
+the ratio to the baseline is computed from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.services import REPO
+
+
+def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--drain-messages", "3000", "--baseline-messages", "300",
+         "--live-rate", "300", "--live-seconds", "2", "--warmup-seconds", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == {"ingest-drain", "ingest-live", "baseline-drain"}
+    assert results["ingest-drain"]["messages"] == 3000
+    assert results["baseline-drain"]["messages"] == 300
+    assert results["ingest-live"]["messages"] > 0
+    for r in results.values():
+        assert r["verified"].startswith(f"ok: {r['messages']} acknowledged, {r['messages']} stored once each")
+        assert r["messages_per_s"] > 0
+        assert r["usage"]["consumer"]["hwm_mb"] > 0
+        assert set(r["usage"]) == {"consumer", "broker", "database"}
+    assert results["ingest-live"]["latency_ms"]["n"] > 0
+    assert report["ratio_vs_baseline"] == results["ingest-drain"]["messages_per_s"] / results["baseline-drain"][
+        "messages_per_s"]
+    assert {"postgresql", "timescaledb", "mosquitto", "cpu", "memory"} <= set(report["machine"])
+    assert "the straightforward approach" in proc.stdout
