@@ -36,3 +36,10 @@ class Metrics:
                                         registry=r)
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
         self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)
+        self.backpressure = Counter(p + "backpressure_seconds",
+                                    "time the consumer waited for the database (full write queue)", registry=r)
+        self.mqtt_suspended = Gauge(p + "mqtt_suspended",
+                                    "1 while disconnected from the broker on purpose (database away)", registry=r)
+        self.stale_dropped = Counter(p + "stale_messages_released",
+                                     "unwritten messages of a lost connection left to the broker's redelivery",
+                                     registry=r)

@@ -11,7 +11,10 @@ Delivery contract:
   SessionExpiryInterval, so the broker keeps what we have not acknowledged while we are away;
 - a ReceiveMaximum on every connect bounds the unacknowledged messages (and our memory);
 - a message is acknowledged only through ``ack()``, only on the connection (epoch) it arrived on,
-  and in arrival order (AckTracker).
+  and in arrival order (AckTracker);
+- ``suspend()`` disconnects on purpose (the database is away: nothing could be acknowledged, and a
+  connection that only holds messages is better closed than dropped by the broker on missed pings),
+  keeping the session; ``resume()`` connects again.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class MqttBridge:
         *,
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
+        on_session: Callable[[int, bool], None] = lambda epoch, resumed: None,
     ) -> None:
         if not filters:
             raise ValueError("no subscription filters: configure at least one source")
@@ -79,6 +83,7 @@ class MqttBridge:
         self.sink = sink
         self.metrics = metrics
         self.clock = clock
+        self.on_session = on_session  # (epoch, session resumed) after each CONNACK
         self.tracker = AckTracker()
         self.connected = False  # connected and subscribed
         self.connections = 0
@@ -88,6 +93,8 @@ class MqttBridge:
         self._connecting = False
         self._reading_paused = False
         self._stopping = False
+        self.suspended: str | None = None  # why, while disconnected on purpose
+        self._resumed = asyncio.Event()
         self._ready: asyncio.Event | None = None
         self._disconnected: asyncio.Event | None = None
         self._connack: asyncio.Future[tuple[ReasonCode, bool, Properties | None]] | None = None
@@ -109,6 +116,9 @@ class MqttBridge:
         delay = self.settings.reconnect_min
         failing_since: float | None = None
         while not self._stopping:
+            if self.suspended is not None:
+                await self._resumed.wait()
+                continue
             try:
                 await self._connect_once()
             except (MqttConnectError, OSError, TimeoutError, ssl.SSLError) as exc:
@@ -138,7 +148,10 @@ class MqttBridge:
             self._set_gauge(0)
             self._ready.clear()
             self._teardown_socket()
-            if not self._stopping:
+            if self.suspended is not None:
+                log.warning("MQTT disconnected on purpose (%s); the broker keeps the session and %d "
+                            "unacknowledged message(s)", self.suspended, self.tracker.unacked)
+            elif not self._stopping:
                 log.warning(
                     "MQTT connection lost; %d unacknowledged message(s) will be redelivered", self.tracker.unacked
                 )
@@ -174,17 +187,40 @@ class MqttBridge:
                 self._loop.add_reader(self._sock, self._on_readable)
                 self._on_readable()
 
-    async def stop(self) -> None:
-        """Disconnect cleanly. The broker keeps the session (and what was not acknowledged)."""
-        self._stopping = True
+    def suspend(self, why: str) -> None:
+        """Disconnect cleanly and stay away until resume(); the broker keeps the session."""
+        if self.suspended is not None or self._stopping:
+            return
+        self.suspended = why
+        self._resumed.clear()
+        if self.metrics is not None:
+            self.metrics.mqtt_suspended.set(1)
+        self._disconnect_now()
+
+    def resume(self) -> None:
+        if self.suspended is None:
+            return
+        log.info("MQTT reconnecting: %s is over", self.suspended)
+        self.suspended = None
+        if self.metrics is not None:
+            self.metrics.mqtt_suspended.set(0)
+        self._resumed.set()
+
+    def _disconnect_now(self) -> None:
         client = self._client
         if client is not None and self._sock is not None:
             client.disconnect()
             with contextlib.suppress(Exception):
                 client.loop_write()
         if self._disconnected is not None:
-            self._disconnected.set()
+            self._disconnected.set()  # also cuts a reconnect backoff short
         self._teardown_socket()
+
+    async def stop(self) -> None:
+        """Disconnect cleanly. The broker keeps the session (and what was not acknowledged)."""
+        self._stopping = True
+        self._resumed.set()
+        self._disconnect_now()
 
     # ---- connection ---------------------------------------------------------------------------
 
@@ -271,6 +307,8 @@ class MqttBridge:
                     granted[name] = getattr(cprops, name)
         if self.connections and self.metrics is not None:
             self.metrics.reconnects.inc()
+        if session_present:
+            self.on_session(epoch, True)
         self.connections += 1
         log.info(
             "MQTT connected to %s:%d as %r (epoch %d, session %s, receive_maximum sent %d; broker: %s)",

@@ -4,6 +4,11 @@ Two tasks share the loop: ``consume`` turns arrived messages into outcomes and b
 commits one batch at a time and then acknowledges its messages. The queue between them holds at most
 two batches, so a slow or absent database stops consumption, which stops acknowledgements, which
 stops the broker (Receive Maximum): backpressure all the way to the broker, nothing dropped.
+
+When the broker connection that messages arrived on is gone and the new one resumed the session, the
+broker redelivers every message that was not acknowledged; those still waiting here unwritten are then
+released (``release_before``) instead of being written twice. QoS 0 messages are never released: no
+one would deliver them again.
 """
 
 from __future__ import annotations
@@ -74,7 +79,11 @@ class Pipeline:
         self._stopping = False
         self._abort = False
         self.db_ok = True
+        self.db_down_since: float | None = None  # monotonic start of the attempt that began an outage
+        self.write_started: float | None = None  # monotonic start of the write in progress
+        self.last_write_ok = 0.0  # monotonic time of the last commit
         self.committed_messages = 0
+        self._release_below = 0  # QoS>0 messages of older epochs are redelivered by the broker
         self._received_by_source: dict[str, Any] = {}  # labelled counter children, looked up once
 
     # ---- input --------------------------------------------------------------------------------
@@ -87,6 +96,30 @@ class Pipeline:
             # Only QoS 0 floods get here: QoS 1 is bounded by Receive Maximum.
             self._paused = True
             self._pause()
+
+    def release_before(self, epoch: int) -> None:
+        """The connection of ``epoch`` resumed the session: older unacked messages will come again."""
+        self._release_below = epoch
+        kept = [m for m in self.inbox if m.qos == 0 or m.epoch >= epoch]
+        released = len(self.inbox) - len(kept)
+        if released:
+            self.inbox.clear()  # in place: consume() holds a reference
+            self.inbox.extend(kept)
+            self.metrics.stale_dropped.inc(released)
+            log.info("released %d queued message(s) of the previous connection to the broker's redelivery", released)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the database has been failing, or the write in progress has been running."""
+        since = self.db_down_since if self.db_down_since is not None else self.write_started
+        return 0.0 if since is None else now - since
+
+    async def _hand_over(self, batch: Batch) -> None:
+        if self._batches.full():
+            t0 = time.monotonic()
+            await self._batches.put(batch)
+            self.metrics.backpressure.inc(time.monotonic() - t0)
+        else:
+            self._batches.put_nowait(batch)
 
     # ---- tasks --------------------------------------------------------------------------------
 
@@ -102,6 +135,8 @@ class Pipeline:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
             for _ in range(min(len(inbox), _CHUNK)):
+                if not inbox:  # release_before() ran while a batch was handed over
+                    break
                 msg = inbox.popleft()
                 outcome = self.processor.process(msg)
                 source = outcome.source or "-"
@@ -111,15 +146,15 @@ class Pipeline:
                 counter.inc()
                 batcher.add(outcome, time.monotonic())
                 if batcher.full():
-                    await self._batches.put(batcher.take())
+                    await self._hand_over(batcher.take())
             if self._paused and len(inbox) < self.inbox_limit // 2:
                 self._paused = False
                 self._resume()
             if batcher.ready(time.monotonic()):
-                await self._batches.put(batcher.take())
+                await self._hand_over(batcher.take())
             await asyncio.sleep(0)
         if not batcher.empty:
-            await self._batches.put(batcher.take())
+            await self._hand_over(batcher.take())
         await self._batches.put(None)
 
     async def write_loop(self) -> None:
@@ -128,7 +163,7 @@ class Pipeline:
             if batch is None:
                 return
             try:
-                await self._commit(batch.outcomes)
+                await self._commit(self._unreleased(batch.outcomes))
             except ShutdownAbort:
                 log.warning("shutting down with the database away: %d message(s) left unacknowledged "
                             "for the broker to redeliver", len(batch))
@@ -149,21 +184,34 @@ class Pipeline:
 
     # ---- writing ------------------------------------------------------------------------------
 
+    def _unreleased(self, outcomes: list[Outcome]) -> list[Outcome]:
+        below = self._release_below
+        if not below:
+            return outcomes
+        kept = [o for o in outcomes if o.message.qos == 0 or o.message.epoch >= below]
+        if len(kept) != len(outcomes):
+            self.metrics.stale_dropped.inc(len(outcomes) - len(kept))
+        return kept
+
     async def _commit(self, outcomes: list[Outcome], depth: int = 0) -> None:
         delay = _RETRY_MIN
-        failing_since: float | None = None
         while True:
-            t0 = time.monotonic()
+            if depth == 0 and self._release_below:
+                outcomes = self._unreleased(outcomes)  # a retry may outlive the connection
+            if not outcomes:
+                return
+            t0 = self.write_started = time.monotonic()
             try:
                 result = await self.writer.write(outcomes)
             except Exception as exc:
+                self.write_started = None
                 kind = classify(exc)
                 self.metrics.db_errors.labels(kind).inc()
                 if kind == "data":
                     await self._narrow(outcomes, exc, depth)
                     return
-                if failing_since is None:
-                    failing_since = time.monotonic()
+                if self.db_down_since is None:
+                    self.db_down_since = t0
                 if self.db_ok:
                     self.db_ok = False
                     self.metrics.db_ok.set(0)
@@ -175,12 +223,14 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
-            now = time.monotonic()
+            now = self.last_write_ok = time.monotonic()
+            self.write_started = None
+            if self.db_down_since is not None:
+                log.info("database writes succeed again after %.1fs", now - self.db_down_since)
+                self.db_down_since = None
             if not self.db_ok:
                 self.db_ok = True
                 self.metrics.db_ok.set(1)
-                log.info("database writes succeed again after %.1fs",
-                         now - failing_since if failing_since else 0.0)
             m = self.metrics
             m.flush_seconds.observe(now - t0)
             committed_at = utc_now()

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import uvicorn
@@ -58,6 +58,35 @@ async def _connect_database(settings: Settings, stop: asyncio.Event) -> asyncpg.
     return None
 
 
+class _Probe:
+    """Ask the database `SELECT 1` while no write is telling us whether it is there."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float, interval: float = 2.0) -> None:
+        self.pool, self.timeout, self.interval = pool, timeout, interval
+        self.ok = True
+        self.checked_at = 0.0
+
+    async def run(self, idle: Callable[[], bool]) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not idle():
+                continue
+            self.checked_at = time.monotonic()
+            try:
+                await asyncio.wait_for(self.pool.fetchval("SELECT 1", timeout=self.timeout), self.timeout + 1)
+                ok, why = True, ""
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                ok, why = False, f"{type(exc).__name__}: {exc}"
+            if ok != self.ok:
+                if ok:
+                    log.info("database answers again")
+                else:
+                    log.warning("database does not answer (%s)", why or "timeout")
+                self.ok = ok
+
+
 async def _check_schema(pool: asyncpg.Pool) -> str | None:
     want = max((m.version for m in discover()), default=0)
     try:
@@ -92,7 +121,8 @@ async def run_service(settings: Settings) -> int:
     metrics.db_ok.set(1)
 
     pipeline_ref: list[Pipeline] = []
-    bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics)
+    bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
+                        on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch))
     pipeline = Pipeline(
         settings.ingest, processor, Writer(pool), metrics, ack=bridge.ack,
         inbox_limit=2 * settings.mqtt.receive_maximum,
@@ -100,8 +130,28 @@ async def run_service(settings: Settings) -> int:
     )
     pipeline_ref.append(pipeline)
 
+    # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
+    # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
+    stall_limit = max(1.0, settings.mqtt.keepalive / 2)
+    probe = _Probe(pool, stall_limit)
+
+    def database_ok() -> bool:
+        answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe
+        return pipeline.db_ok and answered and pipeline.stalled_for(time.monotonic()) < stall_limit
+
     def readiness() -> dict[str, bool]:
-        return {"mqtt": bridge.connected, "database": pipeline.db_ok}
+        return {"mqtt": bridge.connected, "database": database_ok()}
+
+    async def guard() -> None:
+        """Suspend the broker connection while the database is away; resume when it is back."""
+        while True:
+            stalled = pipeline.stalled_for(time.monotonic())
+            if bridge.suspended is None and stalled >= stall_limit:
+                bridge.suspend(f"the database has not taken a write for {stalled:.0f}s")
+            elif bridge.suspended is not None and stalled == 0 and database_ok():
+                bridge.resume()
+            metrics.db_ok.set(1 if database_ok() else 0)
+            await asyncio.sleep(0.25)
 
     server = _HttpServer(uvicorn.Config(
         create_app(metrics, readiness), host=settings.http.host, port=settings.http.port,
@@ -121,6 +171,8 @@ async def run_service(settings: Settings) -> int:
         "write": asyncio.create_task(pipeline.write_loop(), name="write"),
         "http": asyncio.create_task(server.serve(), name="http"),
         "gauges": asyncio.create_task(gauges(), name="gauges"),
+        "guard": asyncio.create_task(guard(), name="guard"),
+        "probe": asyncio.create_task(probe.run(lambda: pipeline.write_started is None), name="probe"),
     }
     log.info("sensor-ingest running: %d source(s), database %s, broker %s, http %s",
              len(processor.sources), mask_url(settings.database.url), mask_url(settings.mqtt.url), settings.http.addr)
@@ -150,7 +202,7 @@ async def run_service(settings: Settings) -> int:
             await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), 2.0)
     await bridge.stop()
     server.should_exit = True
-    for name in ("mqtt", "gauges"):
+    for name in ("mqtt", "gauges", "guard", "probe"):
         tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
