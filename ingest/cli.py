@@ -16,6 +16,7 @@ from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import setup_logging
 from ingest.model import RawMessage
 from ingest.settings import ENV_SHORT_NAMES, Settings, load_settings, mask_url
+from ingest.simulate.options import add_simulate_parser, cmd_simulate
 
 __all__ = ["main"]
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="decode with this format instead of a configured source")
     p.add_argument("--topic", required=True, help="the topic the payload arrived on")
     p.add_argument("payload", nargs="?", type=Path, help="payload file (default: standard input)")
+
+    add_simulate_parser(sub)
     return parser
 
 
@@ -144,6 +147,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "check-config": cmd_check_config,
     "decode": cmd_decode,
+    "simulate": cmd_simulate,
 }
 
 
