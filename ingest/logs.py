@@ -69,3 +69,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # Libraries at warning unless we debug: their info lines are noise at ingest rates.
     for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "asyncio"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # asyncpg's pool logs a traceback at each failed attempt to keep its minimum connection while the
+    # database is away; the service already logs the outage once when it starts and once when it ends.
+    logging.getLogger("asyncpg.pool").setLevel(logging.DEBUG if level == "debug" else logging.ERROR)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["HoldTimer", "Metrics"]
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -37,9 +40,50 @@ class Metrics:
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
         self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)
         self.backpressure = Counter(p + "backpressure_seconds",
-                                    "time the consumer waited for the database (full write queue)", registry=r)
+                                    "time the service took no new messages because the database was behind or away "
+                                    "(write queue full, receive window full, or broker connection suspended)",
+                                    registry=r)
+        self.held = HoldTimer(self.backpressure.inc)
         self.mqtt_suspended = Gauge(p + "mqtt_suspended",
                                     "1 while disconnected from the broker on purpose (database away)", registry=r)
         self.stale_dropped = Counter(p + "stale_messages_released",
                                      "unwritten messages of a lost connection left to the broker's redelivery",
                                      registry=r)
+
+
+class HoldTimer:
+    """Adds up the seconds during which at least one reason holds the data path back.
+
+    Several reasons can hold at once (a full write queue while the broker connection is suspended);
+    the time counts once. ``flush()`` brings the total up to now, so a long outage shows in
+    /metrics while it lasts rather than only when it ends.
+    """
+
+    def __init__(self, add: Callable[[float], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self._add = add
+        self._clock = clock
+        self._reasons: set[str] = set()
+        self._since: float | None = None
+
+    @property
+    def reasons(self) -> frozenset[str]:
+        return frozenset(self._reasons)
+
+    def hold(self, reason: str) -> None:
+        if not self._reasons:
+            self._since = self._clock()
+        self._reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons:
+            self.flush()
+            self._since = None
+
+    def flush(self) -> None:
+        if self._since is not None:
+            now = self._clock()
+            self._add(now - self._since)
+            self._since = now

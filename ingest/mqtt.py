@@ -9,7 +9,12 @@ the socket is registered with the loop only after it returns.
 Delivery contract:
 - persistent session: clean_start False on every connect (paho would clean the first one) and a
   SessionExpiryInterval, so the broker keeps what we have not acknowledged while we are away;
-- a ReceiveMaximum on every connect bounds the unacknowledged messages (and our memory);
+- a ReceiveMaximum on every connect bounds the unacknowledged messages (and our memory), and the
+  bridge enforces that bound itself: while ``receive_maximum`` messages are unacknowledged it reads
+  nothing more from the socket (TCP flow control holds the rest at the broker) and reads again when
+  acknowledgements free the window. Brokers do not always keep to it: Mosquitto 2.0 restores a
+  session from its persistence file with up to ``max_inflight_messages`` messages already in flight
+  and sends them all when the client resumes the session, whatever Receive Maximum it asks for;
 - a message is acknowledged only through ``ack()``, only on the connection (epoch) it arrived on,
   and in arrival order (AckTracker);
 - ``suspend()`` disconnects on purpose (the database is away: nothing could be acknowledged, and a
@@ -91,7 +96,8 @@ class MqttBridge:
         self._client: paho.Client | None = None
         self._sock: Any = None
         self._connecting = False
-        self._reading_paused = False
+        self._reading_paused = False  # by pause_reading(): shutdown, or an overfull queue
+        self._window_full = False  # receive_maximum messages unacknowledged: reader removed until acks
         self._stopping = False
         self.suspended: str | None = None  # why, while disconnected on purpose
         self._resumed = asyncio.Event()
@@ -99,6 +105,8 @@ class MqttBridge:
         self._disconnected: asyncio.Event | None = None
         self._connack: asyncio.Future[tuple[ReasonCode, bool, Properties | None]] | None = None
         self._suback: asyncio.Future[list[ReasonCode]] | None = None
+        self._subscribe_error: MqttConnectError | None = None  # a late SUBACK refused a filter
+        self._refusals = 0  # late SUBACK refusals in a row, for their backoff
         self._misc_task: asyncio.Task[None] | None = None
 
     # ---- public -------------------------------------------------------------------------------
@@ -148,7 +156,15 @@ class MqttBridge:
             self._set_gauge(0)
             self._ready.clear()
             self._teardown_socket()
-            if self.suspended is not None:
+            if self._subscribe_error is not None:
+                refused, self._subscribe_error = self._subscribe_error, None
+                log.warning("MQTT broker %s:%d: %s; retrying with backoff", self.settings.host, self.settings.port,
+                            refused)
+                failing_since = time.monotonic()
+                self._refusals += 1
+                backoff = min(self.settings.reconnect_min * 2 ** min(self._refusals, 16), self.settings.reconnect_max)
+                await self._sleep(backoff * (0.8 + 0.4 * random.random()))
+            elif self.suspended is not None:
                 log.warning("MQTT disconnected on purpose (%s); the broker keeps the session and %d "
                             "unacknowledged message(s)", self.suspended, self.tracker.unacked)
             elif not self._stopping:
@@ -171,7 +187,15 @@ class MqttBridge:
             client.loop_write()
         if self.metrics is not None:
             self.metrics.messages_acked.inc(len(to_ack))
+        if self._window_full and self.tracker.unacked < self.settings.receive_maximum:
+            self._set_window_full(False)
+            self._watch_reads()
         return len(to_ack)
+
+    @property
+    def window_full(self) -> bool:
+        """receive_maximum messages are unacknowledged: nothing more is read until some are."""
+        return self._window_full
 
     def pause_reading(self) -> None:
         """Stop taking new packets from the socket (shutdown, or an overfull queue)."""
@@ -183,9 +207,14 @@ class MqttBridge:
     def resume_reading(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
-            if self._sock is not None and self._loop is not None:
-                self._loop.add_reader(self._sock, self._on_readable)
-                self._on_readable()
+            self._watch_reads()
+
+    def _watch_reads(self) -> None:
+        """Watch the socket again unless something still holds reading back; read what waits."""
+        if self._reading_paused or self._window_full or self._sock is None or self._loop is None:
+            return
+        self._loop.add_reader(self._sock, self._on_readable)
+        self._loop.call_soon(self._on_readable)
 
     def suspend(self, why: str) -> None:
         """Disconnect cleanly and stay away until resume(); the broker keeps the session."""
@@ -195,6 +224,7 @@ class MqttBridge:
         self._resumed.clear()
         if self.metrics is not None:
             self.metrics.mqtt_suspended.set(1)
+            self.metrics.held.hold("broker connection suspended")
         self._disconnect_now()
 
     def resume(self) -> None:
@@ -204,6 +234,7 @@ class MqttBridge:
         self.suspended = None
         if self.metrics is not None:
             self.metrics.mqtt_suspended.set(0)
+            self.metrics.held.release("broker connection suspended")
         self._resumed.set()
 
     def _disconnect_now(self) -> None:
@@ -257,6 +288,7 @@ class MqttBridge:
         assert self._disconnected is not None
         loop, client, s = self._loop, self._client, self.settings
         epoch = self.tracker.new_epoch()
+        self._set_window_full(False)  # the new epoch starts with nothing unacknowledged
         self._disconnected.clear()
         self._connack = loop.create_future()
         self._suback = None
@@ -325,16 +357,38 @@ class MqttBridge:
         result, _mid = client.subscribe([(f, opts) for f in self.filters])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
+        if session_present:
+            # The session already holds the subscriptions, and the broker may send the session's
+            # messages ahead of the SUBACK; reading stops at a full window until they are
+            # acknowledged, so waiting here for the SUBACK could wait forever. It is checked when
+            # it comes.
+            self._suback.add_done_callback(self._late_suback)
+            return
         try:
             codes = await asyncio.wait_for(self._suback, s.connect_timeout)
         except TimeoutError as exc:
             raise MqttConnectError(f"no SUBACK within {s.connect_timeout:.0f}s") from exc
+        self._check_suback(codes)
+
+    def _check_suback(self, codes: list[ReasonCode]) -> None:
         refused = [(f, c) for f, c in zip(self.filters, codes, strict=False) if c.is_failure]
         if refused:
             raise MqttConnectError("broker refused subscriptions: " + ", ".join(f"{f} ({c})" for f, c in refused))
+        self._refusals = 0
         log.info("MQTT subscribed to %s", ", ".join(self.filters))
 
+    def _late_suback(self, fut: asyncio.Future[list[ReasonCode]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the connection was lost: run() is already handling that
+        try:
+            self._check_suback(fut.result())
+        except MqttConnectError as exc:
+            # Counts as a failed connect: disconnect, and run() retries with backoff.
+            self._subscribe_error = exc
+            self._disconnect_now()
+
     def _teardown_socket(self) -> None:
+        self._set_window_full(False)  # nothing more can be read from this socket anyway
         if self._misc_task is not None:
             self._misc_task.cancel()
             self._misc_task = None
@@ -363,8 +417,15 @@ class MqttBridge:
         client = self._client
         if client is None:
             return
+        limit = self.settings.receive_maximum
         for _ in range(_MAX_PACKETS_PER_WAKE):
             if self._reading_paused:
+                break
+            if self.tracker.unacked >= limit:
+                # paho reads one packet per loop_read() here, so the window is never overrun.
+                self._set_window_full(True)
+                if self._sock is not None and self._loop is not None:
+                    self._loop.remove_reader(self._sock)
                 break
             rc = client.loop_read()
             sock = client.socket()
@@ -436,6 +497,16 @@ class MqttBridge:
                 redelivered=bool(msg.dup),
             )
         )
+
+    def _set_window_full(self, full: bool) -> None:
+        if full == self._window_full:
+            return
+        self._window_full = full
+        if self.metrics is not None:
+            if full:
+                self.metrics.held.hold("receive window full")
+            else:
+                self.metrics.held.release("receive window full")
 
     def _set_gauge(self, value: int) -> None:
         if self.metrics is not None:

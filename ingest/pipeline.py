@@ -26,7 +26,7 @@ from ingest.metrics import Metrics
 from ingest.model import RawMessage, Rejection, utc_now
 from ingest.process import Outcome, Processor
 from ingest.settings import IngestSettings
-from ingest.store.classify import classify
+from ingest.store.classify import classify, describe
 from ingest.store.writer import Writer
 
 __all__ = ["Pipeline"]
@@ -64,12 +64,16 @@ class Pipeline:
         inbox_limit: int,
         pause: Callable[[], None] = lambda: None,
         resume: Callable[[], None] = lambda: None,
+        window_full: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``window_full``: true while no more messages can arrive before some are acknowledged
+        (receive_maximum reached); the batch is then written at once instead of at its age."""
         self.processor = processor
         self.writer = writer
         self.metrics = metrics
         self._ack = ack
         self._pause, self._resume = pause, resume
+        self._window_full = window_full
         self.inbox: deque[RawMessage] = deque()
         self.inbox_limit = inbox_limit
         self._paused = False
@@ -115,9 +119,11 @@ class Pipeline:
 
     async def _hand_over(self, batch: Batch) -> None:
         if self._batches.full():
-            t0 = time.monotonic()
-            await self._batches.put(batch)
-            self.metrics.backpressure.inc(time.monotonic() - t0)
+            self.metrics.held.hold("write queue full")
+            try:
+                await self._batches.put(batch)
+            finally:
+                self.metrics.held.release("write queue full")
         else:
             self._batches.put_nowait(batch)
 
@@ -150,7 +156,7 @@ class Pipeline:
             if self._paused and len(inbox) < self.inbox_limit // 2:
                 self._paused = False
                 self._resume()
-            if batcher.ready(time.monotonic()):
+            if batcher.ready(time.monotonic()) or (not inbox and not batcher.empty and self._window_full()):
                 await self._hand_over(batcher.take())
             await asyncio.sleep(0)
         if not batcher.empty:
@@ -217,7 +223,7 @@ class Pipeline:
                     self.metrics.db_ok.set(0)
                     level = logging.WARNING if kind == "retry" else logging.ERROR
                     log.log(level, "database write failed (%s: %s); retrying with backoff, %d message(s) "
-                            "held unacknowledged", kind, exc, len(outcomes), exc_info=kind == "fatal")
+                            "held unacknowledged", kind, describe(exc), len(outcomes), exc_info=kind == "fatal")
                 if self._abort:
                     raise ShutdownAbort from exc
                 await asyncio.sleep(delay)

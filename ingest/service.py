@@ -18,7 +18,7 @@ from ingest.mqtt import MqttBridge
 from ingest.pipeline import Pipeline
 from ingest.process import Processor
 from ingest.settings import Settings, mask_url
-from ingest.store.classify import is_retryable
+from ingest.store.classify import describe, is_retryable
 from ingest.store.migrate import discover
 from ingest.store.pool import create_pool
 from ingest.store.writer import Writer
@@ -59,31 +59,42 @@ async def _connect_database(settings: Settings, stop: asyncio.Event) -> asyncpg.
 
 
 class _Probe:
-    """Ask the database `SELECT 1` while no write is telling us whether it is there."""
+    """Ask the database `SELECT 1` while no write is telling us whether it is there.
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float, interval: float = 2.0) -> None:
+    A commit answers the same question more recently: a probe that failed while a write got
+    through is not reported, and a failed probe is cleared by the next commit without a log line
+    of its own (the pipeline logs its recovery).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float, last_commit: Callable[[], float],
+                 interval: float = 2.0) -> None:
         self.pool, self.timeout, self.interval = pool, timeout, interval
+        self.last_commit = last_commit  # monotonic time of the last commit
         self.ok = True
         self.checked_at = 0.0
 
     async def run(self, idle: Callable[[], bool]) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if not self.ok and self.last_commit() > self.checked_at:
+                self.ok = True
             if not idle():
                 continue
-            self.checked_at = time.monotonic()
+            started = self.checked_at = time.monotonic()
             try:
                 await asyncio.wait_for(self.pool.fetchval("SELECT 1", timeout=self.timeout), self.timeout + 1)
                 ok, why = True, ""
             except Exception as exc:
                 if not is_retryable(exc):
                     raise
-                ok, why = False, f"{type(exc).__name__}: {exc}"
+                ok, why = False, describe(exc)
+            if not ok and self.last_commit() > started:
+                continue  # a write committed meanwhile: the database is there
             if ok != self.ok:
                 if ok:
                     log.info("database answers again")
                 else:
-                    log.warning("database does not answer (%s)", why or "timeout")
+                    log.warning("database does not answer (%s)", why)
                 self.ok = ok
 
 
@@ -124,16 +135,17 @@ async def run_service(settings: Settings) -> int:
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch))
     pipeline = Pipeline(
-        settings.ingest, processor, Writer(pool), metrics, ack=bridge.ack,
+        settings.ingest, processor, Writer(pool, timeout=settings.database.command_timeout), metrics,
+        ack=bridge.ack,
         inbox_limit=2 * settings.mqtt.receive_maximum,
-        pause=bridge.pause_reading, resume=bridge.resume_reading,
+        pause=bridge.pause_reading, resume=bridge.resume_reading, window_full=lambda: bridge.window_full,
     )
     pipeline_ref.append(pipeline)
 
     # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
     # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
     stall_limit = max(1.0, settings.mqtt.keepalive / 2)
-    probe = _Probe(pool, stall_limit)
+    probe = _Probe(pool, stall_limit, lambda: pipeline.last_write_ok)
 
     def database_ok() -> bool:
         answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe
@@ -163,6 +175,7 @@ async def run_service(settings: Settings) -> int:
             metrics.unacked.set(bridge.tracker.unacked)
             oldest = bridge.tracker.oldest_arrival
             metrics.oldest_unacked_age.set(0 if oldest is None else time.monotonic() - oldest)
+            metrics.held.flush()
             await asyncio.sleep(1.0)
 
     tasks = {

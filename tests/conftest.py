@@ -6,6 +6,8 @@
 - ``empty_database_url``: a fresh database with nothing in it (migration tests).
 - ``broker``: a private Mosquitto, started once per session (tests that restart it use ``own_broker``).
 - ``topic_prefix``: a unique first topic level for one test.
+- ``own_pg``: a PostgreSQL cluster of one test's own, for tests that stop and restart it.
+- ``make_proxy``: FaultProxy instances (tests/proxy.py) in front of a port, closed after the test.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.proxy import FaultProxy
 from tests.services import Mosquitto, Postgres
 
 # Naive-datetime bugs hide in UTC; the suite runs in Hanoi's zone (UTC+7) to expose them.
@@ -90,3 +93,30 @@ def own_broker() -> Iterator[Mosquitto]:
 @pytest.fixture
 def topic_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def own_pg() -> Iterator[Postgres]:
+    """A PostgreSQL cluster of this test's own, for tests that stop and restart it."""
+    server = Postgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[[int], FaultProxy]]:
+    """``make_proxy(port)``: a FaultProxy in front of 127.0.0.1:port, in mode "pass"."""
+    proxies: list[FaultProxy] = []
+
+    def make(port: int) -> FaultProxy:
+        proxy = FaultProxy(port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

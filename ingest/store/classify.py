@@ -15,7 +15,7 @@ from typing import Literal
 
 import asyncpg
 
-__all__ = ["Kind", "classify", "is_retryable"]
+__all__ = ["Kind", "classify", "describe", "is_retryable"]
 
 Kind = Literal["retry", "data", "fatal"]
 
@@ -43,3 +43,9 @@ def classify(exc: BaseException) -> Kind:
 
 def is_retryable(exc: BaseException) -> bool:
     return classify(exc) == "retry"
+
+
+def describe(exc: BaseException) -> str:
+    """For logs: the exception's type and text; a bare TimeoutError has no text of its own."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -3,6 +3,10 @@
 A unique-key conflict must not abort the batch's other work: the COPY runs under a SAVEPOINT and,
 on conflict, the rows go in again through INSERT ... ON CONFLICT DO NOTHING (unnest of arrays, no
 DDL). A batch that holds redelivered messages takes that path directly, since conflicts are likely.
+
+A connection that failed with a connection-class error (timeout, reset, closed) is terminated, never
+returned to the pool: after a timeout its state is unknown, and giving it back would run the pool's
+reset queries on a network that may drop every packet (a blackhole), which would hang the writer.
 """
 
 from __future__ import annotations
@@ -65,60 +69,71 @@ class WriteResult:
 
 
 class Writer:
-    def __init__(self, pool: asyncpg.Pool, ids: IdCache | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, ids: IdCache | None = None, timeout: float | None = None) -> None:
+        """``timeout``: bound on acquiring a connection and on giving it back (the pool's reset)."""
         self.pool = pool
         self.ids = ids or IdCache()
+        self.timeout = timeout
 
     async def write(self, outcomes: Sequence[Outcome]) -> WriteResult:
         """Commit every outcome's readings and rejection in one transaction, or raise."""
+        async with self.pool.acquire(timeout=self.timeout) as conn:
+            try:
+                return await self._write(conn, outcomes)
+            except (OSError, TimeoutError, asyncpg.InterfaceError):
+                conn.terminate()
+                raise
+
+    async def _write(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> WriteResult:
         result = WriteResult()
         readings: list[Reading] = [r for o in outcomes for r in o.readings]
-        async with self.pool.acquire() as conn:
-            if readings:
-                await self.ids.resolve_devices(conn, (r.device for r in readings))
-                metrics: dict[str, tuple[str | None, str]] = {}
-                for r in readings:
-                    if r.metric not in metrics:
-                        metrics[r.metric] = (r.unit, _kind(r.value))
-                await self.ids.resolve_metrics(conn, metrics)
-            dev, met = self.ids.devices, self.ids.metrics
-            rows: list[tuple[datetime, int, int, float, int]] = []
-            texts: list[tuple[datetime, int, int, str, int]] = []
-            last_seen: dict[int, datetime] = {}
+        if readings:
+            await self.ids.resolve_devices(conn, (r.device for r in readings))
+            metrics: dict[str, tuple[str | None, str]] = {}
             for r in readings:
-                d = dev[r.device]
-                v = r.value
-                if isinstance(v, str):
-                    texts.append((r.time, d, met[r.metric], v, r.flags))
-                else:
-                    rows.append((r.time, d, met[r.metric], float(v), r.flags))
-                seen = last_seen.get(d)
-                if seen is None or seen < r.time:
-                    last_seen[d] = r.time
-            rejections = [
-                (o.message.received_at, o.source, _text(o.message.topic), o.message.payload, o.rejection.reason,
-                 _text(o.rejection.detail), None if o.rejection.device is None else _text(o.rejection.device))
-                for o in outcomes if o.rejection is not None
-            ]
-            redelivered = any(o.message.redelivered for o in outcomes)
-            async with conn.transaction():
-                if rows:
-                    result.conflict_path = await self._write_readings(conn, rows, redelivered)
-                if texts:
-                    await conn.execute(_INSERT_STATES, *map(list, zip(*texts, strict=True)))
-                if rejections:
-                    await conn.copy_records_to_table(
-                        "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS
-                    )
-            result.readings, result.states, result.rejections = len(rows), len(texts), len(rejections)
-            if last_seen:
-                # After the commit and outside it: a hint for operators, never worth a row lock
-                # held by the batch transaction or a retry of the batch.
-                ids = sorted(last_seen)
-                try:
-                    await conn.execute(_TOUCH_DEVICES, ids, [last_seen[i] for i in ids])
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                    log.debug("devices.last_seen not updated: %s", exc)
+                if r.metric not in metrics:
+                    metrics[r.metric] = (r.unit, _kind(r.value))
+            await self.ids.resolve_metrics(conn, metrics)
+        dev, met = self.ids.devices, self.ids.metrics
+        rows: list[tuple[datetime, int, int, float, int]] = []
+        texts: list[tuple[datetime, int, int, str, int]] = []
+        last_seen: dict[int, datetime] = {}
+        for r in readings:
+            d = dev[r.device]
+            v = r.value
+            if isinstance(v, str):
+                texts.append((r.time, d, met[r.metric], v, r.flags))
+            else:
+                rows.append((r.time, d, met[r.metric], float(v), r.flags))
+            seen = last_seen.get(d)
+            if seen is None or seen < r.time:
+                last_seen[d] = r.time
+        rejections = [
+            (o.message.received_at, o.source, _text(o.message.topic), o.message.payload, o.rejection.reason,
+             _text(o.rejection.detail), None if o.rejection.device is None else _text(o.rejection.device))
+            for o in outcomes if o.rejection is not None
+        ]
+        redelivered = any(o.message.redelivered for o in outcomes)
+        async with conn.transaction():
+            if rows:
+                result.conflict_path = await self._write_readings(conn, rows, redelivered)
+            if texts:
+                await conn.execute(_INSERT_STATES, *map(list, zip(*texts, strict=True)))
+            if rejections:
+                await conn.copy_records_to_table(
+                    "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS
+                )
+        result.readings, result.states, result.rejections = len(rows), len(texts), len(rejections)
+        if last_seen:
+            # After the commit and outside it: a hint for operators, never worth a row lock
+            # held by the batch transaction or a retry of the batch.
+            ids = sorted(last_seen)
+            try:
+                await conn.execute(_TOUCH_DEVICES, ids, [last_seen[i] for i in ids])
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.debug("devices.last_seen not updated: %s", exc)
+                if not isinstance(exc, asyncpg.PostgresError):
+                    conn.terminate()  # see the module docstring
         return result
 
     async def _write_readings(self, conn: PoolConnectionProxy[asyncpg.Record],

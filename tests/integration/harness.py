@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,18 +23,32 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from tests.services import REPO, free_port, wait_until
 
 
-def write_config(path: Path, *, prefix: str, database_url: str, mqtt_url: str, extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    *,
+    prefix: str,
+    database_url: str,
+    mqtt_url: str,
+    extra: str = "",
+    keepalive: int = 10,
+    mqtt_extra: str = "",
+    database_extra: str = "",
+) -> Path:
+    """``extra`` goes after the sources (new sections only); ``mqtt_extra`` and ``database_extra``
+    are lines added inside [mqtt] and [database], e.g. "receive_maximum = 500"."""
     path.write_text(
         f"""
 [database]
 url = "{database_url}"
+{database_extra}
 
 [mqtt]
 url = "{mqtt_url}"
 client_id = "ingest-{uuid.uuid4().hex[:8]}"
 reconnect_min = 0.1
 reconnect_max = 1.0
-keepalive = 10
+keepalive = {keepalive}
+{mqtt_extra}
 
 [http]
 addr = "127.0.0.1:{free_port()}"
@@ -106,6 +123,22 @@ class IngestProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def metrics(self, timeout: float = 5) -> dict[str, float]:
+        """Every sample of /metrics, labelled series summed under their metric name."""
+        text = httpx.get(f"http://{self.http}/metrics", timeout=timeout).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            name = series.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -175,3 +208,63 @@ def count(url: str, table: str) -> int:
         row = c.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
     assert row is not None
     return int(row[0])
+
+
+def fleet(
+    prefix: str, n: int, t0: datetime
+) -> tuple[list[tuple[str, bytes]], set[tuple[str, str, str, float]]]:
+    """n native messages from 100 devices, each with its own time and two readings; and the set of
+    (device, metric, time, value) they must store."""
+    messages, expected = [], set()
+    for i in range(n):
+        device = f"hn-aq-{i % 100:03d}"
+        t = (t0 + timedelta(seconds=i // 100)).isoformat()
+        pm25, temp = float(i % 500) / 10, 20.0 + (i % 17)
+        messages.append((f"{prefix}/{device}/up", native(device, t, {"pm25": pm25, "temperature": temp})))
+        expected.add((device, "pm25", t, pm25))
+        expected.add((device, "temperature", t, temp))
+    return messages, expected
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.monotonic()
+    readyz: int  # status code, 0 when the HTTP server did not answer
+    metrics: dict[str, float]  # empty when /metrics did not answer
+
+
+class HealthSampler:
+    """Polls /readyz and /metrics of a running service from a thread, keeping every answer."""
+
+    def __init__(self, ingest: IngestProcess, interval: float = 0.25) -> None:
+        self.ingest = ingest
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-sampler", daemon=True)
+
+    def __enter__(self) -> HealthSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            at = time.monotonic()
+            code = self.ingest.readyz()
+            try:
+                metrics = self.ingest.metrics(timeout=2)
+            except (httpx.HTTPError, ValueError):
+                metrics = {}
+            self.samples.append(Sample(at, code, metrics))
+            self._stop.wait(self.interval)
+
+    def between(self, start: float, end: float) -> list[Sample]:
+        return [s for s in self.samples if start <= s.at <= end]
+
+    def max_of(self, name: str) -> float | None:
+        values = [s.metrics[name] for s in self.samples if name in s.metrics]
+        return max(values) if values else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -111,3 +112,42 @@ async def test_a_data_error_is_narrowed_to_the_one_message_that_caused_it(pool: 
     assert rows[0]["reason"] == "db_rejected"
     assert "23514" in rows[0]["detail"]
     assert bytes(rows[0]["payload"]) == bad.message.payload
+
+
+@pytest.mark.asyncio
+async def test_a_full_receive_window_writes_the_batch_without_waiting_for_its_age(pool: asyncpg.Pool) -> None:
+    """With receive_maximum below batch_max_messages, no more messages can come until some are
+    acknowledged: waiting for the batch's age would only add latency. The batch age here is an
+    hour, so the batch is written only because the window is full."""
+    window = 3
+    acked: list[int] = []
+    all_acked = asyncio.Event()
+
+    def ack(epoch: int, seqs: list[int]) -> int:
+        acked.extend(seqs)
+        if len(acked) >= window:
+            all_acked.set()
+        return len(seqs)
+
+    pipeline = Pipeline(
+        IngestSettings(batch_max_age=3600, batch_max_messages=1000),
+        Processor.from_settings(Settings()),
+        Writer(pool),
+        Metrics(),
+        ack=ack,
+        inbox_limit=100,
+        window_full=lambda: len(acked) + window <= submitted,
+    )
+    submitted = 0
+    tasks = [asyncio.create_task(pipeline.consume()), asyncio.create_task(pipeline.write_loop())]
+    try:
+        for i in range(window):
+            pipeline.submit(RawMessage(f"nowhere/d{i}", b"{}", T0, 1, i + 1, 1, i))
+            submitted += 1
+        await asyncio.wait_for(all_acked.wait(), 30)  # a bound on a hang only
+        assert sorted(acked) == [0, 1, 2]
+        # No source matches these topics: each is a committed rejection, not a silent drop.
+        assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == window
+    finally:
+        pipeline.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
