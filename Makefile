@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 SERVICES := deploy/local/services.sh
 CONFIG ?= deploy/sensor-ingest.example.toml
 
-.PHONY: help setup services services-down run test test-unit bench lint typecheck schemas clean
+.PHONY: help setup services services-down run test test-unit bench bench-faults lint typecheck schemas clean
 
 help:
 	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
 	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
 	@echo "make bench   quick benchmark (about 2 minutes) with the baseline ratio; make bench FULL=1 for the long one"
+	@echo "make bench-faults  the bench fault run (issue #5): database blackholed 60 s under a 100,000 x 1 KB backlog;"
+	@echo "             peak RSS <= 300 MB, unacked <= receive_maximum, every message stored once (BENCH_ARGS=--help)"
 	@echo "make lint    ruff + mypy --strict"
 	@echo "make schemas regenerate schemas/json from the pydantic models"
 
@@ -45,6 +47,10 @@ test-unit: $(BIN)/sensor-ingest
 # Private, durable Mosquitto and PostgreSQL+TimescaleDB on free ports; the figures go to BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m bench.run $(if $(FULL),--full) $(BENCH_ARGS)
+
+# The bench fault run: outages are long here, short in `make test` (tests/integration/test_faults.py).
+bench-faults: setup
+	$(BIN)/python -m bench.faults $(BENCH_ARGS)
 
 lint: $(BIN)/sensor-ingest
 	$(BIN)/ruff check ingest tests bench

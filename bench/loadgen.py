@@ -60,14 +60,17 @@ def device_uid(run: str, proc: int, device: int) -> str:
 
 def _payload(uid: str, at: datetime, seq: int, pad: int) -> bytes:
     readings: dict[str, float] = {"seq": seq, "level": seq % 997}
-    raw = json.dumps({"device": uid, "time": at.isoformat(), "readings": readings}, separators=(",", ":"))
+    message = {"device": uid, "time": at.isoformat(), "readings": readings}
     # A bigger payload is a gateway's wider message: more channels, each a reading of its own.
+    # Each channel adds ,"<key>":<value> to the encoding, so the size is counted, not re-encoded.
+    size = len(json.dumps(message, separators=(",", ":"))) if pad else 0
     channel = 0
-    while len(raw) < pad:
-        readings[f"ch{channel:02d}"] = round(20 + (seq * 7 + channel) % 400 / 10, 1)
+    while size < pad:
+        key, value = f"ch{channel:02d}", round(20 + (seq * 7 + channel) % 400 / 10, 1)
+        readings[key] = value
+        size += len(key) + 4 + len(repr(value))
         channel += 1
-        raw = json.dumps({"device": uid, "time": at.isoformat(), "readings": readings}, separators=(",", ":"))
-    return raw.encode()
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
 def readings_per_message(pad: int) -> int:

@@ -1,4 +1,4 @@
-"""The benchmark runner: `make bench` (quick, a few minutes) or `make bench BENCH_ARGS=--full`.
+"""The benchmark runner: `make bench` (quick, a few minutes) or `make bench FULL=1`.
 
 Runs, on one broker and one database, with the same load generator:
 
@@ -214,19 +214,26 @@ class Consumer:
         self.proc = None
 
 
-def ingest_consumer(work: Path, svc: Services, name: str) -> tuple[Consumer, str]:
+def ingest_consumer(
+    work: Path, svc: Services, name: str, *, database_url: str | None = None, database_extra: str = "",
+    mqtt_extra: str = "", log_level: str = "warning",
+) -> tuple[Consumer, str]:
+    """The service on svc's broker and database (or ``database_url``, e.g. through a fault proxy);
+    ``database_extra`` and ``mqtt_extra`` are lines added inside [database] and [mqtt]."""
     http = f"127.0.0.1:{free_port()}"
     config = work / f"{name}.toml"
     config.write_text(f"""
 [database]
-url = "{svc.database_url}"
+url = "{database_url or svc.database_url}"
+{database_extra}
 [mqtt]
 url = "{svc.mqtt_url}"
 client_id = "bench-{name}"
+{mqtt_extra}
 [http]
 addr = "{http}"
 [log]
-level = "warning"
+level = "{log_level}"
 [[sources]]
 name = "bench"
 topic = "{PREFIX}/{{device}}/up"
@@ -514,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.database_url) != bool(args.mqtt_url):
         ap.error("--database-url and --mqtt-url go together (or neither: private services are started)")
     plan = FULL if args.full else QUICK
-    overrides = {k: getattr(args, k) for k in ("drain_messages", "baseline_messages", "live_rate", "live_seconds",
-                                               "warmup_seconds", "publishers", "payload_bytes") if getattr(args, k) is not None}
+    names = ("drain_messages", "baseline_messages", "live_rate", "live_seconds", "warmup_seconds", "publishers",
+             "payload_bytes")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     plan = Plan(**{**asdict(plan), **overrides})
     py_spy = shutil.which(args.profile) if args.profile else None
     if args.profile and not py_spy:

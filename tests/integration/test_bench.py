@@ -39,3 +39,30 @@ def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(t
         "messages_per_s"]
     assert {"postgresql", "timescaledb", "mosquitto", "cpu", "memory"} <= set(report["machine"])
     assert "the straightforward approach" in proc.stdout
+
+
+def test_bench_fault_run_blackholes_the_database_under_a_backlog_and_verifies(tmp_path: Path) -> None:
+    """`make bench-faults` at a tiny size. The blackhole (12 s) outlasts 2 x command_timeout + 2 s,
+    so the service's own timeouts must fire during it and /readyz must say so."""
+    from bench.faults import main
+
+    out = tmp_path / "faults.json"
+    rc = main(["--messages", "2000", "--payload-bytes", "1024", "--outage", "12", "--receive-maximum", "500",
+               "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["failures"]
+    assert report["ok"]
+    r, p = report["results"], report["parameters"]
+    assert (p["messages"], p["receive_maximum"], p["outage"]) == (2000, 500, 12)
+    assert r["messages_acked"] == 2000
+    assert r["verified"].startswith("ok: 2000 acknowledged, 2000 stored once each")
+    assert r["peak_unacked"] is not None
+    assert 0 < r["peak_unacked"] <= 500
+    assert r["readyz_503_during_blackhole"]
+    assert r["blackhole_seconds"] >= 12
+    assert r["drain_seconds"] is not None
+    assert 0 < r["peak_vmhwm_mb"] <= 300
+    assert r["service_exited"] is None
+    assert r["payload_bytes_avg"] >= 1024
+    assert {"postgresql", "timescaledb", "mosquitto", "cpu", "memory"} <= set(report["machine"])
+    assert report["command"].startswith("python -m bench.faults --messages 2000")

@@ -66,3 +66,19 @@ def test_profile_summary_ranks_functions_by_own_samples(tmp_path: Path) -> None:
     out = profile_summary(raw)
     assert out.splitlines()[2].split() == ["75.0", "75.0", "work", "a.py:5"]
     assert "100.0  main a.py:1" not in out  # main has no samples of its own
+
+
+
+def test_fault_run_judgement_names_every_broken_limit() -> None:
+    from bench.faults import judge
+
+    ok = "ok: 10 acknowledged, 10 stored once each, 0 stored unacked"
+    assert judge(hwm_mb=299.9, max_rss_mb=300, peak_unacked=4096, receive_maximum=4096, verified=ok,
+                 service_exited=None) == []
+    failures = judge(hwm_mb=300.5, max_rss_mb=300, peak_unacked=4097, receive_maximum=4096,
+                     verified="FAILED: 1 acknowledged messages missing", service_exited="exit code 1")
+    assert len(failures) == 4
+    assert "300.5 MB is above the 300 MB limit" in failures[0]
+    assert "reached 4097, above receive_maximum = 4096" in failures[1]
+    assert judge(hwm_mb=1, max_rss_mb=300, peak_unacked=None, receive_maximum=4096, verified=ok,
+                 service_exited=None) == ["sensor_ingest_messages_unacked was never read from /metrics"]
