@@ -7,6 +7,7 @@ received_at + max_future]. (The metric catalog with units and valid ranges comes
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from ingest.model import Reading, Rejection
 __all__ = ["Limits", "validate"]
 
 MAX_NAME = 200
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
 MAX_TEXT = 1000
 
 
@@ -30,7 +32,7 @@ def _bad_name(name: str) -> str | None:
         return "is empty"
     if len(name) > MAX_NAME:
         return f"is {len(name)} characters long (limit {MAX_NAME})"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _CONTROL.search(name):
         return "contains control characters"
     return None
 

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self, cast
 
 from pydantic import (
     BaseModel,
@@ -27,7 +27,6 @@ from pydantic import (
     GetJsonSchemaHandler,
     ModelWrapValidatorHandler,
     PlainValidator,
-    PrivateAttr,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -127,12 +126,8 @@ class ValueObject(_Wire):
     text: Text | None = None
     unit: Name | None = None
 
-    _shorthand: bool = PrivateAttr(default=False)
-
-    @property
-    def shorthand(self) -> bool:
-        """The value was written bare (``"pm25": 35.2``), not as an object."""
-        return self._shorthand
+    shorthand: ClassVar[bool] = False
+    """The value was written bare (``"pm25": 35.2``), not as an object."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -140,15 +135,19 @@ class ValueObject(_Wire):
         if isinstance(data, dict):
             return handler(data)
         if isinstance(data, bool | int | float | str):
-            obj = handler({"value": data})
-            obj._shorthand = True
-            return obj
+            # Most readings are written bare, and this runs once per reading: a bare value needs only
+            # its scalar check, so it is built directly rather than validated again as {"value": ...}.
+            return cast(Self, _BareValue.model_construct(value=_scalar(data)))
         raise PydanticCustomError("reading_type", "expected a number, boolean or object")
 
     @model_validator(mode="after")
     def _one_slot(self) -> Self:
         _check_one_slot(self.value, self.text)
         return self
+
+
+class _BareValue(ValueObject):
+    shorthand: ClassVar[bool] = True
 
 
 class _ShorthandSchema:

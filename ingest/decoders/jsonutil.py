@@ -116,7 +116,7 @@ def parse_time(value: str | float, zone: tzinfo | None) -> datetime:
         return epoch_to_utc(value)
     # RFC 3339 allows lower-case 't' and 'z'; fromisoformat does not.
     text = value.strip().upper()
-    if not any(sep in text for sep in ("T", " ")):
+    if "T" not in text and " " not in text:
         raise BadTime(f"{shorten(value)} is not a date and time (ISO 8601 / RFC 3339)")
     try:
         parsed = datetime.fromisoformat(text)

@@ -49,8 +49,9 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
     for prefix, raw in messages:
         message = _validate(raw, prefix)
         device = resolve_device(message.device, ctx, f"message {prefix}" if prefix else "payload")
+        message_time = _MessageTime(message.time, ctx)
         for slot in _slots(message, prefix):
-            reading_or_problem = _reading(slot, device, message.time, ctx, received)
+            reading_or_problem = _reading(slot, device, message_time, ctx, received)
             if isinstance(reading_or_problem, Reading):
                 readings.append(reading_or_problem)
             else:
@@ -102,10 +103,33 @@ def _slots(message: NativeMessage, prefix: str) -> Iterator[_Slot]:
             )
 
 
+class _MessageTime:
+    """The message's own time, parsed once for all its readings that have none of their own."""
+
+    __slots__ = ("_ctx", "_result", "raw")
+
+    def __init__(self, raw: str | float | None, ctx: DecodeContext) -> None:
+        self.raw = raw
+        self._ctx = ctx
+        self._result: datetime | str | None = None  # the instant, or why there is none
+
+    def parsed(self) -> datetime:
+        """Raises BadTime, every time it is asked, when the message's time cannot be read."""
+        if self._result is None:
+            assert self.raw is not None
+            try:
+                self._result = parse_time(self.raw, self._ctx.timezone)
+            except BadTime as exc:
+                self._result = exc.detail
+        if isinstance(self._result, str):
+            raise BadTime(self._result)
+        return self._result
+
+
 def _reading(
     slot: _Slot,
     device: str,
-    message_time: str | float | None,
+    message_time: _MessageTime,
     ctx: DecodeContext,
     received: datetime,
 ) -> Reading | Rejection:
@@ -124,13 +148,14 @@ def _reading(
     else:  # the model already refuses this; kept so that the type is narrowed without assert
         raise DecodeError("schema", f"{slot.path}: needs exactly one of `value` and `text`")
 
-    raw_time = slot.time if slot.time is not None else message_time
     flags = 0
-    if raw_time is None:
-        when, flags = received, FLAG_RECEIVE_TIME
-    else:
-        try:
-            when = parse_time(raw_time, ctx.timezone)
-        except BadTime as exc:
-            return Rejection("bad_time", f"{slot.time_path}: {exc.detail} (reading {slot.path})", device)
+    try:
+        if slot.time is not None:
+            when = parse_time(slot.time, ctx.timezone)
+        elif message_time.raw is not None:
+            when = message_time.parsed()
+        else:
+            when, flags = received, FLAG_RECEIVE_TIME
+    except BadTime as exc:
+        return Rejection("bad_time", f"{slot.time_path}: {exc.detail} (reading {slot.path})", device)
     return Reading(device=device, metric=slot.metric, time=when, value=value, unit=slot.unit, flags=flags)
