@@ -80,6 +80,7 @@ class Pipeline:
         self.batcher = Batcher(settings.batch_max_messages, settings.batch_max_readings, settings.batch_max_age)
         self._batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()  # cuts a write's backoff short (the database answers again)
         self._stopping = False
         self._abort = False
         self.db_ok = True
@@ -182,6 +183,10 @@ class Pipeline:
             self.committed_messages += len(batch)
             self.metrics.batch_messages.observe(len(batch))
 
+    def retry_now(self) -> None:
+        """The database answers again: retry a failing write now rather than at the end of its backoff."""
+        self._retry_now.set()
+
     def stop(self, abort_writes: bool = False) -> None:
         """Finish what has arrived (flush, commit, ack) and end both tasks."""
         self._stopping = True
@@ -226,7 +231,9 @@ class Pipeline:
                             "held unacknowledged", kind, describe(exc), len(outcomes), exc_info=kind == "fatal")
                 if self._abort:
                     raise ShutdownAbort from exc
-                await asyncio.sleep(delay)
+                self._retry_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
             now = self.last_write_ok = time.monotonic()

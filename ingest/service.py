@@ -67,9 +67,10 @@ class _Probe:
     """
 
     def __init__(self, pool: asyncpg.Pool, timeout: float, last_commit: Callable[[], float],
-                 interval: float = 2.0) -> None:
+                 on_answer: Callable[[], None], interval: float = 2.0) -> None:
         self.pool, self.timeout, self.interval = pool, timeout, interval
         self.last_commit = last_commit  # monotonic time of the last commit
+        self.on_answer = on_answer  # called at each answer: a failing write may retry now
         self.ok = True
         self.checked_at = 0.0
 
@@ -90,6 +91,8 @@ class _Probe:
                 ok, why = False, describe(exc)
             if not ok and self.last_commit() > started:
                 continue  # a write committed meanwhile: the database is there
+            if ok:
+                self.on_answer()
             if ok != self.ok:
                 if ok:
                     log.info("database answers again")
@@ -145,7 +148,7 @@ async def run_service(settings: Settings) -> int:
     # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
     # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
     stall_limit = max(1.0, settings.mqtt.keepalive / 2)
-    probe = _Probe(pool, stall_limit, lambda: pipeline.last_write_ok)
+    probe = _Probe(pool, stall_limit, lambda: pipeline.last_write_ok, pipeline.retry_now)
 
     def database_ok() -> bool:
         answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe

@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[Postgres]:
+@contextmanager
+def _running_postgres() -> Iterator[Postgres]:
     server = Postgres()
     try:
         server.init()
@@ -44,6 +45,12 @@ def pg() -> Iterator[Postgres]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Postgres]:
+    with _running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -98,13 +105,8 @@ def topic_prefix() -> str:
 @pytest.fixture
 def own_pg() -> Iterator[Postgres]:
     """A PostgreSQL cluster of this test's own, for tests that stop and restart it."""
-    server = Postgres()
-    try:
-        server.init()
-        server.start()
+    with _running_postgres() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from tests.integration.harness import (
     stored_readings,
     write_config,
 )
-from tests.proxy import FaultProxy
+from tests.proxy import FaultProxy, Mode
 from tests.services import Mosquitto, Postgres, wait_until
 
 T0 = datetime(2025, 11, 26, 0, 0, tzinfo=UTC)  # in the past: ingest.max_future rejects the future
@@ -80,6 +80,16 @@ class Fault:
     lift: Callable[[], None]
     outage: float
     database: bool  # a database fault: backpressure and the oldest unacked age must show it
+
+
+def _proxy_fault(name: str, proxy: FaultProxy, mode: Mode, outage: float, *, database: bool) -> Fault:
+    def inject() -> None:
+        proxy.mode = mode
+
+    def lift() -> None:
+        proxy.mode = "pass"
+
+    return Fault(name, inject, lift, outage, database)
 
 
 @dataclass
@@ -252,12 +262,7 @@ def test_database_blackholed_longer_than_the_keepalive(
     Nothing is acked meanwhile; afterwards every reading is stored exactly once (a COMMIT whose
     answer was lost is absorbed by the unique key on retry)."""
     proxy = make_proxy(urlsplit(database_url).port or 5432)
-
-    def lift() -> None:
-        proxy.mode = "pass"
-
-    fault = Fault("database blackhole", lambda: setattr(proxy, "mode", "blackhole"), lift, DB_BLACKHOLE,
-                  database=True)
+    fault = _proxy_fault("database blackhole", proxy, "blackhole", DB_BLACKHOLE, database=True)
     run = _run_through(tmp_path, ingests, prefix=topic_prefix, fault=fault,
                        ingest_db=_with_port(database_url, proxy.port), counting_db=database_url,
                        ingest_mqtt=broker.url, broker_port=broker.port)
@@ -274,12 +279,7 @@ def test_database_refusing_connections(
     when connections are accepted again the service resumes by itself and every reading is stored
     exactly once."""
     proxy = make_proxy(urlsplit(database_url).port or 5432)
-
-    def lift() -> None:
-        proxy.mode = "pass"
-
-    fault = Fault("database refusing connections", lambda: setattr(proxy, "mode", "refuse"), lift, OUTAGE,
-                  database=True)
+    fault = _proxy_fault("database refusing connections", proxy, "refuse", OUTAGE, database=True)
     run = _run_through(tmp_path, ingests, prefix=topic_prefix, fault=fault,
                        ingest_db=_with_port(database_url, proxy.port), counting_db=database_url,
                        ingest_mqtt=broker.url, broker_port=broker.port)
@@ -297,12 +297,7 @@ def test_broker_blackholed_longer_than_the_keepalive(
     is redelivered. Acks sent into the blackhole are lost, so committed messages come back and are
     absorbed by the unique key: every reading is stored exactly once."""
     proxy = make_proxy(own_broker.port)
-
-    def lift() -> None:
-        proxy.mode = "pass"
-
-    fault = Fault("broker blackhole", lambda: setattr(proxy, "mode", "blackhole"), lift, BROKER_BLACKHOLE,
-                  database=False)
+    fault = _proxy_fault("broker blackhole", proxy, "blackhole", BROKER_BLACKHOLE, database=False)
     run = _run_through(tmp_path, ingests, prefix=topic_prefix, fault=fault, ingest_db=database_url,
                        counting_db=database_url, ingest_mqtt=f"mqtt://127.0.0.1:{proxy.port}",
                        broker_port=own_broker.port)

@@ -12,7 +12,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.harness import IngestProcess, Publisher, count, native, stored_readings, write_config
+from tests.integration.harness import (
+    IngestProcess,
+    Publisher,
+    count,
+    fleet,
+    native,
+    stored_readings,
+    write_config,
+)
 from tests.services import Mosquitto, Postgres, wait_until
 
 T0 = datetime(2026, 11, 25, 0, 0, tzinfo=UTC)
@@ -35,19 +43,6 @@ def _ingest(
     proc = IngestProcess(cfg, tmp_path / "ingest.log")
     procs.append(proc)
     return proc
-
-
-def fleet(prefix: str, n: int) -> tuple[list[tuple[str, bytes]], set[tuple[str, str, str, float]]]:
-    """n native messages, each with its own time and two readings; and the set they must store."""
-    messages, expected = [], set()
-    for i in range(n):
-        device = f"hn-aq-{i % 100:03d}"
-        t = (T0 + timedelta(seconds=i // 100)).isoformat()
-        pm25, temp = float(i % 500) / 10, 20.0 + (i % 17)
-        messages.append((f"{prefix}/{device}/up", native(device, t, {"pm25": pm25, "temperature": temp})))
-        expected.add((device, "pm25", t, pm25))
-        expected.add((device, "temperature", t, temp))
-    return messages, expected
 
 
 def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
@@ -113,7 +108,7 @@ def test_stopped_three_times_mid_stream_loses_and_doubles_nothing(
     # SIGKILL: nothing after the last commit was acknowledged, so the broker redelivers it.
     # SIGTERM: the graceful path (stop reading, flush, commit, ack, disconnect) must exit 0.
     n = 20_000
-    messages, expected = fleet(topic_prefix, n)
+    messages, expected = fleet(topic_prefix, n, T0)
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url)
     ingest.start()
     pub = Publisher(broker.port)
@@ -171,7 +166,7 @@ def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
     ingest.start()
     assert ingest.terminate() == 0  # the session (and its subscription) stays at the broker
 
-    messages, expected = fleet(topic_prefix, 2000)
+    messages, expected = fleet(topic_prefix, 2000, T0)
     pub = Publisher(own_broker.port)
     try:
         pub.publish_all(messages)

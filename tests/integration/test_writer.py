@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -17,6 +18,7 @@ from ingest.process import Outcome, Processor
 from ingest.settings import DatabaseSettings, IngestSettings, Settings
 from ingest.store.pool import create_pool
 from ingest.store.writer import Writer
+from tests.proxy import FaultProxy
 
 T0 = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
@@ -151,3 +153,34 @@ async def test_a_full_receive_window_writes_the_batch_without_waiting_for_its_ag
     finally:
         pipeline.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+@pytest.mark.asyncio
+async def test_a_failing_write_retries_as_soon_as_the_database_answers_again(
+    database_url: str, make_proxy: Callable[[int], FaultProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry backoff is an hour here: the write gets through only because retry_now() (called
+    by the service's database probe when the database answers again) cuts the backoff short."""
+    monkeypatch.setattr("ingest.pipeline._RETRY_MIN", 3600.0)
+    proxy = make_proxy(urlsplit(database_url).port or 5432)
+    proxied = urlsplit(database_url)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+    pool = await create_pool(DatabaseSettings(url=proxied, connect_timeout=2, command_timeout=2))
+    try:
+        metrics = Metrics()
+        pipeline = Pipeline(IngestSettings(), Processor.from_settings(Settings()), Writer(pool, timeout=2), metrics,
+                            ack=lambda epoch, seqs: 0, inbox_limit=100)
+        proxy.mode = "refuse"
+        commit = asyncio.create_task(pipeline._commit([outcome(1, [reading("d1", "pm25", 0, 1.0)])]))
+        for _ in range(200):  # until the first attempt has failed (a bound on a hang only)
+            if not pipeline.db_ok:
+                break
+            await asyncio.sleep(0.05)
+        assert not pipeline.db_ok
+        assert not commit.done()
+        proxy.mode = "pass"
+        pipeline.retry_now()
+        await asyncio.wait_for(commit, 30)
+        assert pipeline.db_ok
+        assert await pool.fetchval("SELECT count(*) FROM readings") == 1
+    finally:
+        await pool.close()
