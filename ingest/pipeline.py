@@ -223,6 +223,8 @@ class Pipeline:
                     return
                 if self.db_down_since is None:
                     self.db_down_since = t0
+                log.debug("write of %d message(s) failed (%s: %s); next try in %.1fs", len(outcomes), kind,
+                          describe(exc), delay)
                 if self.db_ok:
                     self.db_ok = False
                     self.metrics.db_ok.set(0)

@@ -66,9 +66,9 @@ class _Probe:
     of its own (the pipeline logs its recovery).
     """
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float, last_commit: Callable[[], float],
+    def __init__(self, pool: Callable[[], asyncpg.Pool], timeout: float, last_commit: Callable[[], float],
                  on_answer: Callable[[], None], interval: float = 2.0) -> None:
-        self.pool, self.timeout, self.interval = pool, timeout, interval
+        self.pool, self.timeout, self.interval = pool, timeout, interval  # pool(): the writer's current pool
         self.last_commit = last_commit  # monotonic time of the last commit
         self.on_answer = on_answer  # called at each answer: a failing write may retry now
         self.ok = True
@@ -83,7 +83,7 @@ class _Probe:
                 continue
             started = self.checked_at = time.monotonic()
             try:
-                await asyncio.wait_for(self.pool.fetchval("SELECT 1", timeout=self.timeout), self.timeout + 1)
+                await asyncio.wait_for(self.pool().fetchval("SELECT 1", timeout=self.timeout), self.timeout + 1)
                 ok, why = True, ""
             except Exception as exc:
                 if not is_retryable(exc):
@@ -134,11 +134,13 @@ async def run_service(settings: Settings) -> int:
         return 2
     metrics.db_ok.set(1)
 
+    writer = Writer(pool, timeout=settings.database.command_timeout,
+                    renew_pool=lambda: create_pool(settings.database))
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch))
     pipeline = Pipeline(
-        settings.ingest, processor, Writer(pool, timeout=settings.database.command_timeout), metrics,
+        settings.ingest, processor, writer, metrics,
         ack=bridge.ack,
         inbox_limit=2 * settings.mqtt.receive_maximum,
         pause=bridge.pause_reading, resume=bridge.resume_reading, window_full=lambda: bridge.window_full,
@@ -148,7 +150,7 @@ async def run_service(settings: Settings) -> int:
     # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
     # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
     stall_limit = max(1.0, settings.mqtt.keepalive / 2)
-    probe = _Probe(pool, stall_limit, lambda: pipeline.last_write_ok, pipeline.retry_now)
+    probe = _Probe(lambda: writer.pool, stall_limit, lambda: pipeline.last_write_ok, pipeline.retry_now)
 
     def database_ok() -> bool:
         answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe
@@ -223,8 +225,8 @@ async def run_service(settings: Settings) -> int:
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
     if aborted:
-        pool.terminate()  # a graceful close would wait on connections stuck in a dead network
+        writer.pool.terminate()  # a graceful close would wait on connections stuck in a dead network
     else:
-        await pool.close()
+        await writer.pool.close()
     log.info("stopped: %d message(s) committed and acknowledged", pipeline.committed_messages)
     return 1 if crashed else 0

@@ -11,8 +11,10 @@ reset queries on a network that may drop every packet (a blackhole), which would
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -69,19 +71,52 @@ class WriteResult:
 
 
 class Writer:
-    def __init__(self, pool: asyncpg.Pool, ids: IdCache | None = None, timeout: float | None = None) -> None:
-        """``timeout``: bound on acquiring a connection and on giving it back (the pool's reset)."""
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ids: IdCache | None = None,
+        timeout: float | None = None,
+        renew_pool: Callable[[], Awaitable[asyncpg.Pool]] | None = None,
+    ) -> None:
+        """``timeout``: the statement timeout; it bounds acquiring a connection, and four times it
+        bounds a whole write attempt, whatever the driver waits on.
+
+        ``renew_pool``: makes a new pool. When given, a connection-class failure terminates the
+        whole pool and the next write starts on a new one: the other connections went through the
+        same outage (a restart, a partition) and may be dead or frozen too, and none of them can
+        then hold the writer up. Without it (tests of the writer alone) the pool is kept.
+        """
         self.pool = pool
         self.ids = ids or IdCache()
         self.timeout = timeout
+        self._limit = None if timeout is None else 4 * timeout
+        self._renew_pool = renew_pool
+        self._stale = False  # the pool was terminated after a failure: renew before the next write
 
     async def write(self, outcomes: Sequence[Outcome]) -> WriteResult:
         """Commit every outcome's readings and rejection in one transaction, or raise."""
+        try:
+            async with asyncio.timeout(self._limit):
+                if self._stale:
+                    assert self._renew_pool is not None
+                    self.pool = await self._renew_pool()
+                    self._stale = False
+                return await self._write_once(outcomes)
+        except (OSError, TimeoutError, asyncpg.InterfaceError):
+            if self._renew_pool is not None and not self._stale:
+                self._stale = True
+                self.pool.terminate()
+            raise
+
+    async def _write_once(self, outcomes: Sequence[Outcome]) -> WriteResult:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             try:
                 return await self._write(conn, outcomes)
             except (OSError, TimeoutError, asyncpg.InterfaceError):
-                conn.terminate()
+                # asyncpg may already have aborted the connection and taken it back (its own
+                # cancel request timed out): terminating again would only mask the real error.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 raise
 
     async def _write(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> WriteResult:

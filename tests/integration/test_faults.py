@@ -250,36 +250,29 @@ def test_postgres_restart_mid_stream(
     _verify(run, fault, db)
 
 
-def test_database_blackholed_longer_than_the_keepalive(
+@pytest.mark.parametrize(
+    ("mode", "outage"), [("blackhole", DB_BLACKHOLE), ("refuse", OUTAGE)], ids=["blackholed", "refusing"]
+)
+def test_database_unreachable_mid_stream(
     tmp_path: Path, ingests: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str,
-    make_proxy: Callable[[int], FaultProxy],
+    make_proxy: Callable[[int], FaultProxy], mode: Mode, outage: float,
 ) -> None:
-    """The service reaches PostgreSQL through a proxy that goes silent (packets dropped, nothing
-    closed) for longer than the keepalive and than twice database.command_timeout. The write in
-    flight must not hang: it times out, the connection is given up, new connections time out until
-    the network is back, and /readyz answers 503 during the blackhole. Connections frozen by the
-    blackhole stay dead afterwards (lost NAT/firewall state): the service must not wait on them.
-    Nothing is acked meanwhile; afterwards every reading is stored exactly once (a COMMIT whose
-    answer was lost is absorbed by the unique key on retry)."""
-    proxy = make_proxy(urlsplit(database_url).port or 5432)
-    fault = _proxy_fault("database blackhole", proxy, "blackhole", DB_BLACKHOLE, database=True)
-    run = _run_through(tmp_path, ingests, prefix=topic_prefix, fault=fault,
-                       ingest_db=_with_port(database_url, proxy.port), counting_db=database_url,
-                       ingest_mqtt=broker.url, broker_port=broker.port)
-    _verify(run, fault, database_url)
+    """The service reaches PostgreSQL through a proxy.
 
+    blackholed: the proxy goes silent (packets dropped, nothing closed) for longer than the keepalive
+    and than twice database.command_timeout. The write in flight must not hang: it times out, the
+    connection is given up, new connections time out until the network is back. Connections frozen
+    by the blackhole stay dead afterwards (lost NAT/firewall state): the service must not wait on
+    them. A COMMIT whose answer was lost is absorbed by the unique key on retry.
 
-def test_database_refusing_connections(
-    tmp_path: Path, ingests: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str,
-    make_proxy: Callable[[int], FaultProxy],
-) -> None:
-    """The service reaches PostgreSQL through a proxy that resets every current connection and every
-    new one for the outage (a database that is down). Each write and each reconnect fails fast with
-    a connection-class error and is retried with backoff, nothing is acked, /readyz answers 503;
-    when connections are accepted again the service resumes by itself and every reading is stored
+    refusing: the proxy resets every current connection and every new one (a database that is down):
+    each write and each reconnect fails fast with a connection-class error.
+
+    Either way the failures are retried with backoff, nothing is acked meanwhile, /readyz answers
+    503, and when the network is back the service resumes by itself and every reading is stored
     exactly once."""
     proxy = make_proxy(urlsplit(database_url).port or 5432)
-    fault = _proxy_fault("database refusing connections", proxy, "refuse", OUTAGE, database=True)
+    fault = _proxy_fault(f"database {mode}", proxy, mode, outage, database=True)
     run = _run_through(tmp_path, ingests, prefix=topic_prefix, fault=fault,
                        ingest_db=_with_port(database_url, proxy.port), counting_db=database_url,
                        ingest_mqtt=broker.url, broker_port=broker.port)

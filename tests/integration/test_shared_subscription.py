@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.harness import IngestProcess, Publisher, count, stored_readings, write_config
-from tests.integration.test_pipeline import fleet
+from tests.integration.harness import IngestProcess, Publisher, count, fleet, stored_readings, write_config
+from tests.integration.test_pipeline import T0
 from tests.services import Mosquitto, wait_until
 
 
@@ -22,7 +22,7 @@ def test_two_workers_in_a_shared_group_store_everything_once(
     try:
         for w in workers:
             w.start()
-        messages, expected = fleet(topic_prefix, 4000)
+        messages, expected = fleet(topic_prefix, 4000, T0)
         pub = Publisher(broker.port)
         try:
             pub.publish_all(messages)

@@ -184,3 +184,38 @@ async def test_a_failing_write_retries_as_soon_as_the_database_answers_again(
         assert await pool.fetchval("SELECT count(*) FROM readings") == 1
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_after_a_blackhole_the_writer_starts_again_on_a_new_pool(
+    pool: asyncpg.Pool, database_url: str, make_proxy: Callable[[int], FaultProxy]
+) -> None:
+    """A write into a blackhole fails within its bound instead of hanging. The pool, whose
+    connections the blackhole froze for good, is terminated, and once the network is back the next
+    write runs on a new pool."""
+    proxy = make_proxy(urlsplit(database_url).port or 5432)
+    proxied = urlsplit(database_url)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+    settings = DatabaseSettings(url=proxied, connect_timeout=1, command_timeout=1)
+    renewed: list[asyncpg.Pool] = []
+
+    async def renew() -> asyncpg.Pool:
+        new = await create_pool(settings)
+        renewed.append(new)
+        return new
+
+    first = await create_pool(settings)
+    writer = Writer(first, timeout=1, renew_pool=renew)
+    try:
+        await writer.write([outcome(1, [reading("d1", "pm25", 0, 1.0)])])
+        proxy.mode = "blackhole"
+        with pytest.raises((TimeoutError, OSError, asyncpg.InterfaceError)):
+            await writer.write([outcome(2, [reading("d2", "pm25", 0, 2.0)])])
+        assert first.is_closing()
+        proxy.mode = "pass"
+        await writer.write([outcome(2, [reading("d2", "pm25", 0, 2.0)])])
+        assert renewed == [writer.pool]
+        assert await pool.fetchval("SELECT count(*) FROM readings") == 2
+    finally:
+        first.terminate()
+        for p in renewed:
+            await p.close()
