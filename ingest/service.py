@@ -20,7 +20,7 @@ from ingest.process import Processor
 from ingest.settings import Settings, mask_url
 from ingest.store.classify import describe, is_retryable
 from ingest.store.migrate import discover
-from ingest.store.pool import create_pool
+from ingest.store.pool import create_pool, dsn_of
 from ingest.store.writer import Writer
 
 __all__ = ["run_service"]
@@ -66,13 +66,27 @@ class _Probe:
     of its own (the pipeline logs its recovery).
     """
 
-    def __init__(self, pool: Callable[[], asyncpg.Pool], timeout: float, last_commit: Callable[[], float],
+    def __init__(self, pool: Callable[[], asyncpg.Pool], dsn: str, timeout: float, last_commit: Callable[[], float],
                  on_answer: Callable[[], None], interval: float = 2.0) -> None:
+        self.dsn = dsn
         self.pool, self.timeout, self.interval = pool, timeout, interval  # pool(): the writer's current pool
         self.last_commit = last_commit  # monotonic time of the last commit
         self.on_answer = on_answer  # called at each answer: a failing write may retry now
         self.ok = True
         self.checked_at = 0.0
+
+    async def _select_1(self) -> None:
+        pool = self.pool()
+        if not pool.is_closing():
+            await pool.fetchval("SELECT 1", timeout=self.timeout)
+            return
+        # The writer closed its pool after a failure and opens a new one at its next try: ask on a
+        # connection of our own, so that a database that is back is noticed (and the write retried).
+        conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+        try:
+            await conn.fetchval("SELECT 1", timeout=self.timeout)
+        finally:
+            conn.terminate()
 
     async def run(self, idle: Callable[[], bool]) -> None:
         while True:
@@ -83,7 +97,7 @@ class _Probe:
                 continue
             started = self.checked_at = time.monotonic()
             try:
-                await asyncio.wait_for(self.pool().fetchval("SELECT 1", timeout=self.timeout), self.timeout + 1)
+                await asyncio.wait_for(self._select_1(), self.timeout + 1)
                 ok, why = True, ""
             except Exception as exc:
                 if not is_retryable(exc):
@@ -150,7 +164,8 @@ async def run_service(settings: Settings) -> int:
     # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
     # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
     stall_limit = max(1.0, settings.mqtt.keepalive / 2)
-    probe = _Probe(lambda: writer.pool, stall_limit, lambda: pipeline.last_write_ok, pipeline.retry_now)
+    probe = _Probe(lambda: writer.pool, dsn_of(settings.database), stall_limit, lambda: pipeline.last_write_ok,
+                   pipeline.retry_now)
 
     def database_ok() -> bool:
         answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe

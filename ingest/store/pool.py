@@ -8,7 +8,7 @@ import asyncpg
 
 from ingest.settings import DatabaseSettings
 
-__all__ = ["create_pool", "with_password"]
+__all__ = ["create_pool", "dsn_of", "with_password"]
 
 
 def with_password(url: str, password: str) -> str:

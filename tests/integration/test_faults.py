@@ -181,6 +181,8 @@ def _verify(run: Run, fault: Fault, counting_db: str) -> None:
     log = ingest.log_path.read_text()
     crashed = re.findall(r"task \w+ (?:failed|ended unexpectedly).*", log)
     run.expect(not crashed, f"a service task ended: {crashed}")
+    internal = re.findall(r".*(?:pool is closed|released back to the pool).*", log)
+    run.expect(not internal, f"the log reports the driver's internals instead of the outage: {internal[:2]}")
 
     during = sampler.between(run.fault_on, run.fault_off)
     codes = sorted({s.readyz for s in during})
