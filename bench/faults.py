@@ -116,7 +116,7 @@ class Sampler:
 
 
 def judge(*, hwm_mb: float, max_rss_mb: float, peak_unacked: float | None, receive_maximum: int,
-          verified: str, service_exited: str | None) -> list[str]:
+          verified: str, service_exited: str | None, stop_exit_code: int | None = 0) -> list[str]:
     """The reasons the run failed (empty: it passed)."""
     failures = []
     if hwm_mb > max_rss_mb:
@@ -129,6 +129,8 @@ def judge(*, hwm_mb: float, max_rss_mb: float, peak_unacked: float | None, recei
         failures.append(f"verification: {verified}")
     if service_exited:
         failures.append(f"the service process exited: {service_exited}")
+    elif stop_exit_code != 0:
+        failures.append(f"the graceful stop after recovery exited {stop_exit_code}, not 0")
     return failures
 
 
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             "samples": len(samples),
         }
         failures = judge(hwm_mb=hwm, max_rss_mb=args.max_rss_mb, peak_unacked=peak_unacked,
-                         receive_maximum=args.receive_maximum, verified=verified, service_exited=exited)
+                         receive_maximum=args.receive_maximum, verified=verified, service_exited=exited,
+                         stop_exit_code=stop_rc)
         report = {
             "date": stamp.isoformat(timespec="seconds"), "command": command, "machine": svc.versions,
             "parameters": params, "results": results, "failures": failures, "ok": not failures, "logs": str(work),

@@ -82,3 +82,5 @@ def test_fault_run_judgement_names_every_broken_limit() -> None:
     assert "reached 4097, above receive_maximum = 4096" in failures[1]
     assert judge(hwm_mb=1, max_rss_mb=300, peak_unacked=None, receive_maximum=4096, verified=ok,
                  service_exited=None) == ["sensor_ingest_messages_unacked was never read from /metrics"]
+    assert judge(hwm_mb=1, max_rss_mb=300, peak_unacked=1, receive_maximum=4096, verified=ok, service_exited=None,
+                 stop_exit_code=1) == ["the graceful stop after recovery exited 1, not 0"]
