@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self, cast
 
@@ -45,7 +47,9 @@ __all__ = [
     "main",
 ]
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "json"
+# Package data: pyproject.toml maps the repo's schemas/ to ingest.schemas, so an installed wheel reads its own
+# copy and an editable install (a checkout) resolves to schemas/json in the repo, the one main() rewrites.
+SCHEMA_DIR: Traversable = files("ingest.schemas") / "json"
 
 
 # --- leaves ----------------------------------------------------------------------------------------
@@ -299,17 +303,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Write schemas/json/*.json; with --check, only report files that differ (exit 1)."""
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
-    stale = []
+    target = SCHEMA_DIR if isinstance(SCHEMA_DIR, Path) else None
+    # Only the checkout's copy is committed: rewriting an installed one changes nothing, and the next install
+    # undoes it.
+    if not check and (target is None or not (target.parent.parent / "pyproject.toml").is_file()):
+        print(f"{SCHEMA_DIR} is not schemas/json of a checkout: run `python -m ingest.wire` with the repo's "
+              "editable install (make schemas), or pass --check", file=sys.stderr)
+        return 2
+    stale: list[Traversable] = []
     for name, schema in json_schemas().items():
         path = SCHEMA_DIR / name
         text = render(schema)
-        current = path.read_text(encoding="utf-8") if path.exists() else None
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
         if current == text:
             continue
         stale.append(path)
-        if not check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+        if target is not None and not check:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text(text, encoding="utf-8")
     for path in stale:
         print(f"{'stale' if check else 'wrote'} {path}")
     return 1 if check and stale else 0

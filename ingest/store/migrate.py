@@ -10,7 +10,8 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 import psycopg
 
@@ -21,7 +22,9 @@ __all__ = ["MIGRATIONS_DIR", "Migration", "applied_versions", "discover", "migra
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "schemas" / "migrations"
+# Package data, not a path beside the source: pyproject.toml maps the repo's schemas/ to ingest.schemas, so a
+# wheel install carries the migrations and an editable install reads them from the checkout.
+MIGRATIONS_DIR: Traversable = files("ingest.schemas") / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only has to be the same for every sensor-ingest process.
 _LOCK_KEY = 0x5E5_0001
@@ -38,9 +41,18 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
+    # Without this, an install that lost its package data would find nothing to apply and call the schema
+    # up to date.
+    if not directory.is_dir():
+        raise MigrationError(
+            f"{directory}: no migrations directory there; an installed sensor-ingest carries its migrations in "
+            "ingest/schemas/migrations: reinstall it from a wheel built by pip from the repo"
+        )
     found: list[Migration] = []
-    for path in sorted(directory.glob("*.sql")):
+    # Traversable has no glob(); sorting by name keeps the NNNN_ order.
+    entries = sorted((e for e in directory.iterdir() if e.is_file() and e.name.endswith(".sql")), key=lambda e: e.name)
+    for path in entries:
         m = _NAME.match(path.name)
         if not m:
             raise MigrationError(f"{path}: migration files are named NNNN_name.sql (lowercase, digits, _)")
@@ -78,7 +90,7 @@ def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, 
     return {int(str(v)): str(c) for v, c in rows}
 
 
-def migrate(url: str, *, directory: Path = MIGRATIONS_DIR, connect_timeout: float = 10.0) -> list[Migration]:
+def migrate(url: str, *, directory: Traversable = MIGRATIONS_DIR, connect_timeout: float = 10.0) -> list[Migration]:
     """Apply pending migrations; return those applied now (empty when the schema is up to date)."""
     migrations = discover(directory)
     done: list[Migration] = []

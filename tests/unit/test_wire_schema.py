@@ -6,6 +6,7 @@ Fix a failure with `python -m ingest.wire` and commit the rewritten file with th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +17,16 @@ SCHEMAS = json_schemas()
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_schema_file_matches_models(name: str) -> None:
-    path = SCHEMA_DIR / name
-    assert path.exists(), f"{path} is missing: run `python -m ingest.wire`"
+    path = SCHEMA_DIR / name  # a Traversable (package data of ingest.schemas), so is_file(), not exists()
+    assert path.is_file(), f"{path} is missing: run `python -m ingest.wire`"
     text = path.read_text(encoding="utf-8")
     assert json.loads(text) == SCHEMAS[name], f"{path} drifted from ingest/wire.py: run `python -m ingest.wire`"
     assert text == render(SCHEMAS[name]), f"{path} is not in generated form: run `python -m ingest.wire`"
+
+
+def test_schema_dir_is_the_checkouts() -> None:
+    # `make schemas` rewrites SCHEMA_DIR; through the editable install it must resolve to the repo's own copy.
+    assert Path(__file__).resolve().parents[2] / "schemas" / "json" == SCHEMA_DIR
 
 
 def test_native_schema_is_the_payload() -> None:
