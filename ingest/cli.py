@@ -10,10 +10,11 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ingest import __version__
 from ingest.errors import ConfigError, DecodeError, MigrationError
-from ingest.logs import setup_logging
+from ingest.logs import is_secret_name, mask_secrets, setup_logging
 from ingest.model import RawMessage
 from ingest.settings import ENV_SHORT_NAMES, Settings, load_settings, mask_url
 from ingest.simulate.options import add_simulate_parser, cmd_simulate
@@ -95,14 +96,24 @@ def _settings(path: Path | None) -> Settings:
     return load_settings(path)
 
 
+def _masked(value: Any, key: str = "") -> Any:
+    """The dumped settings with every secret masked: SecretStr fields are already "**********";
+    here the passwords inside strings (URLs, key=value) and the values of secret-named keys (format
+    options such as api_token) are."""
+    if isinstance(value, dict):
+        return {k: _masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, key) for v in value]
+    if isinstance(value, str):
+        return "***" if is_secret_name(key) and value else mask_url(value)
+    return value
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     print(f"{args.file}: OK ({len(settings.sources)} source(s))")
     if args.show:
-        data = settings.model_dump(mode="json")
-        data["database"]["url"] = mask_url(data["database"]["url"])
-        data["mqtt"]["url"] = mask_url(data["mqtt"]["url"])
-        print(json.dumps(data, indent=2))
+        print(json.dumps(_masked(settings.model_dump(mode="json")), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -151,23 +162,33 @@ COMMANDS = {
 }
 
 
+def _error(text: str) -> None:
+    # Masked once more: a driver's message (in MigrationError) may quote the connection string.
+    print(f"sensor-ingest: {mask_secrets(text)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "run":
-        setup_logging("info", "text")
+    # `run` sets up logging again with the configured level and format; until then, and for the
+    # other commands, an unexpected error is logged (masked) here rather than printed raw by Python.
+    setup_logging("info", "text")
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"sensor-ingest: invalid configuration: {exc}", file=sys.stderr)
+        _error(f"invalid configuration: {exc}")
         return 2
     except MigrationError as exc:
-        print(f"sensor-ingest: migrate failed: {exc}", file=sys.stderr)
+        _error(f"migrate failed: {exc}")
         return 1
     except DecodeError as exc:
-        print(f"sensor-ingest: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # Python's own traceback print would bypass the masking filter; a logged one does not.
+        log.critical("sensor-ingest %s failed", args.command, exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":

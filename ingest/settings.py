@@ -6,21 +6,26 @@ Sources, highest priority first:
   2. SENSOR_INGEST_<SECTION>__<KEY> for any other key (e.g. SENSOR_INGEST_MQTT__CLIENT_ID);
   3. the TOML file given with --config;
   4. the defaults below (deploy/sensor-ingest.example.toml documents each one).
-Secrets (passwords) come only from the environment: a password written in the file is refused.
+Secrets (passwords) come only from the environment: a password written in the file is refused,
+whether after the user name (user:password@) or in the query string (?password=). No error message
+echoes a password: inputs are shown through mask_url, and pydantic's own messages hide them.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-from urllib.parse import unquote, urlsplit
+from typing import Annotated, Any, Literal, get_args, get_origin
+from urllib.parse import parse_qsl, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,9 +34,11 @@ from pydantic import (
     field_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from ingest.errors import ConfigError, ConfigProblem
+from ingest.logs import is_secret_name, mask_secrets
 
 __all__ = [
     "ENV_SHORT_NAMES",
@@ -65,25 +72,40 @@ SECRET_KEYS = {("database", "password"), ("mqtt", "password")}
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""  # as written in the URL (still percent-encoded)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return parts._replace(netloc=netloc).geturl()
+    """The URL with its passwords replaced by ***, for logs and error messages.
+
+    It does not parse the URL, so a malformed one (a bad port, a stray '[', no scheme) is masked too:
+    the user info runs to the last '@' (a password written without percent-encoding may hold ':',
+    '/', '?', '#' or '@'), and secret query parameters (password=, sslpassword=) are masked as well.
+    When in doubt it masks more (an '@' in the query string), never less. The user name is kept as
+    written.
+    """
+    head, sep, rest = url.partition("://")
+    if sep:
+        head += sep
+    else:
+        head, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = userinfo.partition(":")[0] + ":***@" + hostpart
+    return mask_secrets(head + rest)
+
+
+def _has_password(url: str) -> bool:
+    return mask_url(url) != url
+
+
+_FIX = "config_fix"
+
+
+def _fix_error(message: str, fix: str) -> PydanticCustomError:
+    """A validation error whose ConfigProblem gets ``fix`` (instead of "got <the input>")."""
+    return PydanticCustomError(_FIX, message, {"fix": fix})
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError's text (printed with a traceback) never shows a value.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class DatabaseSettings(_Section):
@@ -125,7 +147,10 @@ class MqttSettings(_Section):
         4096, ge=1, le=65535, description="messages the broker may send before we acknowledge (bounds memory)"
     )
     keepalive: int = Field(30, ge=5, le=65535, description="seconds between pings")
-    qos: Literal[0, 1, 2] = Field(1, description="subscription QoS (1: at-least-once, the product's promise)")
+    qos: Literal[0, 1] = Field(
+        1,
+        description="subscription QoS: 1 = at-least-once (the product's promise), 0 = at-most-once; 2 is refused",
+    )
     shared_group: str | None = Field(
         None, description="subscribe as $share/<group>/<filter> so several workers share the load"
     )
@@ -146,8 +171,29 @@ class MqttSettings(_Section):
             raise ValueError("has no host")
         try:
             _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"has a bad port: {exc}") from exc
+        except ValueError:
+            # Not urllib's message: for mqtt://u:pa/ss@h it quotes "pa", a piece of the password.
+            raise _fix_error(
+                "has a bad port",
+                "a port is a number up to 65535; percent-encode a password that holds '/', '?', '#' or '@'",
+            ) from None
+        if any(is_secret_name(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+            raise _fix_error(
+                "holds a password in its query string, which the MQTT client does not read",
+                "set SENSOR_INGEST_MQTT_PASSWORD (and SENSOR_INGEST_MQTT_USERNAME), "
+                "or put the user and password before the host",
+            )
+        return v
+
+    @field_validator("qos", mode="before")
+    @classmethod
+    def _no_qos_2(cls, v: object) -> object:
+        if v in (2, "2"):
+            raise _fix_error(
+                "QoS 2 cannot keep the ack-after-commit promise: paho acknowledges a QoS 2 PUBLISH (PUBREC) "
+                "as soon as it arrives, before its readings are committed",
+                "use qos = 1 (at-least-once: redelivered until committed) or qos = 0 (at-most-once, no redelivery)",
+            )
         return v
 
     @field_validator("shared_group")
@@ -214,6 +260,21 @@ class IngestSettings(_Section):
     earliest_time: str = Field(
         "2000-01-01T00:00:00Z", description="readings timed before this are rejected (bad_time), e.g. clocks at 1970"
     )
+    max_readings_per_message: int = Field(
+        2000, ge=1, description="a message holding more readings is rejected whole (too_many_readings)"
+    )
+    max_json_depth: int = Field(
+        32, ge=2, le=1000, description="JSON nested deeper is rejected (too_deep) before it is parsed"
+    )
+    max_new_devices_per_minute: int = Field(
+        1000,
+        ge=1,
+        description="per source: readings of new device ids beyond this many in a minute are rejected "
+        "(too_many_new_series), so one publisher cannot fill the devices table",
+    )
+    max_new_metrics_per_minute: int = Field(
+        100, ge=1, description="per source: likewise for new metric names (too_many_new_series)"
+    )
 
 
 class LogSettings(_Section):
@@ -232,7 +293,28 @@ class SourceSettings(_Section):
     format: str = Field(description="payload format: " + ", ".join(_FORMATS))
     timezone: str | None = Field(None, description="IANA zone for timestamps without an offset")
     device_prefix: str = Field("", description="prepended to every device id of this source")
+    allow_devices: list[str] | None = Field(
+        None,
+        description="globs (fnmatch, case-sensitive) of the device ids this source may write, matched against "
+        "the id as the topic or payload gives it (before device_prefix); readings of other devices are "
+        "rejected (bad_device). Default: any device",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="format options")
+
+    @field_validator("allow_devices")
+    @classmethod
+    def _globs(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise _fix_error(
+                "must list at least one device id glob",
+                'e.g. allow_devices = ["hn-aq-*"], or leave the key out to allow any device',
+            )
+        for i, pattern in enumerate(v):
+            if not pattern.strip():
+                raise _fix_error(f"allow_devices[{i}] is empty", 'write a glob such as "hn-aq-*"')
+        return v
 
     @field_validator("format")
     @classmethod
@@ -261,12 +343,32 @@ class SourceSettings(_Section):
         return v
 
 
+def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
+    """A source without a {device} capture takes its device ids from the payload: bound them.
+
+    Applied to the configured [[sources]] only, not in SourceSettings itself, so that the ad-hoc
+    source of `sensor-ingest decode --format` (topic "#") can still be built.
+    """
+    # Deferred import: routing is pure and imports nothing from here.
+    from ingest.routing import compile_template
+
+    if "device" in compile_template(source.topic).names or source.device_prefix or source.allow_devices:
+        return source
+    prefix = json.dumps(f"{source.name}:", ensure_ascii=False)
+    raise _fix_error(
+        "takes device ids from the payload (its topic template has no {device} capture), so any publisher "
+        "on it could write as any device",
+        f'set device_prefix = {prefix} or allow_devices = ["pattern-*"]',
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,
     )
 
     database: DatabaseSettings = DatabaseSettings()
@@ -274,7 +376,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     ingest: IngestSettings = IngestSettings()
     log: LogSettings = LogSettings()
-    sources: list[SourceSettings] = Field(default_factory=list)
+    sources: list[Annotated[SourceSettings, AfterValidator(_device_ids_bounded)]] = Field(default_factory=list)
 
     @field_validator("sources")
     @classmethod
@@ -334,6 +436,8 @@ def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
             return []
         ann = field.annotation
         inner = get_args(ann)[0] if get_origin(ann) is list else ann
+        if get_origin(inner) is Annotated:
+            inner = get_args(inner)[0]
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             model = inner
         else:
@@ -352,11 +456,18 @@ def _problems_of(exc: ValidationError) -> list[ConfigProblem]:
             fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
             problems.append(ConfigProblem(key, "unknown key", fix))
             continue
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = mask_secrets(err["msg"].removeprefix("Value error, "))
         given = err.get("input")
-        if err["type"] == "missing":
+        ctx = err.get("ctx") or {}
+        if err["type"] == _FIX and "fix" in ctx:
+            fix = str(ctx["fix"]) + (f"; got {mask_url(given)!r}" if isinstance(given, str) else "")
+        elif err["type"] == "missing":
             fix = "add it"
-        elif isinstance(given, str | int | float | bool) and not isinstance(given, dict):
+        elif loc and isinstance(loc[-1], str) and is_secret_name(loc[-1]):
+            fix = ""  # never echo a secret, even a malformed one
+        elif isinstance(given, str):
+            fix = f"got {mask_url(given)!r}"  # a URL, or anything else that may hold a password
+        elif isinstance(given, int | float | bool):
             fix = f"got {given!r}"
         else:
             fix = ""
@@ -376,21 +487,27 @@ def _secrets_in_file(data: Mapping[str, Any]) -> list[ConfigProblem]:
     for section in ("database", "mqtt"):
         sect = data.get(section)
         url = sect.get("url") if isinstance(sect, dict) else None
-        if isinstance(url, str):
-            try:
-                has_password = urlsplit(url).password is not None
-            except ValueError:
-                has_password = False
-            if has_password:
-                env = f"SENSOR_INGEST_{section.upper()}_PASSWORD"
-                problems.append(
-                    ConfigProblem(
-                        f"{section}.url",
-                        f"the URL holds a password ({mask_url(url)})",
-                        f"remove it from the file and set {env} (or the whole URL in the environment)",
-                    )
+        # user:password@ or ?password= (libpq reads it there), parseable or not.
+        if isinstance(url, str) and _has_password(url):
+            env = f"SENSOR_INGEST_{section.upper()}"
+            problems.append(
+                ConfigProblem(
+                    f"{section}.url",
+                    f"the URL holds a password ({mask_url(url)})",
+                    f"remove it from the file and set {env}_PASSWORD (or the whole URL in {env}_URL)",
                 )
+            )
     return problems
+
+
+def _problem_of_settings_error(exc: SettingsError) -> ConfigProblem:
+    """pydantic-settings could not decode a SENSOR_INGEST_<SECTION> variable as JSON."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else ""
+    env = ENV_PREFIX + (field.upper() or "<SECTION>")
+    return ConfigProblem(
+        field, f"{env} in the environment is not valid JSON", f"write a JSON object, or set one key as {env}__<KEY>"
+    )
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
@@ -412,8 +529,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
         if secret_problems:
             raise ConfigError(source, secret_problems)
 
+    where = source if path is None else f"{source} (with SENSOR_INGEST_* environment overrides)"
     try:
         return Settings(**data)
     except ValidationError as exc:
-        where = source if path is None else f"{source} (with SENSOR_INGEST_* environment overrides)"
         raise ConfigError(where, _problems_of(exc)) from exc
+    except SettingsError as exc:
+        raise ConfigError(where, [_problem_of_settings_error(exc)]) from exc

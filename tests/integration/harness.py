@@ -65,6 +65,7 @@ format = "native"
 name = "gateway"
 topic = "{prefix}/gw/{{gateway}}"
 format = "native"
+allow_devices = ["hn-*"]
 
 [[sources]]
 name = "senml"

@@ -17,10 +17,11 @@ SCRIPT = Path(sys.executable).with_name("sensor-ingest")
 SHORT_ENV_NAMES = ("SENSOR_INGEST_DATABASE_URL", "SENSOR_INGEST_MQTT_URL", "SENSOR_INGEST_HTTP_ADDR")
 
 
-def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT.exists(), f"no entry point at {SCRIPT}: install the project (pip install -e .)"
     # The checkout under test comes first on the path, whatever the venv's install points at.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False
     )
@@ -108,3 +109,56 @@ def test_decode_reads_standard_input() -> None:
     readings = json.loads(result.stdout)["readings"]
     assert [(r["device"], r["metric"], r["value"]) for r in readings] == [("aq-2", "no2", 12.5)]
 
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ("SENSOR_INGEST_DATABASE_URL", "postgresql://u:pa:s3cret@[bad/db"),
+        ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret@host:99999"),
+        ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret/x@broker"),
+    ],
+)
+def test_check_config_with_a_bad_env_url_prints_no_password(env: str, url: str) -> None:
+    result = _run("check-config", "--show", "deploy/sensor-ingest.example.toml", env={env: url})
+
+    assert result.returncode == 2, result.stderr
+    assert "invalid configuration" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_an_unexpected_error_is_reported_with_its_secrets_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boom(path: object) -> None:
+        raise RuntimeError("lost postgresql://ingest:hunter2@db/x?password=hunter3")
+
+    monkeypatch.setattr("ingest.cli.load_settings", boom)
+
+    assert main(["check-config", "x.toml"]) == 1
+
+    out, err = capsys.readouterr()
+    assert "RuntimeError" in err
+    assert "Traceback" in err
+    assert "postgresql://ingest:***@db/x" in err
+    assert "hunter" not in out + err
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_a_migrate_error_is_printed_masked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from ingest.errors import MigrationError
+
+    def fail(url: str, connect_timeout: float) -> list[str]:
+        raise MigrationError(f"server said: bad option in {url!r}")
+
+    monkeypatch.setattr("ingest.store.migrate.migrate", fail)
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE_URL", "postgresql://ingest:hunter2@127.0.0.1:1/x")
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE_PASSWORD", "hunter3")
+
+    assert main(["migrate"]) == 1
+
+    _, err = capsys.readouterr()
+    assert "migrate failed" in err
+    assert "hunter" not in err

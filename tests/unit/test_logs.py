@@ -42,10 +42,34 @@ def _record(msg: str, *args: object, level: int = logging.INFO, name: str = "ing
         ("host=db user=ingest password=hunter2 dbname=x", "host=db user=ingest password=*** dbname=x"),
         ("PASSWORD=hunter2&token=abc", "PASSWORD=***&token=***"),
         ("pwd=a passwd=b secret=c", "pwd=*** passwd=*** secret=***"),
+        # passwords in a URL's query string (libpq reads password= and sslpassword= there)
+        ("postgresql://u@h/db?password=s3cret", "postgresql://u@h/db?password=***"),
+        ("postgresql://u@h/db?sslmode=require&sslpassword=s3cret", "postgresql://u@h/db?sslmode=require&sslpassword=***"),
+        ("mqtt://h:1883?password=x", "mqtt://h:1883?password=***"),
+        # libpq's key = value form allows spaces around '='
+        ("host=db password = s3cret dbname=x", "host=db password = *** dbname=x"),
+        # passwords written without percent-encoding
+        ("postgresql://u:ab/cd@h/db", "postgresql://u:***@h/db"),
+        ("mqtt://u:p@ss@h:1883 down", "mqtt://u:***@h:1883 down"),
+        ("postgresql://u:pa:ss@[bad/db", "postgresql://u:***@[bad/db"),
+        # as a repr or JSON shows them
+        ("input_value='postgresql://u:s3cret@[bad/db'", "input_value='postgresql://u:***@[bad/db'"),
+        ("{'url': 'mqtt://h', 'password': 'hunter2'}", "{'url': 'mqtt://h', 'password': '***'}"),
+        ('{"db_password": "hunter2", "n": 1}', '{"db_password": "***", "n": 1}'),
     ],
 )
 def test_mask_secrets(text: str, masked: str) -> None:
     assert mask_secrets(text) == masked
+    assert mask_secrets(masked) == masked  # masking twice (a masked text logged again) changes nothing
+
+
+def test_masking_twice_keeps_the_text_around_a_masked_value() -> None:
+    # An unquoted value runs to the next space or '&' (a password may hold ')' or ','), but a value
+    # already masked, as in a ConfigError masked by settings and again by the CLI, keeps what follows.
+    masked = "refused (postgresql://u@h/db?password=***), see password=***; token=***&x=1"
+
+    assert mask_secrets(masked) == masked
+    assert mask_secrets("password=***x") == "password=***"  # not a masked value: a password
 
 
 @pytest.mark.parametrize(
@@ -76,6 +100,56 @@ def test_filter_masks_a_record_without_args() -> None:
 
     assert SecretMaskingFilter().filter(record) is True
     assert record.getMessage() == "dsn password=***"
+
+
+def test_filter_masks_a_record_whose_args_do_not_fit() -> None:
+    # logging would print msg and args raw in its "--- Logging error ---" report.
+    record = _record("connecting to %s as %s", "postgresql://ingest:hunter2@db/x")
+
+    assert SecretMaskingFilter().filter(record) is True
+    message = record.getMessage()
+    assert "hunter2" not in message
+    assert "postgresql://ingest:***@db/x" in message
+
+
+def _failing_record(logger: str = "ingest.test") -> logging.LogRecord:
+    try:
+        try:
+            raise OSError("connect postgresql://ingest:hunter2@db/x?sslpassword=hunter3")
+        except OSError as exc:
+            raise ConnectionError("cannot reach mqtt://u:hunter4@broker:1883") from exc
+    except ConnectionError:
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, "store down", None, sys.exc_info())
+
+
+def test_filter_masks_the_traceback_text() -> None:
+    record = _failing_record()
+
+    assert SecretMaskingFilter().filter(record) is True
+    assert record.exc_text is not None
+    assert "ConnectionError" in record.exc_text
+    assert "OSError" in record.exc_text  # the chained cause too
+    assert "hunter" not in record.exc_text
+    # A plain formatter (pytest's, a library's) uses that cached text.
+    assert "hunter" not in logging.Formatter().format(record)
+
+
+def test_filter_masks_the_traceback_through_a_logger(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("ingest.test.exc")
+    masking = SecretMaskingFilter()
+    logger.addFilter(masking)
+    try:
+        with caplog.at_level(logging.INFO, logger="ingest.test.exc"):
+            try:
+                raise ConnectionError("cannot reach postgresql://ingest:hunter2@db/x")
+            except ConnectionError:
+                logger.exception("store down")
+    finally:
+        logger.removeFilter(masking)
+
+    assert "ConnectionError" in caplog.text
+    assert "postgresql://ingest:***@db/x" in caplog.text
+    assert "hunter2" not in caplog.text
 
 
 def test_filter_leaves_clean_records_untouched() -> None:
@@ -155,6 +229,62 @@ def test_json_formatter_masks_secrets_in_tracebacks() -> None:
     out = json.loads(line)
     assert "ConnectionError" in out["exc"]
     assert "hunter2" not in line
+
+
+def test_json_formatter_masks_chained_tracebacks_and_stack_info() -> None:
+    record = _failing_record()
+    record.stack_info = "Stack (most recent call last):\n  dsn = 'postgresql://u:hunter5@h/db'"
+
+    line = JsonFormatter().format(record)
+
+    out = json.loads(line)
+    assert "ConnectionError" in out["exc"]
+    assert "OSError" in out["exc"]
+    assert "stack" in out
+    assert "hunter" not in line
+
+
+def test_json_formatter_masks_extra_fields() -> None:
+    logger = logging.getLogger("ingest.test.json")
+    record = logger.makeRecord(
+        "ingest.test.json", logging.INFO, __file__, 1, "connecting", (), None,
+        extra={"dsn": "postgresql://u:hunter2@h/db", "password": "hunter3", "mqtt_token": "hunter4",
+               "params": {"password": "hunter5"}, "count": 3, "note": None},
+    )
+
+    line = JsonFormatter().format(record)
+
+    out = json.loads(line)
+    assert out["dsn"] == "postgresql://u:***@h/db"
+    assert out["password"] == "***"
+    assert out["mqtt_token"] == "***"
+    assert out["count"] == 3
+    assert out["note"] is None
+    assert "hunter" not in line
+
+
+@pytest.mark.usefixtures("_restore_logging")
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_setup_logging_masks_tracebacks(capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    setup_logging("info", fmt)
+    logger = logging.getLogger("ingest.test.tb")
+
+    try:
+        try:
+            raise OSError("connect postgresql://ingest:hunter2@db/x?password=hunter3")
+        except OSError as exc:
+            raise ConnectionError("cannot reach mqtt://u:hunter4@broker:1883") from exc
+    except ConnectionError as exc:
+        logger.error("task failed: %r", exc, exc_info=exc)
+        logger.exception("again, from logger.exception")
+
+    err = capsys.readouterr().err
+    assert "ConnectionError" in err
+    assert "OSError" in err
+    assert "mqtt://u:***@broker:1883" in err
+    assert "hunter" not in err
+    if fmt == "json":
+        assert len(err.splitlines()) == 2
 
 
 @pytest.mark.usefixtures("_restore_logging")

@@ -6,13 +6,14 @@ Also `sensor-ingest check-config`, which is load_settings() with an exit code.
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
 
 from ingest.cli import main
 from ingest.errors import ConfigError, ConfigProblem
-from ingest.settings import MqttSettings, load_settings, mask_url
+from ingest.settings import MqttSettings, Settings, SourceSettings, load_settings, mask_url
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "sensor-ingest.example.toml"
 
@@ -52,6 +53,10 @@ def test_defaults_without_a_file() -> None:
     assert s.http.addr == "127.0.0.1:8080"
     assert s.ingest.batch_max_messages == 1000
     assert s.ingest.max_future == 600.0
+    assert s.ingest.max_readings_per_message == 2000
+    assert s.ingest.max_json_depth == 32
+    assert s.ingest.max_new_devices_per_minute == 1000
+    assert s.ingest.max_new_metrics_per_minute == 100
     assert s.log.level == "info"
     assert s.sources == []
 
@@ -62,6 +67,9 @@ def test_the_example_file_loads_with_its_documented_defaults() -> None:
     assert s == load_settings().model_copy(update={"sources": s.sources})
     assert [src.name for src in s.sources] == ["native", "senml", "gateways"]
     assert s.sources[0].topic == "city/{district}/{device}/up"
+    assert s.sources[0].allow_devices is None
+    # The gateways' topic has no {device}: the example shows how such a source is bounded.
+    assert s.sources[2].allow_devices == ["hn-*"]
 
 
 def test_file_values_are_read(tmp_path: Path) -> None:
@@ -270,6 +278,108 @@ def test_password_in_the_environment_url_is_accepted(tmp_path: Path, monkeypatch
     assert load_settings().database.url == url
 
 
+@pytest.mark.parametrize(
+    ("section", "url", "env"),
+    [
+        ("database", "postgresql://u@h/db?password=s3cret", "SENSOR_INGEST_DATABASE_PASSWORD"),
+        ("database", "postgresql://u@h/db?sslmode=require&sslpassword=s3cret", "SENSOR_INGEST_DATABASE_PASSWORD"),
+        ("mqtt", "mqtt://h:1883?password=s3cret", "SENSOR_INGEST_MQTT_PASSWORD"),
+        # malformed: still a password in a file, refused as such and never echoed
+        ("database", "postgresql://u:pa:s3cret@[bad/db", "SENSOR_INGEST_DATABASE_PASSWORD"),
+        ("mqtt", "mqtt://u:s3cret@host:99999", "SENSOR_INGEST_MQTT_PASSWORD"),
+        ("mqtt", "mqtt://u:ab/s3cret@host", "SENSOR_INGEST_MQTT_PASSWORD"),
+    ],
+)
+def test_password_anywhere_in_the_file_url_is_refused(tmp_path: Path, section: str, url: str, env: str) -> None:
+    path = _write(tmp_path, f'[{section}]\nurl = "{url}"\n')
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+
+    p = _only(info.value.problems)
+    assert p.key == f"{section}.url"
+    assert "password" in p.message
+    assert env in p.fix
+    assert f"SENSOR_INGEST_{section.upper()}_URL" in p.fix
+    assert "s3cret" not in "".join(traceback.format_exception(info.value))
+
+
+MALFORMED_ENV_URLS = [
+    ("SENSOR_INGEST_DATABASE_URL", "postgresql://u:pa:s3cret@[bad/db", "database.url"),
+    ("SENSOR_INGEST_DATABASE_URL", "mysql://u:s3cret@h/db", "database.url"),
+    ("SENSOR_INGEST_DATABASE_URL", "u:s3cret@h/db", "database.url"),
+    ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret@host:99999", "mqtt.url"),
+    ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret@[::1", "mqtt.url"),
+    ("SENSOR_INGEST_MQTT_URL", "http://u:s3cret@broker:1883", "mqtt.url"),
+    ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret@:1883", "mqtt.url"),
+    # unencoded '/': urlsplit reads "u" as the host and "s3cret" as a bad port
+    ("SENSOR_INGEST_MQTT_URL", "mqtt://u:s3cret/x@broker", "mqtt.url"),
+    # the MQTT client reads no password from the query string: refused, and not echoed
+    ("SENSOR_INGEST_MQTT_URL", "mqtt://broker:1883?password=s3cret", "mqtt.url"),
+]
+
+
+@pytest.mark.parametrize(("env", "url", "key"), MALFORMED_ENV_URLS)
+def test_a_bad_url_from_the_environment_is_reported_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, env: str, url: str, key: str
+) -> None:
+    monkeypatch.setenv(env, url)
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    assert _only(info.value.problems).key == key
+    # The whole text, with the chained pydantic ValidationError a traceback would print too.
+    text = "".join(traceback.format_exception(info.value))
+    assert "ValidationError" in text
+    assert "s3cret" not in text
+    assert "s3cret" not in repr(info.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        ("mqtt://u:s3cret@[::1", "got 'mqtt://u:***@[::1'"),
+        ("mqtt://u:s3cret@host:99999", "percent-encode a password that holds '/', '?', '#' or '@'; "
+                                       "got 'mqtt://u:***@host:99999'"),
+    ],
+)
+def test_a_bad_url_is_echoed_masked_so_the_operator_sees_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, url: str, fix: str
+) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_MQTT_URL", url)
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    assert _only(info.value.problems).fix.endswith(fix)
+
+
+def test_input_values_are_not_in_the_chained_validation_error(tmp_path: Path) -> None:
+    # A mistyped secret key is an unknown key, not a refused secret: its value must not be echoed either.
+    path = _write(tmp_path, '[database]\npasword = "hunter2"\n[mqtt]\nkeepalive = "hunter3"\n')
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+
+    assert {p.key for p in info.value.problems} == {"database.pasword", "mqtt.keepalive"}
+    text = "".join(traceback.format_exception(info.value))
+    assert "hunter2" not in text
+    assert "'password'" in text  # the suggestion is still there
+
+
+def test_a_section_from_the_environment_that_is_not_json_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE", '{"url": "postgresql://u:s3cret@h/db", oops')
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    p = _only(info.value.problems)
+    assert p.key == "database"
+    assert "SENSOR_INGEST_DATABASE__<KEY>" in p.fix
+    assert "s3cret" not in "".join(traceback.format_exception(info.value))
+
+
 def test_password_in_the_file_mqtt_url_is_refused(tmp_path: Path) -> None:
     p = _only(_problems(tmp_path, '[mqtt]\nurl = "mqtt://ingest:hunter2@broker:1883"\n'))
 
@@ -374,6 +484,154 @@ def test_duplicate_source_names_are_refused_naming_the_key(tmp_path: Path) -> No
     assert p.key.startswith("sources")
 
 
+def test_unknown_key_in_a_source_suggests_the_known_one(tmp_path: Path) -> None:
+    text = SOURCE.format(name="aq", topic="a/{device}", format="native") + 'devce_prefix = "x"\n'
+    p = _only(_problems(tmp_path, text))
+
+    assert p.key == "sources[0].devce_prefix"
+    assert "'device_prefix'" in p.fix
+
+
+# --- new [ingest] limits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_readings_per_message", 0),
+        ("max_json_depth", 1),
+        ("max_json_depth", 1001),
+        ("max_new_devices_per_minute", 0),
+        ("max_new_metrics_per_minute", 0),
+    ],
+)
+def test_ingest_limits_out_of_range_name_the_key(tmp_path: Path, key: str, value: int) -> None:
+    p = _only(_problems(tmp_path, f"[ingest]\n{key} = {value}\n"))
+
+    assert p.key == f"ingest.{key}"
+    assert p.message.startswith("Input should be")
+    assert p.fix == f"got {value}"
+
+
+def test_ingest_limits_are_read(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, """
+        [ingest]
+        max_readings_per_message = 5
+        max_json_depth = 2
+        max_new_devices_per_minute = 7
+        max_new_metrics_per_minute = 3
+    """))
+
+    assert (s.ingest.max_readings_per_message, s.ingest.max_json_depth) == (5, 2)
+    assert (s.ingest.max_new_devices_per_minute, s.ingest.max_new_metrics_per_minute) == (7, 3)
+
+
+# --- mqtt.qos -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_qos_0_and_1_are_accepted(tmp_path: Path, qos: int) -> None:
+    assert load_settings(_write(tmp_path, f"[mqtt]\nqos = {qos}\n")).mqtt.qos == qos
+
+
+def test_qos_2_is_refused_saying_why(tmp_path: Path) -> None:
+    p = _only(_problems(tmp_path, "[mqtt]\nqos = 2\n"))
+
+    assert p.key == "mqtt.qos"
+    assert "PUBREC" in p.message
+    assert "commit" in p.message
+    assert "qos = 1" in p.fix
+    assert "0" in p.fix
+
+
+def test_qos_2_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_MQTT__QOS", "2")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    p = _only(info.value.problems)
+    assert (p.key, "PUBREC" in p.message) == ("mqtt.qos", True)
+
+
+def test_other_qos_values_are_refused(tmp_path: Path) -> None:
+    assert _only(_problems(tmp_path, "[mqtt]\nqos = 3\n")).key == "mqtt.qos"
+
+
+# --- sources: whose device ids ------------------------------------------------------------------
+
+GATEWAY = SOURCE.format(name="native", topic="city/{device}/up", format="native") + SOURCE.format(
+    name="gw", topic="gw/{gateway}/up", format="native"
+)
+
+
+def test_a_source_taking_device_ids_from_the_payload_must_be_bounded(tmp_path: Path) -> None:
+    p = _only(_problems(tmp_path, GATEWAY))
+
+    assert p.key == "sources[1]"
+    assert p.message.startswith("takes device ids from the payload")
+    assert "{device}" in p.message
+    assert p.fix == 'set device_prefix = "gw:" or allow_devices = ["pattern-*"]'
+    assert str(p).startswith("sources[1]: takes device ids from the payload")
+
+
+@pytest.mark.parametrize("extra", ['device_prefix = "gw1:"\n', 'allow_devices = ["hn-aq-*", "hn-rain-?"]\n'])
+def test_a_bounded_payload_device_source_is_accepted(tmp_path: Path, extra: str) -> None:
+    s = load_settings(_write(tmp_path, GATEWAY + extra))
+
+    assert s.sources[1].name == "gw"
+
+
+def test_allow_devices_is_read(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, GATEWAY + 'allow_devices = ["hn-aq-*"]\n'))
+
+    assert s.sources[0].allow_devices is None
+    assert s.sources[1].allow_devices == ["hn-aq-*"]
+
+
+def test_every_unbounded_source_is_reported(tmp_path: Path) -> None:
+    text = GATEWAY + SOURCE.format(name="all", topic="everything/#", format="senml")
+    problems = _problems(tmp_path, text)
+
+    assert [p.key for p in problems] == ["sources[1]", "sources[2]"]
+    assert 'device_prefix = "all:"' in problems[1].fix
+
+
+def test_a_source_with_a_device_capture_may_also_set_allow_devices(tmp_path: Path) -> None:
+    text = SOURCE.format(name="aq", topic="city/{device}/up", format="native") + 'allow_devices = ["hn-*"]\n'
+
+    assert load_settings(_write(tmp_path, text)).sources[0].allow_devices == ["hn-*"]
+
+
+@pytest.mark.parametrize(("value", "hint"), [("[]", "at least one"), ('["hn-*", ""]', "allow_devices[1]")])
+def test_allow_devices_must_be_a_non_empty_list_of_globs(tmp_path: Path, value: str, hint: str) -> None:
+    text = SOURCE.format(name="aq", topic="city/{device}/up", format="native") + f"allow_devices = {value}\n"
+    p = _only(_problems(tmp_path, text))
+
+    assert p.key == "sources[0].allow_devices"
+    assert hint in p.message
+
+
+def test_an_empty_allow_devices_does_not_bound_a_gateway(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, GATEWAY + "allow_devices = []\n")
+
+    assert [p.key for p in problems] == ["sources[1].allow_devices"]
+    assert "at least one" in problems[0].message
+
+
+def test_an_ad_hoc_source_is_not_subject_to_the_rule() -> None:
+    # `sensor-ingest decode --format F` builds one of these for its dry run (ingest/process.py).
+    ad_hoc = SourceSettings(name="adhoc", topic="#", format="native")
+
+    assert ad_hoc.allow_devices is None
+    assert ad_hoc.device_prefix == ""
+
+
+def test_the_rule_also_holds_for_settings_built_in_code() -> None:
+    with pytest.raises(ValueError, match="takes device ids from the payload"):
+        Settings(sources=[SourceSettings(name="gw", topic="gw/{gateway}", format="native")])
+
+
 # --- check-config -------------------------------------------------------------------------------
 
 
@@ -430,6 +688,59 @@ def test_check_config_show_masks_passwords(monkeypatch: pytest.MonkeyPatch, caps
     assert len(shown["sources"]) == 3
 
 
+@pytest.mark.usefixtures("_restore_logging")
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://ingest@db/x?password=s3cret", "postgresql://ingest@db/x?password=***"),
+        ("postgresql://ingest@db/x?sslmode=require&sslpassword=s3cret", "postgresql://ingest@db/x?sslmode=require&sslpassword=***"),
+        # accepted (libpq takes several hosts; the port is the driver's to check) but unparseable by urlsplit
+        ("postgresql://ingest:s3cret@db:99999/x", "postgresql://ingest:***@db:99999/x"),
+        ("postgresql://ingest:s3cret@db1:5432,db2:5432/x", "postgresql://ingest:***@db1:5432,db2:5432/x"),
+        # a password written without percent-encoding
+        ("postgresql://ingest:ab/s3cret@db/x", "postgresql://ingest:***@db/x"),
+    ],
+)
+def test_check_config_show_masks_every_form_of_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, masked: str
+) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE_URL", url)
+
+    assert main(["check-config", "--show", str(EXAMPLE)]) == 0
+
+    out, err = capsys.readouterr()
+    assert "s3cret" not in out + err
+    shown = json.loads(out.partition("\n")[2])
+    assert shown["database"]["url"] == masked
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_check_config_show_masks_secret_looking_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = SOURCE.format(name="aq", topic="city/{device}/up", format="native")
+    path = _write(tmp_path, text + '[sources.options]\napi_token = "s3cret"\nnote = "see mqtt://u:s3cret2@h"\n')
+
+    assert main(["check-config", "--show", str(path)]) == 0
+
+    out, _ = capsys.readouterr()
+    assert "s3cret" not in out
+    options = json.loads(out.partition("\n")[2])["sources"][0]["options"]
+    assert options == {"api_token": "***", "note": "see mqtt://u:***@h"}
+
+
+@pytest.mark.usefixtures("_restore_logging")
+@pytest.mark.parametrize(("env", "url", "key"), MALFORMED_ENV_URLS)
+def test_check_config_does_not_echo_a_password_from_a_bad_env_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: str, url: str, key: str
+) -> None:
+    monkeypatch.setenv(env, url)
+
+    assert main(["check-config", "--show", str(EXAMPLE)]) == 2
+
+    out, err = capsys.readouterr()
+    assert key in err
+    assert "s3cret" not in out + err
+
+
 # --- MqttSettings and mask_url ------------------------------------------------------------------
 
 
@@ -479,7 +790,24 @@ def test_mqtt_host_port_tls(url: str, host: str, port: int, tls: bool) -> None:
         ("mqtt://u:secret@[::1]:1883", "mqtt://u:***@[::1]:1883"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("postgresql://h/db", "postgresql://h/db"),
-        ("http://[::1", "<unparseable url>"),
+        ("http://[::1", "http://[::1"),  # malformed, but nothing secret in it: shown as written
+        # a password in the query string (libpq reads password= and sslpassword= there)
+        ("postgresql://u@h/db?password=s3cret", "postgresql://u@h/db?password=***"),
+        ("postgresql://u@h/db?sslmode=require&password=s3cret&x=1", "postgresql://u@h/db?sslmode=require&password=***&x=1"),
+        ("postgresql://u@h/db?sslpassword=s3cret", "postgresql://u@h/db?sslpassword=***"),
+        ("mqtt://h:1883?password=x", "mqtt://h:1883?password=***"),
+        # malformed URLs: masked all the same, never an exception
+        ("postgresql://u:pa:ss@[bad/db", "postgresql://u:***@[bad/db"),
+        ("mqtt://u:secret@host:99999", "mqtt://u:***@host:99999"),
+        ("postgresql://u:secret@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+        # passwords written without percent-encoding
+        ("postgresql://u:ab/cd+ef@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:1234/x@h/db", "postgresql://u:***@h/db"),
+        ("mqtt://u:p@ss@h:1883", "mqtt://u:***@h:1883"),
+        ("mqtt://u:a?b#c@h", "mqtt://u:***@h"),
+        # no scheme, or a mistyped one
+        ("u:secret@h/db", "u:***@h/db"),
+        ("postgresql:/u:secret@h/db", "postgresql:***@h/db"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
