@@ -4,6 +4,11 @@ Every message is registered when it arrives on broker connection ``epoch``. When
 holding some messages commits, they are marked done; the messages that may now be acknowledged are
 those at the front of the arrival order that are all done. A message from an older epoch (the
 connection it came on is gone) is never acknowledged: the broker will deliver it again.
+
+Marking (``mark_committed``) and taking the acknowledgements to send (``take_acks``) are separate
+steps, so a caller whose connection cannot carry a PUBACK yet leaves them here: they stay counted
+in ``unacked`` (the broker has not seen them either) and are taken once it can. ``committed`` does
+both at once.
 """
 
 from __future__ import annotations
@@ -47,14 +52,17 @@ class AckTracker:
         """Monotonic arrival time of the oldest message not yet acknowledged."""
         return self._order[0][4] if self._order else None
 
-    def committed(self, epoch: int, seqs: Iterable[int]) -> list[tuple[int, int]]:
-        """Mark messages done; return (mid, qos) of those to acknowledge now, in arrival order."""
+    def mark_committed(self, epoch: int, seqs: Iterable[int]) -> None:
+        """Mark messages of ``epoch`` done (their transaction committed); other epochs are ignored."""
         if epoch != self.epoch:
-            return []
+            return
         for seq in seqs:
             entry = self._by_seq.get(seq)
             if entry is not None:
                 entry[3] = 1
+
+    def take_acks(self) -> list[tuple[int, int]]:
+        """Remove the done front of the arrival order; return (mid, qos) of its QoS>0 messages, in order."""
         out: list[tuple[int, int]] = []
         order = self._order
         while order and order[0][3]:
@@ -63,3 +71,10 @@ class AckTracker:
             if entry[2] > 0:
                 out.append((int(entry[1]), int(entry[2])))
         return out
+
+    def committed(self, epoch: int, seqs: Iterable[int]) -> list[tuple[int, int]]:
+        """Mark messages done; return (mid, qos) of those to acknowledge now, in arrival order."""
+        if epoch != self.epoch:
+            return []
+        self.mark_committed(epoch, seqs)
+        return self.take_acks()

@@ -16,7 +16,13 @@ Delivery contract:
   session from its persistence file with up to ``max_inflight_messages`` messages already in flight
   and sends them all when the client resumes the session, whatever Receive Maximum it asks for;
 - a message is acknowledged only through ``ack()``, only on the connection (epoch) it arrived on,
-  and in arrival order (AckTracker);
+  and in arrival order (AckTracker). A PUBACK goes out as soon as that connection can carry it:
+  from its CONNACK on, while its socket is open, whether or not the SUBACK has come (a broker may
+  send messages ahead of it); one committed before that waits in the tracker, still counted as
+  unacknowledged, and is sent at the CONNACK. Once the socket is gone the epoch is over and the
+  broker redelivers what was not acknowledged;
+- reading is paused for reasons (``pause_reading(reason)``: "shutdown" by default, or an overfull
+  queue), each held and released on its own: the socket is read again only when no reason holds it;
 - ``suspend()`` disconnects on purpose (the database is away: nothing could be acknowledged, and a
   connection that only holds messages is better closed than dropped by the broker on missed pings),
   keeping the session; ``resume()`` connects again.
@@ -96,7 +102,8 @@ class MqttBridge:
         self._client: paho.Client | None = None
         self._sock: Any = None
         self._connecting = False
-        self._reading_paused = False  # by pause_reading(): shutdown, or an overfull queue
+        self._can_ack = False  # the current epoch's CONNACK accepted us (PUBACKs may go while _sock is open)
+        self._read_holds: set[str] = set()  # reasons given to pause_reading(), each until its resume_reading()
         self._window_full = False  # receive_maximum messages unacknowledged: reader removed until acks
         self._stopping = False
         self.suspended: str | None = None  # why, while disconnected on purpose
@@ -174,17 +181,31 @@ class MqttBridge:
                 failing_since = time.monotonic()
 
     def ack(self, epoch: int, seqs: list[int]) -> int:
-        """Messages of ``epoch`` have committed: acknowledge all that now can be, in arrival order."""
-        to_ack = self.tracker.committed(epoch, seqs)
+        """Messages of ``epoch`` have committed: acknowledge all that now can be, in arrival order.
+
+        Returns how many acknowledgements were sent now. Those the connection cannot carry yet (no
+        CONNACK) stay in the tracker and go out at the CONNACK; those of an epoch whose socket is gone
+        are never sent (the broker redelivers them).
+        """
+        if epoch != self.tracker.epoch:
+            return 0
+        self.tracker.mark_committed(epoch, seqs)
+        return self._send_acks()
+
+    def _send_acks(self) -> int:
+        """Send the acknowledgements the tracker holds, if the current connection can carry them."""
         client = self._client
-        if not to_ack or client is None or not self.connected or epoch != self.tracker.epoch:
+        # Not ``self.connected``: that waits for the SUBACK, and messages may come (and commit) before it.
+        if client is None or not self._can_ack or self._sock is None:
+            return 0
+        to_ack = self.tracker.take_acks()
+        if not to_ack:
             return 0
         for mid, qos in to_ack:
             client.ack(mid, qos)
         # Flush now rather than at the next writable callback: the broker frees its inflight slots
         # (Receive Maximum) only when it sees the PUBACKs.
-        if self._sock is not None:
-            client.loop_write()
+        client.loop_write()
         if self.metrics is not None:
             self.metrics.messages_acked.inc(len(to_ack))
         if self._window_full and self.tracker.unacked < self.settings.receive_maximum:
@@ -197,21 +218,30 @@ class MqttBridge:
         """receive_maximum messages are unacknowledged: nothing more is read until some are."""
         return self._window_full
 
-    def pause_reading(self) -> None:
-        """Stop taking new packets from the socket (shutdown, or an overfull queue)."""
-        if not self._reading_paused:
-            self._reading_paused = True
-            if self._sock is not None and self._loop is not None:
-                self._loop.remove_reader(self._sock)
+    def pause_reading(self, reason: str = "shutdown") -> None:
+        """Stop taking new packets from the socket for ``reason`` until ``resume_reading(reason)``.
 
-    def resume_reading(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
+        Reasons are held independently (the service's shutdown, the pipeline's overfull queue): the
+        end of one must not undo another. Pausing again for a reason already held changes nothing.
+        """
+        if not self._read_holds and self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+        self._read_holds.add(reason)
+
+    def resume_reading(self, reason: str = "shutdown") -> None:
+        """Release the hold of ``reason``; reading resumes only when no other reason holds it."""
+        if reason in self._read_holds:
+            self._read_holds.discard(reason)
             self._watch_reads()
+
+    @property
+    def reading_paused(self) -> frozenset[str]:
+        """The reasons that currently hold reading back (empty: not paused by pause_reading())."""
+        return frozenset(self._read_holds)
 
     def _watch_reads(self) -> None:
         """Watch the socket again unless something still holds reading back; read what waits."""
-        if self._reading_paused or self._window_full or self._sock is None or self._loop is None:
+        if self._read_holds or self._window_full or self._sock is None or self._loop is None:
             return
         self._loop.add_reader(self._sock, self._on_readable)
         self._loop.call_soon(self._on_readable)
@@ -288,6 +318,7 @@ class MqttBridge:
         assert self._disconnected is not None
         loop, client, s = self._loop, self._client, self.settings
         epoch = self.tracker.new_epoch()
+        self._can_ack = False  # until this connection's CONNACK accepts us
         self._set_window_full(False)  # the new epoch starts with nothing unacknowledged
         self._disconnected.clear()
         self._connack = loop.create_future()
@@ -308,7 +339,7 @@ class MqttBridge:
         if sock is None:
             raise MqttConnectError("the connection closed during connect")
         self._sock = sock
-        if not self._reading_paused:
+        if not self._read_holds:
             loop.add_reader(sock, self._on_readable)
         if client.want_write():
             loop.add_writer(sock, self._on_writable)
@@ -326,6 +357,9 @@ class MqttBridge:
             elif rc.value == 0x85:  # Client Identifier not valid
                 hint = " (check mqtt.client_id)"
             raise MqttConnectError(f"broker refused the connection: {rc}{hint}", rc.value)
+        # From here the connection can carry PUBACKs, SUBACK or not; send any that were committed early.
+        self._can_ack = True
+        self._send_acks()
         granted = {}
         if cprops is not None:
             for name in (
@@ -388,6 +422,7 @@ class MqttBridge:
             self._disconnect_now()
 
     def _teardown_socket(self) -> None:
+        self._can_ack = False
         self._set_window_full(False)  # nothing more can be read from this socket anyway
         if self._misc_task is not None:
             self._misc_task.cancel()
@@ -419,7 +454,7 @@ class MqttBridge:
             return
         limit = self.settings.receive_maximum
         for _ in range(_MAX_PACKETS_PER_WAKE):
-            if self._reading_paused:
+            if self._read_holds:
                 break
             if self.tracker.unacked >= limit:
                 # paho reads one packet per loop_read() here, so the window is never overrun.

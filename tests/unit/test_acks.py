@@ -163,3 +163,68 @@ def test_acks_are_always_a_prefix_of_arrival_order(data: st.DataObject) -> None:
     assert acked == expected_all
     assert t.unacked == 0
     assert t.oldest_arrival is None
+
+
+def test_marked_but_not_taken_stays_unacknowledged() -> None:
+    # The bridge marks at commit and takes only when its connection can carry PUBACKs (after CONNACK).
+    t = AckTracker()
+    s1 = t.arrived(mid=21, qos=1, at=1.0)
+    s2 = t.arrived(mid=22, qos=0, at=2.0)
+    s3 = t.arrived(mid=23, qos=1, at=3.0)
+
+    t.mark_committed(t.epoch, [s1, s2])
+    assert t.unacked == 3
+    assert t.oldest_arrival == 1.0
+    t.mark_committed(t.epoch, [s3])
+    assert t.take_acks() == [(21, 1), (23, 1)]
+    assert t.unacked == 0
+    assert t.take_acks() == []
+
+
+def test_take_acks_stops_at_the_first_message_not_committed() -> None:
+    t = AckTracker()
+    s1 = t.arrived(mid=1, qos=1)
+    t.arrived(mid=2, qos=1)
+    s3 = t.arrived(mid=3, qos=1)
+
+    t.mark_committed(t.epoch, [s1, s3])
+    assert t.take_acks() == [(1, 1)]
+    assert t.unacked == 2
+
+
+def test_marks_for_another_epoch_are_ignored_and_a_new_epoch_drops_marked_messages() -> None:
+    t = AckTracker()
+    old = t.epoch
+    s1 = t.arrived(mid=1, qos=1)
+    t.mark_committed(old + 1, [s1])  # not the current epoch
+    assert t.take_acks() == []
+
+    t.mark_committed(old, [s1])
+    t.new_epoch()  # the connection went away before the PUBACK could be sent: the broker redelivers
+    assert t.take_acks() == []
+    assert t.unacked == 0
+
+
+@given(st.data())
+def test_deferred_takes_yield_the_same_acks_as_committed(data: st.DataObject) -> None:
+    qoses = data.draw(st.lists(st.integers(0, 2), max_size=30), label="qos of each arrival")
+    a, b = AckTracker(), AckTracker()
+    seqs = [a.arrived(i + 1, q) for i, q in enumerate(qoses)]
+    assert seqs == [b.arrived(i + 1, q) for i, q in enumerate(qoses)]
+
+    order = data.draw(st.permutations(seqs), label="commit order")
+    from_committed: list[tuple[int, int]] = []
+    from_takes: list[tuple[int, int]] = []
+    for seq in order:
+        from_committed += a.committed(a.epoch, [seq])
+        b.mark_committed(b.epoch, [seq])
+        if data.draw(st.booleans(), label="connection can carry PUBACKs now"):
+            from_takes += b.take_acks()
+            assert b.unacked == a.unacked
+        else:
+            assert b.unacked >= a.unacked  # what was not taken yet is still unacknowledged
+        assert from_takes == from_committed[: len(from_takes)]
+    from_takes += b.take_acks()
+
+    assert from_takes == from_committed
+    assert a.unacked == b.unacked == 0
