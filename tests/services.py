@@ -174,8 +174,15 @@ class Postgres:
 class Mosquitto:
     """A private broker with the project's config, persistence in a temp dir, on a free port."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
-        """``users``: username -> password; when given, anonymous clients are refused."""
+    def __init__(self, users: dict[str, str] | None = None, acl: str | Path | None = None, extra: str = "") -> None:
+        """``users``: username -> password; when given, anonymous clients are refused.
+
+        ``extra``: config lines appended last (they override the project's, e.g. message_size_limit).
+
+        ``acl``: the broker's acl_file. A ``Path`` is used in place (the config names that very file,
+        e.g. deploy/mosquitto/acl.example, so a test proves the committed file); a ``str`` is the
+        file's text, written to the broker's directory.
+        """
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError(f"mosquitto is not installed; {SETUP_HINT}")
@@ -191,8 +198,10 @@ class Mosquitto:
             + "\n# --- test broker ---\n"
             + f"listener {self.port} 127.0.0.1\n"
             + (f"allow_anonymous false\npassword_file {self.dir}/passwd\n" if users else "allow_anonymous true\n")
+            + (f"acl_file {self._acl_file(acl)}\n" if acl is not None else "")
             + f"persistence_location {self.dir}/data/\n"
             + f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
+            + extra
         )
         if users:
             passwd = self.dir / "passwd"
@@ -202,6 +211,17 @@ class Mosquitto:
                                 user, password], check=True, capture_output=True)
             passwd.chmod(0o600)
         _chown_tree(self.dir, self.ids)
+
+    def _acl_file(self, acl: str | Path) -> Path:
+        if isinstance(acl, Path):
+            path = acl.resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"ACL file {path} does not exist")
+            return path
+        path = self.dir / "acl"
+        path.write_text(acl)
+        path.chmod(0o600)
+        return path
 
     @property
     def url(self) -> str:
