@@ -11,7 +11,8 @@ CONFIG ?= deploy/sensor-ingest.example.toml
 help:
 	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
 	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
-	@echo "make bench   quick benchmark (about 2 minutes) with the baseline ratio; make bench FULL=1 for the long one"
+	@echo "make bench   quick benchmark (about 2 minutes) with the baseline ratio, then the worst-case time of one"
+	@echo "             message (bench.worst); make bench FULL=1 for the long one"
 	@echo "make bench-faults  the bench fault run (issue #5): database blackholed 60 s under a 100,000 x 1 KB backlog;"
 	@echo "             peak RSS <= 300 MB, unacked <= receive_maximum, every message stored once (BENCH_ARGS=--help)"
 	@echo "make lint    ruff + mypy --strict"
@@ -47,6 +48,7 @@ test-unit: $(BIN)/sensor-ingest
 # Private, durable Mosquitto and PostgreSQL+TimescaleDB on free ports; the figures go to BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m bench.run $(if $(FULL),--full) $(BENCH_ARGS)
+	$(BIN)/python -m bench.worst
 
 # The bench fault run: outages are long here, short in `make test` (tests/integration/test_faults.py).
 bench-faults: setup

@@ -33,23 +33,26 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 500  # messages processed before the loop gets a turn
+_CHUNK = 500  # messages processed before the loop gets a turn ...
+_CHUNK_SECONDS = 0.02  # ... or this much processing time, whichever comes first
 _RETRY_MIN, _RETRY_MAX = 0.2, 10.0
+_TOUCH_EVERY = 5.0  # seconds: devices.last_seen is brought up to date at least this often under load
 
 
 class ShutdownAbort(Exception):
     """Stop was asked while the database is away: leave the rest unacknowledged for redelivery."""
 
 
-def _db_rejection(outcome: Outcome, exc: BaseException) -> Outcome:
-    state = getattr(exc, "sqlstate", None) or "?"
-    text = str(exc).replace("\x00", "\\0")[:500]
-    return Outcome(
-        outcome.message, outcome.source, [],
-        Rejection("db_rejected", f"the database refused this message's data (SQLSTATE {state}): {text}",
-                  outcome.rejection.device if outcome.rejection else
-                  (outcome.readings[0].device if outcome.readings else None)),
-    )
+def _db_rejection(outcome: Outcome, exc: BaseException, kind: str) -> Outcome:
+    text = describe(exc)[:500]
+    if kind == "data":
+        state = getattr(exc, "sqlstate", None) or "none: refused by the driver"
+        reason, detail = "db_rejected", f"the database refused this message's data (SQLSTATE {state}): {text}"
+    else:
+        reason, detail = "write_error", f"writing this message failed unexpectedly ({text}); report it"
+    device = outcome.rejection.device if outcome.rejection else (outcome.readings[0].device if outcome.readings
+                                                                   else None)
+    return Outcome(outcome.message, outcome.source, [], Rejection(reason, detail, device))
 
 
 class Pipeline:
@@ -87,6 +90,9 @@ class Pipeline:
         self.db_down_since: float | None = None  # monotonic start of the attempt that began an outage
         self.write_started: float | None = None  # monotonic start of the write in progress
         self.last_write_ok = 0.0  # monotonic time of the last commit
+        self.last_answer = 0.0  # monotonic time the database last answered (a commit or a probe)
+        self._touched_at = 0.0
+        self._fatal_logged: set[str] = set()  # unexpected failure types already logged in full
         self.committed_messages = 0
         self._release_below = 0  # QoS>0 messages of older epochs are redelivered by the broker
         self._received_by_source: dict[str, Any] = {}  # labelled counter children, looked up once
@@ -114,9 +120,19 @@ class Pipeline:
             log.info("released %d queued message(s) of the previous connection to the broker's redelivery", released)
 
     def stalled_for(self, now: float) -> float:
-        """Seconds the database has been failing, or the write in progress has been running."""
-        since = self.db_down_since if self.db_down_since is not None else self.write_started
-        return 0.0 if since is None else now - since
+        """Seconds the database has been failing writes, or has not answered during the write in
+        progress. A slow write while the database still answers (a probe on another connection) is
+        progress, not an outage: it must not suspend the broker connection."""
+        if self.db_down_since is not None:
+            return now - self.db_down_since
+        if self.write_started is None:
+            return 0.0
+        return max(0.0, now - max(self.write_started, self.last_answer))
+
+    def answered(self, now: float) -> None:
+        """The database answered a probe: it is there, and a failing write may retry now."""
+        self.last_answer = max(self.last_answer, now)
+        self._retry_now.set()
 
     async def _hand_over(self, batch: Batch) -> None:
         if self._batches.full():
@@ -141,8 +157,11 @@ class Pipeline:
                 timeout = None if due is None else max(0.0, due - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+            # Bounded by count and by time: a few maximal messages must not hold the loop (and with it
+            # the acknowledgements and the HTTP server) for longer than a batch may wait.
+            chunk_end = time.monotonic() + _CHUNK_SECONDS
             for _ in range(min(len(inbox), _CHUNK)):
-                if not inbox:  # release_before() ran while a batch was handed over
+                if not inbox or time.monotonic() > chunk_end:  # or release_before() ran meanwhile
                     break
                 msg = inbox.popleft()
                 outcome = self.processor.process(msg)
@@ -182,6 +201,10 @@ class Pipeline:
                 self._ack(epoch, seqs)
             self.committed_messages += len(batch)
             self.metrics.batch_messages.observe(len(batch))
+            now = time.monotonic()
+            if self._batches.empty() or now - self._touched_at > _TOUCH_EVERY:
+                self._touched_at = now
+                await self.writer.touch_devices()  # after the acks; when idle, or now and then
 
     def retry_now(self) -> None:
         """The database answers again: retry a failing write now rather than at the end of its backoff."""
@@ -218,8 +241,11 @@ class Pipeline:
                 self.write_started = None
                 kind = classify(exc)
                 self.metrics.db_errors.labels(kind).inc()
-                if kind == "data":
-                    await self._narrow(outcomes, exc, depth)
+                if kind == "data" or (kind == "fatal" and (len(outcomes) > 1 or depth == 0)):
+                    # Something in the batch: find the one message at fault. An unexpected failure
+                    # is narrowed too, so that one message that trips a bug cannot hold the fleet;
+                    # when even a lone rejection row fails that way, it is not the message: retry.
+                    await self._narrow(outcomes, exc, kind, depth)
                     return
                 if self.db_down_since is None:
                     self.db_down_since = t0
@@ -238,7 +264,7 @@ class Pipeline:
                     await asyncio.wait_for(self._retry_now.wait(), delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
-            now = self.last_write_ok = time.monotonic()
+            now = self.last_write_ok = self.last_answer = time.monotonic()
             self.write_started = None
             if self.db_down_since is not None:
                 log.info("database writes succeed again after %.1fs", now - self.db_down_since)
@@ -254,14 +280,14 @@ class Pipeline:
             m.readings_written.inc(result.readings + result.states)
             if result.conflict_path:
                 m.conflict_batches.inc()
-            for o in outcomes:
-                if o.rejection is not None:
-                    m.rejections.labels(o.rejection.reason).inc()
-                m.ignored_leaves.inc(o.ignored)
+            for reason, n in result.reasons.items():
+                m.rejections.labels(reason).inc(n)
+            m.ignored_leaves.inc(sum(o.ignored for o in outcomes))
             return
 
-    async def _narrow(self, outcomes: list[Outcome], exc: BaseException, depth: int) -> None:
-        """A data-class failure: split until the one message at fault becomes a rejection."""
+    async def _narrow(self, outcomes: list[Outcome], exc: BaseException, kind: str, depth: int) -> None:
+        """A data-class (or unexpected) failure: split until the one message at fault becomes a
+        rejection."""
         if len(outcomes) > 1:
             half = len(outcomes) // 2
             await self._commit(outcomes[:half], depth)
@@ -274,6 +300,16 @@ class Pipeline:
             log.error("message on %r cannot be stored even as a rejection (%s); payload hex: %s",
                       msg.topic, exc, msg.payload[:4096].hex())
             return
-        log.warning("message on %r refused by the database (%s); storing it as a rejection",
-                    outcomes[0].message.topic, exc)
-        await self._commit([_db_rejection(outcomes[0], exc)], depth + 1)
+        topic = outcomes[0].message.topic
+        if kind == "data":
+            log.warning("message on %r refused by the database (%s); storing it as a rejection", topic, describe(exc))
+        else:
+            # Logged in full once per failure type (a flood of one poison payload must not flood the
+            # log); every one is counted (rejections{reason="write_error"}) and kept as a rejection row.
+            key = type(exc).__qualname__ + ":" + str(getattr(exc, "sqlstate", ""))
+            first = key not in self._fatal_logged
+            self._fatal_logged.add(key)
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "writing the message on %r failed unexpectedly (%s); storing it as a rejection (write_error)",
+                    topic, describe(exc), exc_info=exc if first else None)
+        await self._commit([_db_rejection(outcomes[0], exc, kind)], depth + 1)

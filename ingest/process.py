@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from fnmatch import fnmatchcase
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,9 +19,9 @@ from ingest.errors import DecodeError
 from ingest.model import RawMessage, Reading, Rejection
 from ingest.routing import Route, Router, compile_template
 from ingest.settings import Settings, SourceSettings
-from ingest.validate import Limits, validate
+from ingest.validate import MAX_NAME, Limits, escape, validate
 
-__all__ = ["Outcome", "Processor", "SourceRuntime"]
+__all__ = ["Outcome", "Processor", "SourceRuntime", "summarize"]
 
 MAX_DETAIL = 2000
 
@@ -63,7 +64,8 @@ class SourceRuntime:
     timezone: tzinfo | None
 
 
-def _summary(problems: list[Rejection]) -> Rejection:
+def summarize(problems: list[Rejection]) -> Rejection:
+    """One rejection row for the parts of a message that were not stored."""
     first = problems[0]
     detail = "; ".join(p.detail for p in problems)
     if len(problems) > 1:
@@ -73,14 +75,39 @@ def _summary(problems: list[Rejection]) -> Rejection:
     return Rejection(first.reason, detail, first.device)
 
 
+def _allowed(readings: list[Reading], patterns: list[str], source: str) -> tuple[list[Reading], list[Rejection]]:
+    """Readings of devices this source may write (allow_devices globs, on the id as the payload
+    names it), and one problem per other device."""
+    verdict: dict[str, bool] = {}
+    kept: list[Reading] = []
+    refused: dict[str, int] = {}
+    for r in readings:
+        ok = verdict.get(r.device)
+        if ok is None:
+            ok = verdict[r.device] = any(fnmatchcase(r.device, p) for p in patterns)
+        if ok:
+            kept.append(r)
+        else:
+            refused[r.device] = refused.get(r.device, 0) + 1
+    problems = [
+        Rejection("bad_device", f"device id {d[:64]!r} is not in allow_devices of source {source!r} "
+                  f"({n} reading(s) not stored)", escape(d[:MAX_NAME]))
+        for d, n in refused.items()
+    ]
+    return kept, problems
+
+
 class Processor:
     """Everything that turns a RawMessage into an Outcome, compiled once from the settings."""
 
-    def __init__(self, sources: list[SourceRuntime], limits: Limits, max_message_bytes: int) -> None:
+    def __init__(self, sources: list[SourceRuntime], limits: Limits, max_message_bytes: int, *,
+                 max_readings: int = 2000, max_depth: int = 32) -> None:
         self.sources = {s.settings.name: s for s in sources}
         self.router = Router([s.route for s in sources])
         self.limits = limits
         self.max_message_bytes = max_message_bytes
+        self.max_readings = max_readings
+        self.max_depth = max_depth
 
     @classmethod
     def from_settings(cls, settings: Settings, *, override_format: str | None = None,
@@ -101,8 +128,10 @@ class Processor:
         earliest = datetime.fromisoformat(settings.ingest.earliest_time)
         if earliest.tzinfo is None:
             earliest = earliest.replace(tzinfo=UTC)
-        limits = Limits(earliest, timedelta(seconds=settings.ingest.max_future))
-        return cls(runtimes, limits, settings.ingest.max_message_bytes)
+        ing = settings.ingest
+        limits = Limits(earliest, timedelta(seconds=ing.max_future))
+        return cls(runtimes, limits, ing.max_message_bytes, max_readings=ing.max_readings_per_message,
+                   max_depth=ing.max_json_depth)
 
     @property
     def filters(self) -> list[str]:
@@ -126,7 +155,8 @@ class Processor:
         device = captures.get("device")
         ctx = DecodeContext(
             topic=msg.topic, received_at=msg.received_at, device=device, captures=captures,
-            timezone=src.timezone, options=src.settings.options,
+            timezone=src.timezone, options=src.settings.options, max_depth=self.max_depth,
+            max_readings=self.max_readings,
         )
         try:
             decoded = src.decoder(msg.payload, ctx)
@@ -140,12 +170,23 @@ class Processor:
             detail = f"the {src.settings.format} decoder failed ({type(exc).__name__}: {exc}); report this payload"
             return Outcome(msg, route.source, [], Rejection("decoder_error", detail[:MAX_DETAIL], who))
         readings = decoded.readings
+        found_readings = len(readings) + len(decoded.problems)
+        if found_readings > self.max_readings:
+            who = (prefix + device) if device else None
+            return Outcome(msg, route.source, [], Rejection(
+                "too_many_readings", f"the message holds {found_readings} readings (limit "
+                f"ingest.max_readings_per_message = {self.max_readings}); none of them is stored", who))
+        problems_before: list[Rejection] = list(decoded.problems)
+        allowed = src.settings.allow_devices
+        if allowed is not None:
+            readings, refused = _allowed(readings, allowed, src.settings.name)
+            problems_before += refused
         if prefix:
             readings = [
                 Reading(prefix + r.device, r.metric, r.time, r.value, r.unit, r.flags) for r in readings
             ]
         kept, problems = validate(readings, msg.received_at, self.limits)
-        problems = list(decoded.problems) + problems
+        problems = problems_before + problems
         if not kept and not problems:
             problems = [Rejection("empty", "the payload holds no readings", device)]
-        return Outcome(msg, route.source, kept, _summary(problems) if problems else None, decoded.ignored, problems)
+        return Outcome(msg, route.source, kept, summarize(problems) if problems else None, decoded.ignored, problems)

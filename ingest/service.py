@@ -59,19 +59,21 @@ async def _connect_database(settings: Settings, stop: asyncio.Event) -> asyncpg.
 
 
 class _Probe:
-    """Ask the database `SELECT 1` while no write is telling us whether it is there.
+    """Ask the database `SELECT 1` every few seconds, on a connection other than the writer's.
 
-    A commit answers the same question more recently: a probe that failed while a write got
-    through is not reported, and a failed probe is cleared by the next commit without a log line
-    of its own (the pipeline logs its recovery).
+    It runs during writes too: a write that takes long while the database still answers is slow,
+    not away, and must not suspend the broker connection (Pipeline.stalled_for). A commit answers
+    the same question more recently: a probe that failed while a write got through is not
+    reported, and a failed probe is cleared by the next commit without a log line of its own (the
+    pipeline logs its recovery).
     """
 
     def __init__(self, pool: Callable[[], asyncpg.Pool], dsn: str, timeout: float, last_commit: Callable[[], float],
-                 on_answer: Callable[[], None], interval: float = 2.0) -> None:
+                 on_answer: Callable[[float], None], interval: float = 2.0) -> None:
         self.dsn = dsn
         self.pool, self.timeout, self.interval = pool, timeout, interval  # pool(): the writer's current pool
         self.last_commit = last_commit  # monotonic time of the last commit
-        self.on_answer = on_answer  # called at each answer: a failing write may retry now
+        self.on_answer = on_answer  # called with the monotonic time of each answer
         self.ok = True
         self.checked_at = 0.0
 
@@ -88,13 +90,11 @@ class _Probe:
         finally:
             conn.terminate()
 
-    async def run(self, idle: Callable[[], bool]) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             if not self.ok and self.last_commit() > self.checked_at:
                 self.ok = True
-            if not idle():
-                continue
             started = self.checked_at = time.monotonic()
             try:
                 await asyncio.wait_for(self._select_1(), self.timeout + 1)
@@ -106,7 +106,7 @@ class _Probe:
             if not ok and self.last_commit() > started:
                 continue  # a write committed meanwhile: the database is there
             if ok:
-                self.on_answer()
+                self.on_answer(time.monotonic())
             if ok != self.ok:
                 if ok:
                     log.info("database answers again")
@@ -149,7 +149,9 @@ async def run_service(settings: Settings) -> int:
     metrics.db_ok.set(1)
 
     writer = Writer(pool, timeout=settings.database.command_timeout,
-                    renew_pool=lambda: create_pool(settings.database))
+                    renew_pool=lambda: create_pool(settings.database),
+                    new_devices_per_minute=settings.ingest.max_new_devices_per_minute,
+                    new_metrics_per_minute=settings.ingest.max_new_metrics_per_minute)
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch))
@@ -157,15 +159,18 @@ async def run_service(settings: Settings) -> int:
         settings.ingest, processor, writer, metrics,
         ack=bridge.ack,
         inbox_limit=2 * settings.mqtt.receive_maximum,
-        pause=bridge.pause_reading, resume=bridge.resume_reading, window_full=lambda: bridge.window_full,
+        pause=lambda: bridge.pause_reading("inbox full"), resume=lambda: bridge.resume_reading("inbox full"),
+        window_full=lambda: bridge.window_full,
     )
     pipeline_ref.append(pipeline)
 
     # A database that fails, or stops answering, for longer than this is "away": /readyz says so, and
     # the broker connection is closed on purpose (half the keepalive: before pings could be missed).
     stall_limit = max(1.0, settings.mqtt.keepalive / 2)
+    # Asked several times within the stall limit, so that a slow write on a database that still
+    # answers is never mistaken for an outage.
     probe = _Probe(lambda: writer.pool, dsn_of(settings.database), stall_limit, lambda: pipeline.last_write_ok,
-                   pipeline.retry_now)
+                   pipeline.answered, interval=min(2.0, stall_limit / 4))
 
     def database_ok() -> bool:
         answered = probe.ok or pipeline.last_write_ok > probe.checked_at  # a commit since the failed probe
@@ -187,7 +192,7 @@ async def run_service(settings: Settings) -> int:
 
     server = _HttpServer(uvicorn.Config(
         create_app(metrics, readiness), host=settings.http.host, port=settings.http.port,
-        log_level="warning", access_log=False, lifespan="off",
+        log_level="warning", access_log=False, lifespan="off", log_config=None,
     ))
 
     async def gauges() -> None:
@@ -205,7 +210,7 @@ async def run_service(settings: Settings) -> int:
         "http": asyncio.create_task(server.serve(), name="http"),
         "gauges": asyncio.create_task(gauges(), name="gauges"),
         "guard": asyncio.create_task(guard(), name="guard"),
-        "probe": asyncio.create_task(probe.run(lambda: pipeline.write_started is None), name="probe"),
+        "probe": asyncio.create_task(probe.run(), name="probe"),
     }
     log.info("sensor-ingest running: %d source(s), database %s, broker %s, http %s",
              len(processor.sources), mask_url(settings.database.url), mask_url(settings.mqtt.url), settings.http.addr)
@@ -221,7 +226,7 @@ async def run_service(settings: Settings) -> int:
 
     # Graceful stop: take no more messages, commit and acknowledge what has arrived, disconnect.
     log.info("stopping: flushing %d queued message(s)", len(pipeline.inbox))
-    bridge.pause_reading()
+    bridge.pause_reading("shutdown")
     pipeline.stop()
     aborted = False
     try:

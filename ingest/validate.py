@@ -1,7 +1,13 @@
 """Pure validation of decoded readings: keep what is correct, reject the rest with a reason.
 
-Checks here apply to every format: names, finiteness, and time within [earliest_time,
-received_at + max_future]. (The metric catalog with units and valid ranges comes with its own issue.)
+Checks here apply to every format: names, units and text that PostgreSQL can store, finiteness,
+and time within [earliest_time, received_at + max_future]. (The metric catalog with units and valid
+ranges comes with its own issue.)
+
+Every string a reading carries ends up in a query (device uid, metric name, unit, text state), and
+PostgreSQL text holds neither NUL nor a lone UTF-16 surrogate (which JSON's \\udXXX escapes can
+produce): such a string is rejected here, so that it never reaches the database, where it would fail
+the whole batch.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from datetime import datetime, timedelta
 
 from ingest.model import Reading, Rejection
 
-__all__ = ["Limits", "validate"]
+__all__ = ["MAX_NAME", "Limits", "escape", "unstorable", "validate"]
 
 MAX_NAME = 200
-_CONTROL = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+MAX_UNIT = 32
 MAX_TEXT = 1000
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not storable, not encodable as UTF-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +35,40 @@ class Limits:
     max_future: timedelta
 
 
-def _bad_name(name: str) -> str | None:
+def unstorable(text: str) -> str | None:
+    """Why PostgreSQL cannot store ``text`` (a NUL or a lone surrogate), or None."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    if not text.isascii() and _SURROGATE.search(text):
+        return "holds a lone UTF-16 surrogate (not valid Unicode text)"
+    return None
+
+
+def escape(text: str) -> str:
+    """``text`` made storable for a diagnostic column (rejection detail, topic, device as written):
+    NUL becomes ``\\0`` and a lone surrogate its ``\\udXXX`` escape; anything else is kept."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\0")
+    if not text.isascii() and _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+def _bad_name(name: str, limit: int = MAX_NAME) -> str | None:
     if not name:
         return "is empty"
-    if len(name) > MAX_NAME:
-        return f"is {len(name)} characters long (limit {MAX_NAME})"
+    if len(name) > limit:
+        return f"is {len(name)} characters long (limit {limit})"
     if _CONTROL.search(name):
         return "contains control characters"
+    if not name.isascii() and _SURROGATE.search(name):
+        return "holds a lone UTF-16 surrogate (not valid Unicode text)"
     return None
+
+
+def _quote(text: str) -> str:
+    # repr() escapes surrogates and controls, so the detail itself is always storable.
+    return repr(text[:64] + ("…" if len(text) > 64 else ""))
 
 
 def validate(
@@ -46,23 +80,30 @@ def validate(
     for r in readings:
         why = _bad_name(r.device)
         if why:
-            problems.append(Rejection("bad_device", f"device id {r.device[:64]!r} {why}", r.device[:MAX_NAME]))
+            problems.append(Rejection("bad_device", f"device id {_quote(r.device)} {why}", r.device[:MAX_NAME]))
             continue
         why = _bad_name(r.metric)
         if why:
-            problems.append(Rejection("bad_metric", f"metric name {r.metric[:64]!r} {why}", r.device))
+            problems.append(Rejection("bad_metric", f"metric name {_quote(r.metric)} {why}", r.device))
             continue
+        if r.unit is not None:
+            why = _bad_name(r.unit, MAX_UNIT)
+            if why:
+                problems.append(Rejection("bad_text", f"{r.metric}: unit {_quote(r.unit)} {why}", r.device))
+                continue
         v = r.value
         if isinstance(v, float) and not math.isfinite(v):
             problems.append(Rejection("not_finite", f"{r.metric}: value {v} is not a finite number", r.device))
             continue
-        if isinstance(v, str) and "\x00" in v:
-            problems.append(Rejection("bad_text", f"{r.metric}: text holds a NUL character", r.device))
-            continue
-        if isinstance(v, str) and len(v) > MAX_TEXT:
-            detail = f"{r.metric}: text of {len(v)} characters (limit {MAX_TEXT})"
-            problems.append(Rejection("too_long", detail, r.device))
-            continue
+        if isinstance(v, str):
+            why = unstorable(v)
+            if why:
+                problems.append(Rejection("bad_text", f"{r.metric}: text {why}", r.device))
+                continue
+            if len(v) > MAX_TEXT:
+                detail = f"{r.metric}: text of {len(v)} characters (limit {MAX_TEXT})"
+                problems.append(Rejection("too_long", detail, r.device))
+                continue
         if r.time < limits.earliest:
             problems.append(Rejection(
                 "bad_time",

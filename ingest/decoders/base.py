@@ -31,6 +31,9 @@ class DecodeContext:
     timezone:    the zone of timestamps written without an offset; None means such timestamps are
                  rejected (reason "bad_time"), because guessing a zone shifts every reading.
     options:     the source's format options (rename map, time_field, ...), already validated.
+    max_depth:   JSON nested deeper is refused (reason too_deep) before it is parsed.
+    max_readings: a payload holding more readings is refused (reason too_many_readings) as soon as
+                 that can be counted, before the readings are validated one by one.
     """
 
     topic: str
@@ -39,6 +42,8 @@ class DecodeContext:
     captures: Mapping[str, str] = field(default_factory=dict)
     timezone: tzinfo | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    max_depth: int = 32
+    max_readings: int = 2000
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ingest.decoders.base import DecodeContext, Decoded
-from ingest.decoders.jsonutil import BadTime, describe, load_json, parse_time, resolve_device, shorten
+from ingest.decoders.jsonutil import BadTime, check_count, describe, load_json, parse_time, resolve_device, shorten
 from ingest.errors import DecodeError
 from ingest.model import FLAG_RECEIVE_TIME, Reading, Rejection
 from ingest.wire import NativeMessage, describe_errors
@@ -33,7 +33,7 @@ class _Slot:
 
 
 def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
-    data = load_json(payload)
+    data = load_json(payload, ctx.max_depth)
     if isinstance(data, list):
         if not data:
             raise DecodeError("empty", "the batch array holds no messages")
@@ -42,6 +42,8 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
         messages = [("", data)]
     else:
         raise DecodeError("schema", f"expected a message object or an array of them, got {describe(data)}")
+    check_count(sum(len(m["readings"]) if isinstance(m, dict) and isinstance(m.get("readings"), dict | list) else 0
+                    for _, m in messages), ctx)
 
     received = ctx.received_at.astimezone(UTC)
     readings: list[Reading] = []

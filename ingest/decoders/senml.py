@@ -18,6 +18,7 @@ from typing import Any
 from ingest.decoders.base import DecodeContext, Decoded
 from ingest.decoders.jsonutil import (
     BadTime,
+    check_count,
     describe,
     epoch_to_utc,
     is_number,
@@ -53,11 +54,12 @@ class _Base:
 
 
 def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
-    data = load_json(payload)
+    data = load_json(payload, ctx.max_depth)
     if not isinstance(data, list):
         raise DecodeError("schema", f"expected a SenML pack (a JSON array of records), got {describe(data)}")
     if not data:
         raise DecodeError("empty", "the SenML pack holds no records")
+    check_count(len(data), ctx, "records")
 
     received = ctx.received_at.astimezone(UTC)
     base = _Base()

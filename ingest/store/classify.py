@@ -2,10 +2,16 @@
 
 - "retry": the database is away or overloaded (lost connection, timeouts, SQLSTATE classes 08, 53,
   57P0x, 40001/40P01): retry the same batch with backoff for as long as it takes, messages unacked.
-- "data": something in the batch is wrong (classes 22, 23, 54, 42 on data): split the batch until the
-  one message at fault is found and stored as a rejection.
-- "fatal": anything else (a bug, a schema that is not migrated): retried too, slowly and loudly,
-  because dropping messages is never the answer; the operator sees it in logs and /readyz.
+- "data": something in the batch is wrong (classes 22, 23, 54; and the driver's own refusals to
+  encode an argument: asyncpg's client-side DataError, UnicodeError, OverflowError, ...): split the
+  batch until the one message at fault is found and stored as a rejection.
+- "fatal": anything else (a bug, an unexpected SQLSTATE): narrowed like data, so one message that
+  trips it cannot hold the fleet; when even a rejection row fails that way the cause is not the
+  message, and the write is retried with backoff, loudly, with the messages unacknowledged.
+
+Order matters: asyncpg's client-side DataError is a subclass of InterfaceError (the connection-class
+family), so data-class client errors are recognised first. Were they not, one message the driver
+cannot encode would be retried forever and stop every other device's data.
 """
 
 from __future__ import annotations
@@ -14,17 +20,29 @@ import asyncio
 from typing import Literal
 
 import asyncpg
+from asyncpg.exceptions import _base as _asyncpg_base
 
-__all__ = ["Kind", "classify", "describe", "is_retryable"]
+__all__ = ["Kind", "classify", "describe", "is_connection_failure", "is_retryable"]
 
 Kind = Literal["retry", "data", "fatal"]
 
 _RETRY_CLASSES = ("08", "53", "57P", "58")
 _RETRY_STATES = {"40001", "40P01", "55P03", "25P03"}
 _DATA_CLASSES = ("22", "23", "54")
+_CONNECTION_CLASSES = ("08", "57P")
+
+# The driver refusing an argument before anything is sent: the data is at fault, not the connection.
+# (ClientConfigurationError is a ValueError too, but says the connection settings are wrong.)
+_CLIENT_DATA_ERRORS = (_asyncpg_base.DataError, UnicodeError, OverflowError, TypeError, ValueError)
+
+
+def _client_data_error(exc: BaseException) -> bool:
+    return isinstance(exc, _CLIENT_DATA_ERRORS) and not isinstance(exc, asyncpg.ClientConfigurationError)
 
 
 def classify(exc: BaseException) -> Kind:
+    if _client_data_error(exc):
+        return "data"
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
         if state in _RETRY_STATES or state.startswith(_RETRY_CLASSES):
@@ -39,6 +57,16 @@ def classify(exc: BaseException) -> Kind:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | OSError | EOFError):
         return "retry"
     return "fatal"
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """The connection itself failed (lost, timed out, closed by the server): it must not be reused."""
+    if _client_data_error(exc):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return (getattr(exc, "sqlstate", None) or "").startswith(_CONNECTION_CLASSES)
+    return isinstance(exc, OSError | TimeoutError | EOFError | asyncpg.InterfaceError
+                      | asyncpg.exceptions.InternalClientError)
 
 
 def is_retryable(exc: BaseException) -> bool:

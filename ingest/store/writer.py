@@ -4,6 +4,16 @@ A unique-key conflict must not abort the batch's other work: the COPY runs under
 on conflict, the rows go in again through INSERT ... ON CONFLICT DO NOTHING (unnest of arrays, no
 DDL). A batch that holds redelivered messages takes that path directly, since conflicts are likely.
 
+Before the transaction, new device ids and metric names are admitted per source (ingest.budget);
+the readings of keys beyond a source's budget become ``too_many_new_series`` rejections.
+
+Every string of a rejection row is escaped (validate.escape): the row that records a bad message
+must itself always store, whatever the message held.
+
+A write attempt ends at COMMIT. ``devices.last_seen`` is a hint for operators updated afterwards by
+``touch_devices()``, outside the attempt and its timeout: a slow or failed update there can neither
+re-run a committed batch (doubling its rejection rows) nor delay its acknowledgement.
+
 A connection that failed with a connection-class error (timeout, reset, closed) is terminated, never
 returned to the pool: after a timeout its state is unknown, and giving it back would run the pool's
 reset queries on a network that may drop every packet (a blackhole), which would hang the writer.
@@ -14,20 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ingest.model import Reading
-from ingest.process import Outcome
+from ingest.budget import NewKeyBudget
+from ingest.model import Reading, Rejection
+from ingest.process import Outcome, summarize
+from ingest.store.classify import describe, is_connection_failure
 from ingest.store.ids import IdCache
+from ingest.validate import MAX_NAME, escape
 
 __all__ = ["WriteResult", "Writer"]
 
 log = logging.getLogger(__name__)
 
+_TOUCH_TIMEOUT = 5.0  # seconds the last_seen hint may hold up the next batch, at most
 _READING_COLUMNS = ("time", "device_id", "metric_id", "value", "flags")
 _REJECTION_COLUMNS = ("received_at", "source", "topic", "payload", "reason", "detail", "device_uid")
 _INSERT_READINGS = """
@@ -47,11 +63,6 @@ WHERE devices.id = t.id AND (devices.last_seen IS NULL OR devices.last_seen < t.
 """
 
 
-def _text(s: str) -> str:
-    # PostgreSQL text cannot hold NUL; a rejection must be storable whatever the payload held.
-    return s.replace("\x00", "\\0") if "\x00" in s else s
-
-
 def _kind(value: float | bool | str) -> str:
     if isinstance(value, bool):
         return "bool"
@@ -60,13 +71,22 @@ def _kind(value: float | bool | str) -> str:
     return "number"
 
 
+def _rejection_row(o: Outcome) -> tuple[object, ...]:
+    assert o.rejection is not None
+    device = o.rejection.device
+    return (o.message.received_at, None if o.source is None else escape(o.source), escape(o.message.topic),
+            o.message.payload, o.rejection.reason, escape(o.rejection.detail),
+            None if device is None else escape(device[:MAX_NAME]))
+
+
 class WriteResult:
-    __slots__ = ("conflict_path", "readings", "rejections", "states")
+    __slots__ = ("conflict_path", "readings", "reasons", "rejections", "states")
 
     def __init__(self) -> None:
         self.readings = 0
         self.states = 0
         self.rejections = 0
+        self.reasons: Counter[str] = Counter()  # rejection rows written, by reason
         self.conflict_path = False
 
 
@@ -77,6 +97,10 @@ class Writer:
         ids: IdCache | None = None,
         timeout: float | None = None,
         renew_pool: Callable[[], Awaitable[asyncpg.Pool]] | None = None,
+        *,
+        new_devices_per_minute: int = 1000,
+        new_metrics_per_minute: int = 100,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``timeout``: the statement timeout; it bounds acquiring a connection, and four times it
         bounds a whole write attempt, whatever the driver waits on.
@@ -85,6 +109,8 @@ class Writer:
         whole pool and the next write starts on a new one: the other connections went through the
         same outage (a restart, a partition) and may be dead or frozen too, and none of them can
         then hold the writer up. Without it (tests of the writer alone) the pool is kept.
+
+        ``new_devices_per_minute`` / ``new_metrics_per_minute``: per source (ingest.budget).
         """
         self.pool = pool
         self.ids = ids or IdCache()
@@ -92,6 +118,10 @@ class Writer:
         self._limit = None if timeout is None else 4 * timeout
         self._renew_pool = renew_pool
         self._stale = False  # the pool was terminated after a failure: renew before the next write
+        self._device_budget = NewKeyBudget(new_devices_per_minute)
+        self._metric_budget = NewKeyBudget(new_metrics_per_minute)
+        self._clock = clock
+        self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
 
     async def write(self, outcomes: Sequence[Outcome]) -> WriteResult:
         """Commit every outcome's readings and rejection in one transaction, or raise."""
@@ -102,33 +132,47 @@ class Writer:
                     self.pool = await self._renew_pool()
                     self._stale = False
                 return await self._write_once(outcomes)
-        except (OSError, TimeoutError, asyncpg.InterfaceError):
-            if self._renew_pool is not None and not self._stale:
+        except Exception as exc:
+            if is_connection_failure(exc) and self._renew_pool is not None and not self._stale:
                 self._stale = True
                 self.pool.terminate()
             raise
+
+    async def touch_devices(self) -> None:
+        """Bring devices.last_seen up to the committed readings; a hint, never worth a retry."""
+        if not self._last_seen or self._stale or self.pool.is_closing():
+            return
+        pending, self._last_seen = self._last_seen, {}
+        ids = sorted(pending)
+        try:
+            bound = min(self.timeout or _TOUCH_TIMEOUT, _TOUCH_TIMEOUT)
+            async with asyncio.timeout(bound), self.pool.acquire(timeout=bound) as conn:
+                try:
+                    await conn.execute(_TOUCH_DEVICES, ids, [pending[i] for i in ids])
+                except Exception as exc:
+                    if is_connection_failure(exc):
+                        conn.terminate()  # see the module docstring
+                    raise
+        except Exception as exc:
+            log.debug("devices.last_seen not updated: %s", describe(exc))
 
     async def _write_once(self, outcomes: Sequence[Outcome]) -> WriteResult:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             try:
                 return await self._write(conn, outcomes)
-            except (OSError, TimeoutError, asyncpg.InterfaceError):
-                # asyncpg may already have aborted the connection and taken it back (its own
-                # cancel request timed out): terminating again would only mask the real error.
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    conn.terminate()
+            except Exception as exc:
+                if is_connection_failure(exc):
+                    # asyncpg may already have aborted the connection and taken it back (its own
+                    # cancel request timed out): terminating again would only mask the real error.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                 raise
 
     async def _write(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> WriteResult:
         result = WriteResult()
+        if any(o.readings for o in outcomes):
+            outcomes = await self._admit(conn, outcomes)
         readings: list[Reading] = [r for o in outcomes for r in o.readings]
-        if readings:
-            await self.ids.resolve_devices(conn, (r.device for r in readings))
-            metrics: dict[str, tuple[str | None, str]] = {}
-            for r in readings:
-                if r.metric not in metrics:
-                    metrics[r.metric] = (r.unit, _kind(r.value))
-            await self.ids.resolve_metrics(conn, metrics)
         dev, met = self.ids.devices, self.ids.metrics
         rows: list[tuple[datetime, int, int, float, int]] = []
         texts: list[tuple[datetime, int, int, str, int]] = []
@@ -143,11 +187,7 @@ class Writer:
             seen = last_seen.get(d)
             if seen is None or seen < r.time:
                 last_seen[d] = r.time
-        rejections = [
-            (o.message.received_at, o.source, _text(o.message.topic), o.message.payload, o.rejection.reason,
-             _text(o.rejection.detail), None if o.rejection.device is None else _text(o.rejection.device))
-            for o in outcomes if o.rejection is not None
-        ]
+        rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
         redelivered = any(o.message.redelivered for o in outcomes)
         async with conn.transaction():
             if rows:
@@ -159,17 +199,51 @@ class Writer:
                     "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS
                 )
         result.readings, result.states, result.rejections = len(rows), len(texts), len(rejections)
-        if last_seen:
-            # After the commit and outside it: a hint for operators, never worth a row lock
-            # held by the batch transaction or a retry of the batch.
-            ids = sorted(last_seen)
-            try:
-                await conn.execute(_TOUCH_DEVICES, ids, [last_seen[i] for i in ids])
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-                log.debug("devices.last_seen not updated: %s", exc)
-                if not isinstance(exc, asyncpg.PostgresError):
-                    conn.terminate()  # see the module docstring
+        result.reasons.update(o.rejection.reason for o in outcomes if o.rejection is not None)
+        pending = self._last_seen
+        for d, ts in last_seen.items():
+            if d not in pending or pending[d] < ts:
+                pending[d] = ts
         return result
+
+    async def _admit(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """Create the ids of new devices and metrics within each source's budget; the readings of
+        keys beyond it become rejections of their message."""
+        new = await self.ids.new_devices(conn, (r.device for o in outcomes for r in o.readings))
+        if new:
+            denied = self._spend(new, outcomes, lambda r: r.device, self._device_budget)
+            await self.ids.create_devices(conn, new - denied)
+            if denied:
+                outcomes = [_without(o, lambda r: r.device in denied, "device", "ingest.max_new_devices_per_minute",
+                                     self._device_budget.limit) for o in outcomes]
+        new = await self.ids.new_metrics(conn, (r.metric for o in outcomes for r in o.readings))
+        if new:
+            denied = self._spend(new, outcomes, lambda r: r.metric, self._metric_budget)
+            first: dict[str, tuple[str | None, str]] = {}
+            for o in outcomes:
+                for r in o.readings:
+                    if r.metric in new and r.metric not in denied and r.metric not in first:
+                        first[r.metric] = (r.unit, _kind(r.value))
+            await self.ids.create_metrics(conn, first)
+            if denied:
+                outcomes = [_without(o, lambda r: r.metric in denied, "metric", "ingest.max_new_metrics_per_minute",
+                                     self._metric_budget.limit) for o in outcomes]
+        return list(outcomes)
+
+    def _spend(self, new: set[str], outcomes: Iterable[Outcome], key: Callable[[Reading], str],
+               budget: NewKeyBudget) -> set[str]:
+        """Admit new keys in order of first appearance, each against its message's source."""
+        now = self._clock()
+        decided: set[str] = set()
+        denied: set[str] = set()
+        for o in outcomes:
+            for r in o.readings:
+                k = key(r)
+                if k in new and k not in decided:
+                    decided.add(k)
+                    if not budget.admit(o.source or "-", now):
+                        denied.add(k)
+        return denied
 
     async def _write_readings(self, conn: PoolConnectionProxy[asyncpg.Record],
                               rows: list[tuple[datetime, int, int, float, int]], redelivered: bool) -> bool:
@@ -182,3 +256,21 @@ class Writer:
                 pass
         await conn.execute(_INSERT_READINGS, *map(list, zip(*rows, strict=True)))
         return True
+
+
+def _without(o: Outcome, denied: Callable[[Reading], bool], what: str, key: str, limit: int) -> Outcome:
+    """``o`` without its readings of denied new keys, which become one more problem of the message."""
+    dropped = [r for r in o.readings if denied(r)]
+    if not dropped:
+        return o
+    names = sorted({r.device if what == "device" else r.metric for r in dropped})
+    shown = ", ".join(repr(n[:64]) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    problem = Rejection(
+        "too_many_new_series",
+        f"{len(dropped)} reading(s) of new {what} {shown} not stored: source {o.source!r} already created "
+        f"{limit} new {what}s this minute ({key} = {limit})",
+        dropped[0].device,
+    )
+    problems = [*o.problems, problem]
+    return Outcome(o.message, o.source, [r for r in o.readings if not denied(r)], summarize(problems), o.ignored,
+                   problems)

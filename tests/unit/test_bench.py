@@ -84,3 +84,22 @@ def test_fault_run_judgement_names_every_broken_limit() -> None:
                  service_exited=None) == ["sensor_ingest_messages_unacked was never read from /metrics"]
     assert judge(hwm_mb=1, max_rss_mb=300, peak_unacked=1, receive_maximum=4096, verified=ok, service_exited=None,
                  stop_exit_code=1) == ["the graceful stop after recovery exited 1, not 0"]
+
+
+def test_the_worst_case_payloads_fit_the_limit_and_meet_the_outcome_they_are_built_for() -> None:
+    from bench.worst import _processor, cases
+    from ingest.model import RawMessage
+
+    limit, most = 65536, 2000
+    processor = _processor(limit)
+    outcomes = {}
+    for name, (topic, payload) in cases(limit, most).items():
+        assert len(payload) <= limit, name
+        assert len(payload) > limit * 0.9, f"{name}: a worst case should be near the size limit"
+        out = processor.process(RawMessage(topic, payload, datetime.now(UTC)))
+        outcomes[name] = (out.rejection.reason if out.rejection and not out.readings else "stored", len(out.readings))
+    assert outcomes["native map, max readings"] == ("stored", most)
+    assert outcomes["over max readings (rejected)"][0] == "too_many_readings"
+    assert outcomes["64 KiB of '[' (rejected, too_deep)"][0] == "too_deep"
+    assert outcomes["64 KiB of binary (rejected, malformed)"][0] == "malformed"
+    assert all(v[0] == "stored" for k, v in outcomes.items() if "rejected" not in k)

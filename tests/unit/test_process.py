@@ -105,3 +105,64 @@ def test_a_decoder_bug_becomes_a_rejection_not_a_crash() -> None:
     assert out.rejection.reason == "decoder_error"
     assert "KeyError" in out.rejection.detail
     assert out.rejection.device == "dev-1"
+
+
+def test_a_message_with_more_readings_than_allowed_is_rejected_whole() -> None:
+    p = processor(max_readings_per_message=3)
+    ok = p.process(msg("city/hk/aq-1/up", {"readings": {f"m{i}": i for i in range(3)}}))
+    assert len(ok.readings) == 3
+    out = p.process(msg("city/hk/aq-1/up", {"readings": {f"m{i}": i for i in range(4)}}))
+    assert out.readings == []
+    assert out.rejection is not None
+    assert out.rejection.reason == "too_many_readings"
+    assert "ingest.max_readings_per_message = 3" in out.rejection.detail
+    assert out.rejection.device == "hn-aq-1"
+
+
+def test_json_nested_deeper_than_allowed_is_rejected_before_parsing() -> None:
+    p = processor(max_json_depth=8, max_message_bytes=1 << 20)
+    out = p.process(msg("senml/aq-1", b"[" * 50_000 + b"]" * 50_000))
+    assert out.rejection is not None
+    assert (out.rejection.reason, out.readings) == ("too_deep", [])
+    assert "50000 levels" in out.rejection.detail
+    shallow = p.process(msg("senml/aq-1", [{"n": "t", "v": 1, "x": [[[[1]]]]}]))
+    assert shallow.rejection is None
+    # Brackets inside strings are text, not nesting.
+    text = p.process(msg("senml/aq-1", [{"n": "t", "vs": "[" * 100}]))
+    assert text.rejection is None
+    assert text.readings[0].value == "[" * 100
+
+
+def test_a_gateway_source_writes_only_the_devices_it_is_allowed() -> None:
+    settings = Settings(sources=[SourceSettings(name="gw", topic="gw/{gateway}", format="native",
+                                                allow_devices=["hn-aq-*", "hn-flood-?"])])
+    p = Processor.from_settings(settings)
+    payload = [
+        {"device": "hn-aq-7", "readings": {"pm25": 1}},
+        {"device": "hn-flood-1", "readings": {"level": 2}},
+        {"device": "city-hall-main-meter", "readings": {"kwh": 3, "w": 4}},
+        {"device": "\udc80x", "readings": {"pm25": 5}},
+    ]
+    out = p.process(RawMessage("gw/g1", json.dumps(payload).encode(), NOW))
+    assert [r.device for r in out.readings] == ["hn-aq-7", "hn-flood-1"]
+    assert [(q.reason, q.device) for q in out.problems] == [("bad_device", "city-hall-main-meter"),
+                                                            ("bad_device", "\\udc80x")]
+    assert "2 reading(s)" in out.problems[0].detail
+    assert "allow_devices" in out.problems[0].detail
+
+
+def test_unstorable_names_from_a_payload_are_rejected_with_a_reason() -> None:
+    p = processor()
+    cases = {
+        b'{"device": "aq-1", "readings": {"\\udc80": 1}}': "bad_metric",
+        b'{"device": "aq-1", "readings": {"pm\\u000025": 1}}': "bad_metric",
+        b'{"device": "aq-1", "readings": {"status": {"text": "\\ud800"}}}': "bad_text",
+        b'{"device": "aq-1", "readings": {"t": {"value": 1, "unit": "\\udfff"}}}': "bad_text",
+        b'{"device": "aq-1", "readings": {"t": 1e400}}': "not_finite",
+    }
+    for payload, reason in cases.items():
+        out = p.process(msg("city/hk/aq-1/up", payload))
+        assert out.readings == [], payload
+        assert out.rejection is not None
+        assert out.rejection.reason == reason, (payload, out.rejection.detail)
+        out.rejection.detail.encode("utf-8")  # the detail itself is storable

@@ -127,13 +127,14 @@ def test_max_future_of_zero_rejects_any_time_after_receipt() -> None:
     assert [p.reason for p in problems] == ["bad_time"]
 
 
-@pytest.mark.parametrize("device", ["", "d" * 201, "aq\x007", "aq\n7", "aq\x7f7", "\x1b[31maq"])
+@pytest.mark.parametrize("device", ["", "d" * 201, "aq\x007", "aq\n7", "aq\x7f7", "\x1b[31maq", "\udc80x", "a\ud800"])
 def test_rejects_bad_device_ids(device: str) -> None:
     reason, detail, _ = _one_rejection(_r(device=device))
 
     assert reason == "bad_device"
-    assert repr(device[:64]) in detail
+    assert repr(device[:64])[:-1] in detail
     assert detail.startswith("device id ")
+    detail.encode("utf-8")  # the detail itself is storable: surrogates come out escaped
 
 
 def test_bad_device_rejection_keeps_a_bounded_device_id() -> None:
@@ -147,12 +148,13 @@ def test_longest_allowed_names_pass() -> None:
     assert validate([reading], RECEIVED, LIMITS) == ([reading], [])
 
 
-@pytest.mark.parametrize("metric", ["", "m" * 201, "pm\x0025", "pm\t25", "pm\x7f"])
+@pytest.mark.parametrize("metric", ["", "m" * 201, "pm\x0025", "pm\t25", "pm\x7f", "pm\udfff25"])
 def test_rejects_bad_metric_names(metric: str) -> None:
     reason, detail, device = _one_rejection(_r(metric=metric))
 
     assert reason == "bad_metric"
-    assert repr(metric[:64]) in detail
+    assert repr(metric[:64])[:-1] in detail
+    detail.encode("utf-8")
     assert detail.startswith("metric name ")
     assert device == "aq-7"
 
@@ -163,6 +165,24 @@ def test_rejects_nul_in_text() -> None:
     assert reason == "bad_text"
     assert "status" in detail
     assert device == "aq-7"
+
+
+@pytest.mark.parametrize("text", ["\udc80", "open\ud83d", "\ud83d\ude00"])
+def test_rejects_lone_surrogates_in_text(text: str) -> None:
+    reason, detail, device = _one_rejection(_r(text, metric="status"))
+
+    assert reason == "bad_text"
+    assert "surrogate" in detail
+    assert device == "aq-7"
+
+
+@pytest.mark.parametrize("unit", ["deg\udc80", "C\x00", "u" * 33, ""])
+def test_rejects_units_that_cannot_be_stored(unit: str) -> None:
+    reason, detail, device = _one_rejection(Reading("aq-7", "temperature", T, 21.0, unit))
+
+    assert (reason, device) == ("bad_text", "aq-7")
+    assert detail.startswith("temperature: unit ")
+    detail.encode("utf-8")
 
 
 def test_rejects_text_over_1000_characters() -> None:
@@ -196,5 +216,5 @@ def test_non_ascii_names_and_text_pass() -> None:
 def test_every_rejection_detail_names_the_metric_or_device(reading: Reading) -> None:
     reason, detail, _ = _one_rejection(reading)
 
-    names = {"bad_device": repr(reading.device[:64]), "bad_metric": repr(reading.metric[:64])}
+    names = {"bad_device": repr(reading.device[:64])[:-1], "bad_metric": repr(reading.metric[:64])[:-1]}
     assert names.get(reason, reading.metric) in detail
