@@ -75,16 +75,16 @@ def load_json(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     JSON nested deeper than ``max_depth`` is refused (reason too_deep) before it is parsed: no real
     sensor payload nests that deep, and every later walk over the value stays shallow.
     """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("malformed", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
     opens = payload.count(b"[") + payload.count(b"{")
     if opens > max_depth:
         depth = nesting_depth(payload)
         if depth > max_depth:
             raise DecodeError("too_deep", f"JSON nested {depth} levels deep (limit ingest.max_json_depth = "
                               f"{max_depth})")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError("malformed", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
     try:
         # parse_int=float: integers become floats, and huge ones become inf instead of raising.
         return json.loads(text, parse_int=float, object_pairs_hook=_no_duplicate_keys)
