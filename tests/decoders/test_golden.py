@@ -1,13 +1,25 @@
-"""Golden cases: tests/decoders/cases/<family>/<case>/ holds payload, context.json and either
+"""Golden cases: tests/decoders/cases/<family>/<case>/ holds payload, context.json, source.txt and either
 expected.json (readings in order, problems, ignored) or error.json (the DecodeError reason).
 
 Optional keys beyond the required ones: "detail_contains" in error.json and in each problem.
+
+source.txt says where the payload comes from. Its first line is "<kind>: <reference>", one of
+  spec: a specification and its section, e.g. "spec: RFC 8428 §5.1.2, second example";
+  vendor: a vendor's document, by title and version or address;
+  issue: a public issue thread, with its https:// address;
+  project: this project's contract, for its own format and for hostile, limit and rule cases
+           whose payload was written here, e.g. "project: schemas/json/native.schema.json;
+           README 'Rejection reasons': too_deep".
+Further lines are free notes: where the expected output follows the source and where it follows this
+project's own rules (device and metric naming, the receive time for "now"). A case named
+rfc8428_* claims to be an RFC 8428 example, so its kind must be spec and its reference "RFC 8428 §...".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +81,33 @@ def _expected(entry: dict[str, Any]) -> dict[str, Any]:
 def test_cases_are_present() -> None:
     families = {p.parent.name for p in CASE_DIRS}
     assert {"native", "senml"} <= families
+
+
+_SOURCE_LINE = re.compile(r"(spec|vendor|issue|project): (\S.*)")
+
+
+def _source_problem(case: Path) -> str | None:
+    """What is wrong with a case's source.txt, or None."""
+    source = case / "source.txt"
+    if not source.is_file():
+        return "has no source.txt"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    match = _SOURCE_LINE.fullmatch(lines[0].strip()) if lines else None
+    if match is None:
+        return "source.txt does not start with '<spec|vendor|issue|project>: <reference>'"
+    kind, reference = match.groups()
+    if kind == "spec" and "§" not in reference:
+        return "a spec source names no section (§)"
+    if kind == "issue" and "https://" not in reference:
+        return "an issue source has no https:// address"
+    if case.name.startswith("rfc8428_") and not (kind == "spec" and reference.startswith("RFC 8428 §")):
+        return "an rfc8428_* case must have the source 'spec: RFC 8428 §...'"
+    return None
+
+
+def test_every_case_names_its_source() -> None:
+    problems = [f"{c.parent.name}/{c.name}: {why}" for c in CASE_DIRS if (why := _source_problem(c))]
+    assert not problems, "cases without a usable source:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("case", CASE_DIRS, ids=[f"{p.parent.name}/{p.name}" for p in CASE_DIRS])
