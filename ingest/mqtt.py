@@ -113,6 +113,7 @@ class MqttBridge:
         self._connack: asyncio.Future[tuple[ReasonCode, bool, Properties | None]] | None = None
         self._suback: asyncio.Future[list[ReasonCode]] | None = None
         self._subscribe_error: MqttConnectError | None = None  # a late SUBACK refused a filter
+        self._connect_error: str | None = None  # paho's first error while the connection awaits its CONNACK
         self._refusals = 0  # late SUBACK refusals in a row, for their backoff
         self._misc_task: asyncio.Task[None] | None = None
 
@@ -326,6 +327,10 @@ class MqttBridge:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry
         props.ReceiveMaximum = s.receive_maximum
+        # paho reports why a socket failed (e.g. a TLS alert or EOF) only to its log. Listen to it until
+        # the CONNACK only (_on_connect stops it): paho formats every line it logs for this callback.
+        self._connect_error = None
+        client.on_log = self._on_connect_log
         self._connecting = True
         try:
             # Blocking TCP (and TLS) connect, bounded by client.connect_timeout, off the loop.
@@ -487,9 +492,28 @@ class MqttBridge:
             self._loop.remove_writer(sock)
             self._sock = None
 
+    def _on_connect_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR and self._connect_error is None:
+            self._connect_error = buf
+
+    def _no_connack(self, reason_code: ReasonCode) -> str:
+        """Why a connection ended before its CONNACK, as far as this side can tell."""
+        why = f"disconnected before CONNACK: {reason_code}"
+        if self._connect_error is not None:
+            why += f" ({self._connect_error})"
+        s = self.settings
+        if s.tls and s.cert_file is None:
+            why += ("; a broker that requires a client certificate ends the TLS connection like this when none "
+                    "is given: set mqtt.cert_file and mqtt.key_file")
+        elif s.tls:
+            why += (f"; a broker ends the TLS connection like this when it does not accept the client certificate: "
+                    f"check that mqtt.cert_file ({s.cert_file}) is valid and issued by a CA the broker trusts")
+        return why
+
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
     ) -> None:
+        client.on_log = None  # the CONNACK came: see _connect_once
         if self._connack is not None and not self._connack.done():
             self._connack.set_result((reason_code, bool(flags.session_present), properties))
 
@@ -508,7 +532,7 @@ class MqttBridge:
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
     ) -> None:
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(MqttConnectError(f"disconnected before CONNACK: {reason_code}"))
+            self._connack.set_exception(MqttConnectError(self._no_connack(reason_code)))
         if self._suback is not None and not self._suback.done():
             self._suback.set_exception(MqttConnectError(f"disconnected before SUBACK: {reason_code}"))
         if self._disconnected is not None:

@@ -7,8 +7,9 @@
    ``session_present``), followed in the same write by the ``with_connack`` PUBLISH packets;
 2. reads SUBSCRIBE, then sends the ``before_suback`` PUBLISH packets *ahead of* the SUBACK (MQTT does
    not forbid it: a message routed to a subscription the broker has already installed), then the
-   SUBACK (every filter granted QoS 1) at once, or, with ``hold_suback``, only after
-   ``release_suback()``, reading on meanwhile;
+   SUBACK at once, or, with ``hold_suback``, only after ``release_suback()``, reading on meanwhile.
+   Each filter is granted QoS 1 unless ``suback_codes`` gives it a reason code (e.g. 0x87, Not
+   authorized); the mapping may be changed at any time, and each SUBACK uses it as it is then;
 3. answers PINGREQ, records the packet id of every PUBACK in ``pubacks`` (in order, across
    connections), sends more PUBLISH packets on demand (``publish()``, optionally hanging up right
    after, in the same turn) and ends the connection on DISCONNECT or EOF.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -87,7 +88,12 @@ def connack(session_present: bool = False) -> bytes:
 
 
 def suback(packet_id: int, filters: int, granted_qos: int = 1) -> bytes:
-    return packet(SUBACK << 4, struct.pack("!H", packet_id) + b"\x00" + bytes([granted_qos]) * filters)
+    return suback_reasons(packet_id, [granted_qos] * filters)
+
+
+def suback_reasons(packet_id: int, codes: Sequence[int]) -> bytes:
+    """A SUBACK with one reason code per filter (§3.9.3): 0-2 grant that QoS, 0x80 and up refuse."""
+    return packet(SUBACK << 4, struct.pack("!H", packet_id) + b"\x00" + bytes(codes))
 
 
 def publish(msg: Publish) -> bytes:
@@ -164,6 +170,7 @@ class ScriptedBroker:
         with_connack: Sequence[Publish] = (),
         before_suback: Sequence[Publish] = (),
         hold_suback: bool = False,
+        suback_codes: Mapping[str, int] | None = None,
     ) -> None:
         self.session_present = session_present
         self.with_connack = list(with_connack)
@@ -172,6 +179,8 @@ class ScriptedBroker:
         self.subscriptions: list[list[str]] = []  # the filters of each SUBSCRIBE, in order
         self.problems: list[str] = []
         self.subacks_sent = 0
+        self.suback_codes: dict[str, int] = dict(suback_codes or {})  # filter -> reason code; others QoS 1
+        self.subacks: list[list[int]] = []  # the reason codes of each SUBACK sent, in order
         self.pubacks_before_suback = 0  # of those in pubacks, received before the first SUBACK was sent
         self.connections = 0
         self.port = 0
@@ -251,11 +260,13 @@ class ScriptedBroker:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _send_suback(self, writer: asyncio.StreamWriter, packet_id: int, filters: int) -> None:
+    async def _send_suback(self, writer: asyncio.StreamWriter, packet_id: int, filters: list[str]) -> None:
         await self._suback_released.wait()
         if writer.is_closing():
             return
-        writer.write(suback(packet_id, filters))
+        codes = [self.suback_codes.get(f, 1) for f in filters]
+        writer.write(suback_reasons(packet_id, codes))
+        self.subacks.append(codes)
         self.subacks_sent += 1
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -277,7 +288,7 @@ class ScriptedBroker:
                     writer.write(publish(msg))
                 await writer.drain()
                 # Keep reading (PUBACKs may come) while the SUBACK waits for release_suback().
-                later = asyncio.create_task(self._send_suback(writer, packet_id, len(filters)))
+                later = asyncio.create_task(self._send_suback(writer, packet_id, filters))
                 self._subacks.add(later)
                 later.add_done_callback(self._subacks.discard)
             elif kind == PUBACK:

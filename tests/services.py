@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -171,10 +172,32 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener for the test broker: PEM files and the client-certificate policy.
+
+    ``ca_file`` is the CA that client certificates must chain to; ``cert_file`` / ``key_file`` are
+    the broker's own certificate and key. ``use_identity_as_username``: the client certificate's CN
+    becomes the username (what an ACL would see).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = True
+    use_identity_as_username: bool = False
+
+
 class Mosquitto:
     """A private broker with the project's config, persistence in a temp dir, on a free port."""
 
-    def __init__(self, users: dict[str, str] | None = None, acl: str | Path | None = None, extra: str = "") -> None:
+    def __init__(
+        self,
+        users: dict[str, str] | None = None,
+        acl: str | Path | None = None,
+        extra: str = "",
+        tls: BrokerTls | None = None,
+    ) -> None:
         """``users``: username -> password; when given, anonymous clients are refused.
 
         ``extra``: config lines appended last (they override the project's, e.g. message_size_limit).
@@ -182,6 +205,12 @@ class Mosquitto:
         ``acl``: the broker's acl_file. A ``Path`` is used in place (the config names that very file,
         e.g. deploy/mosquitto/acl.example, so a test proves the committed file); a ``str`` is the
         file's text, written to the broker's directory.
+
+        ``tls``: also listen with TLS on ``tls_port`` (``tls_url``); the plain listener on ``port``
+        stays. The files are copied into the broker's directory: Mosquitto 2.0, started as root,
+        drops to its own user before it loads them, so it could not read a root-owned 0600 key
+        elsewhere. Listener options in ``extra`` (those that follow a ``listener`` line) then apply to
+        the TLS listener, which comes right before them.
         """
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
@@ -190,6 +219,7 @@ class Mosquitto:
         self.ids = _service_user("mosquitto")
         self.dir = Path(tempfile.mkdtemp(prefix="sensor-ingest-mqtt-"))
         self.port = free_port()
+        self.tls_port: int | None = free_port() if tls is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         (self.dir / "data").mkdir()
         conf = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
@@ -201,6 +231,7 @@ class Mosquitto:
             + (f"acl_file {self._acl_file(acl)}\n" if acl is not None else "")
             + f"persistence_location {self.dir}/data/\n"
             + f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
+            + (self._tls_listener(tls) if tls is not None else "")
             + extra
         )
         if users:
@@ -211,6 +242,19 @@ class Mosquitto:
                                 user, password], check=True, capture_output=True)
             passwd.chmod(0o600)
         _chown_tree(self.dir, self.ids)
+
+    def _tls_listener(self, tls: BrokerTls) -> str:
+        tls_dir = self.dir / "tls"
+        tls_dir.mkdir()
+        lines = [f"listener {self.tls_port} 127.0.0.1"]
+        for key, source, name in (("cafile", tls.ca_file, "ca.crt"), ("certfile", tls.cert_file, "server.crt"),
+                                  ("keyfile", tls.key_file, "server.key")):
+            shutil.copyfile(source, tls_dir / name)
+            lines.append(f"{key} {tls_dir / name}")
+        (tls_dir / "server.key").chmod(0o600)
+        lines.append(f"require_certificate {str(tls.require_certificate).lower()}")
+        lines.append(f"use_identity_as_username {str(tls.use_identity_as_username).lower()}")
+        return "\n".join(lines) + "\n"
 
     def _acl_file(self, acl: str | Path) -> Path:
         if isinstance(acl, Path):
@@ -227,6 +271,16 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def tls_url(self) -> str:
+        if self.tls_port is None:
+            raise RuntimeError("this broker has no TLS listener (pass tls=BrokerTls(...))")
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "mosquitto.log"
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.exe, "-c", str(self.dir / "mosquitto.conf")],
@@ -238,7 +292,8 @@ class Mosquitto:
         if self.proc is not None and self.proc.poll() is not None:
             log = self.dir / "mosquitto.log"
             raise RuntimeError(f"mosquitto exited: {log.read_text()[-2000:] if log.exists() else ''}")
-        return port_open(self.port)
+        # Both listeners: the plain one may be open already when the TLS one fails to load its files.
+        return port_open(self.port) and (self.tls_port is None or port_open(self.tls_port))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM saves the persistence file first; SIGKILL loses what was not saved."""

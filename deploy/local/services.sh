@@ -141,7 +141,8 @@ cmd_install() {
     local major
     # The Makefile's virtualenv needs venv/ensurepip, which Debian ships separately.
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then apt_install python3-venv; fi
-    apt_install mosquitto
+    # openssl: the CLI makes the test PKI of tests/integration/test_mqtt_tls.py.
+    apt_install mosquitto openssl
     major=$(pg_major)
     apt_install "postgresql-$major" "postgresql-client-$major"
     if ! timescaledb_installed; then
