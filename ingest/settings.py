@@ -252,7 +252,8 @@ class IngestSettings(_Section):
     batch_max_readings: int = Field(20000, ge=1, description="... or this many readings")
     batch_max_age: float = Field(0.2, gt=0, description="... or when its oldest message is this many seconds old")
     max_message_bytes: int = Field(
-        65536, ge=64, description="larger payloads are rejected (reason too_large); keep <= the broker's limit"
+        65536, ge=64, description="larger payloads are rejected (reason too_large); keep it below the broker's "
+        "message_size_limit, so that they reach the service and leave a row"
     )
     max_future: float = Field(
         600.0, ge=0, description="seconds a reading's time may be ahead of the receive time (device clock drift)"

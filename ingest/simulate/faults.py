@@ -55,8 +55,8 @@ EXPECTED_REASONS = {
     "year-ahead": "bad_time",
 }
 
-# Over ingest.max_message_bytes (64 KiB by default), and over Mosquitto's message_size_limit in
-# deploy/mosquitto, which drops it before the service sees it (see run.py on why it goes at QoS 0).
+# Over ingest.max_message_bytes (64 KiB by default) and under Mosquitto's message_size_limit in
+# deploy/mosquitto (twice as large, by design): it reaches the service and becomes a too_large row.
 OVERSIZE_BYTES = 65536 + 1024
 
 # Thresholds an operator would alert on, per kind: (metric, threshold). A water gauge's threshold

@@ -281,12 +281,7 @@ def _publish_loop(options: SimulateOptions, sim: Simulator, pub: _Publisher, fle
         if msg is None:
             log.warning("every device has gone silent; stopping")
             return
-        # Brokers refuse payloads over their size limit (Mosquitto: message_size_limit). Mosquitto
-        # 2.0 answers such a QoS 1 publish with a PUBACK code paho cannot parse, so paho drops the
-        # connection and sends the same message again on reconnect, forever. At QoS 0 the broker
-        # just drops it.
-        qos = 0 if msg.variant == "oversize" else options.qos
-        pub.publish(msg.topic, msg.payload, Meta.of(msg, qos))
+        pub.publish(msg.topic, msg.payload, Meta.of(msg, options.qos))
         k += 1
 
 
