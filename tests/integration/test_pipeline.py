@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from tests.integration.harness import (
     stored_readings,
     write_config,
 )
-from tests.services import Mosquitto, Postgres, wait_until
+from tests.proxy import CONNECT, PUBACK, PUBLISH, FaultProxy, MqttPacket, puback_problems
+from tests.services import REPO, Mosquitto, Postgres, wait_until
 
 T0 = datetime(2026, 11, 25, 0, 0, tzinfo=UTC)
 
@@ -35,10 +37,12 @@ def make_ingest(tmp_path: Path) -> Iterator[list[IngestProcess]]:
 
 
 def _ingest(
-    procs: list[IngestProcess], tmp_path: Path, prefix: str, db: str, mqtt: str, extra: str = ""
+    procs: list[IngestProcess], tmp_path: Path, prefix: str, db: str, mqtt: str, extra: str = "",
+    mqtt_extra: str = "", keepalive: int = 10,
 ) -> IngestProcess:
     cfg = write_config(
-        tmp_path / f"ingest{len(procs)}.toml", prefix=prefix, database_url=db, mqtt_url=mqtt, extra=extra
+        tmp_path / f"ingest{len(procs)}.toml", prefix=prefix, database_url=db, mqtt_url=mqtt, extra=extra,
+        mqtt_extra=mqtt_extra, keepalive=keepalive,
     )
     proc = IngestProcess(cfg, tmp_path / "ingest.log")
     procs.append(proc)
@@ -51,6 +55,8 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url)
     ingest.start()
     malformed = b'{"device": "hn-aq-1", "readings": {"pm25": 12.5'  # cut short
+    epoch = native("hn-aq-3", "1970-01-01T00:00:00Z", {"pm25": 1.0})
+    impostor = native("hn-aq-1", T0.isoformat(), {"pm25": 99.0})  # on hn-aq-4's topic: claims another id
     senml = json.dumps(
         [
             {"bn": "hn-rain-7:", "bt": T0.timestamp(), "n": "rain", "u": "mm", "v": 3.5},
@@ -65,8 +71,8 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
                 (f"{topic_prefix}/hn-aq-1/up", malformed),
                 (f"{topic_prefix}/hn-aq-2/up", native("hn-aq-2", T0.isoformat(), {"pm25": 11.0, "no2": 40.0})),
                 (f"{topic_prefix}/senml/hn-rain-7", senml),
-                (f"{topic_prefix}/hn-aq-3/up", native("hn-aq-3", "1970-01-01T00:00:00Z", {"pm25": 1.0})),
-                (f"{topic_prefix}/hn-aq-4/up", native("hn-aq-1", T0.isoformat(), {"pm25": 99.0})),  # claims another id
+                (f"{topic_prefix}/hn-aq-3/up", epoch),
+                (f"{topic_prefix}/hn-aq-4/up", impostor),
             ]
         )
     finally:
@@ -87,12 +93,84 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
         rows = c.execute(
             "SELECT reason, payload, topic, source, detail FROM rejected_messages ORDER BY reason"
         ).fetchall()
-    by_reason = {r[0]: r for r in rows}
-    assert set(by_reason) == {"bad_time", "device_mismatch", "malformed"}
-    assert bytes(by_reason["malformed"][1]) == malformed
-    assert by_reason["malformed"][2] == f"{topic_prefix}/hn-aq-1/up"
-    assert by_reason["malformed"][3] == "native"
-    assert "1970" in by_reason["bad_time"][4]
+    assert {(r[0], bytes(r[1]), r[2], r[3]) for r in rows} == {
+        ("malformed", malformed, f"{topic_prefix}/hn-aq-1/up", "native"),
+        ("bad_time", epoch, f"{topic_prefix}/hn-aq-3/up", "native"),
+        ("device_mismatch", impostor, f"{topic_prefix}/hn-aq-4/up", "native"),
+    }
+    assert "1970" in next(r[4] for r in rows if r[0] == "bad_time")
+    assert ingest.terminate() == 0
+
+
+# Reasons the service gives only on a bug or on what the database refuses; tested where those are
+# made to happen (test_hostile_writes.py, tests/unit/test_process.py).
+NOT_FROM_INPUT = {"decoder_error", "db_rejected", "write_error"}
+LIMITS = "\n[ingest]\nmax_message_bytes = 2048\nmax_readings_per_message = 3\nmax_new_metrics_per_minute = 1\n"
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _one_of_each_rejection(p: str) -> list[tuple[str, str, bytes]]:
+    """(reason, topic, payload): one message for each rejection reason input can cause, under LIMITS."""
+    t = T0.isoformat()
+    return [
+        ("malformed", f"{p}/hn-rj-01/up", b'{"device": "hn-rj-01", "readings": {"pm25": 1.5'),
+        ("schema", f"{p}/hn-rj-02/up", b'["not", "messages"]'),
+        ("empty", f"{p}/hn-rj-03/up", _json({"time": t, "readings": {}})),
+        ("wrong_type", f"{p}/hn-rj-04/up", _json({"time": t, "readings": {"pm25": "12.5"}})),
+        ("bad_time", f"{p}/hn-rj-05/up", _json({"time": "1970-01-01T00:00:00Z", "readings": {"pm25": 1.0}})),
+        ("not_finite", f"{p}/hn-rj-06/up", b'{"time": "%s", "readings": {"pm25": NaN}}' % t.encode()),
+        ("bad_device", f"{p}/gw/gw-07", _json({"device": "xx-07", "time": t, "readings": {"pm25": 1.0}})),
+        ("bad_metric", f"{p}/hn-rj-08/up", _json({"time": t, "readings": {"pm\u0007": 1.0}})),
+        ("bad_text", f"{p}/hn-rj-09/up", _json({"time": t, "readings": {"status": {"text": "a\u0000b"}}})),
+        ("too_long", f"{p}/hn-rj-10/up", _json({"time": t, "readings": {"status": {"text": "x" * 1001}}})),
+        ("too_deep", f"{p}/hn-rj-11/up", b"[" * 40 + b"]" * 40),
+        ("too_many_readings", f"{p}/hn-rj-12/up", _json({"time": t, "readings": {"a": 1, "b": 2, "c": 3, "d": 4}})),
+        ("device_mismatch", f"{p}/hn-rj-13/up", _json({"device": "hn-rj-99", "time": t, "readings": {"pm25": 1.0}})),
+        ("no_device", f"{p}/gw/gw-14", _json({"time": t, "readings": {"pm25": 1.0}})),
+        ("no_source", f"{p}//up", _json({"device": "hn-rj-15", "time": t, "readings": {"pm25": 1.0}})),  # `+`
+        # matches the empty level, {device} does not
+        ("unsupported", f"{p}/senml/hn-rj-16", _json([{"bver": 99, "n": "level", "v": 1.0}])),
+        ("too_large", f"{p}/hn-rj-17/up", _json({"time": t, "readings": {"pm25": 1.0}, "pad": "p" * 3000})),
+        # The only message whose readings reach the database: one new metric is within the budget.
+        ("too_many_new_series", f"{p}/hn-rj-18/up", _json({"time": t, "readings": {"rj_new_a": 1.0, "rj_new_b": 2.0}})),
+    ]
+
+
+def _readme_rejection_reasons() -> set[str]:
+    """The reason codes of README.md's "Rejection reasons" table."""
+    section = (REPO / "README.md").read_text().split("### Rejection reasons", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {code for cell in rows for code in re.findall(r"`([a-z_]+)`", cell)}
+
+
+def test_every_rejection_reason_from_input_is_a_row_with_the_exact_bytes(
+    tmp_path: Path, make_ingest: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str
+) -> None:
+    cases = _one_of_each_rejection(topic_prefix)
+    assert {reason for reason, _, _ in cases} | NOT_FROM_INPUT == _readme_rejection_reasons()
+    assert len({payload for _, _, payload in cases}) == len(cases)  # each row is told apart by its bytes
+    ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url, extra=LIMITS)
+    ingest.start()
+    pub = Publisher(broker.port)
+    try:
+        pub.publish_all([(topic, payload) for _, topic, payload in cases])
+    finally:
+        pub.close()
+    # Acknowledged only after its commit: once every message is, every row that will be is there.
+    wait_until(lambda: ingest.metric("sensor_ingest_messages_acked_total") >= len(cases), 60,
+               "every message acknowledged")
+    with psycopg.connect(database_url) as c:
+        rows = c.execute("SELECT reason, topic, payload FROM rejected_messages").fetchall()
+    stored = sorted((str(reason), str(topic), bytes(payload)) for reason, topic, payload in rows)
+    # too_large keeps the first max_message_bytes bytes; every other row keeps the payload whole.
+    want = sorted((reason, topic, payload[:2048] if reason == "too_large" else payload)
+                  for reason, topic, payload in cases)
+    assert stored == want
+    assert stored_readings(database_url) == {("hn-rj-18", "rj_new_a", T0.isoformat(), 1.0)}
+    assert ingest.metric("sensor_ingest_rejections_total") == len(cases)
     assert ingest.terminate() == 0
 
 
@@ -155,38 +233,93 @@ def test_stopped_three_times_mid_stream_loses_and_doubles_nothing(
 def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
     tmp_path: Path, make_ingest: list[IngestProcess], database_url: str, own_broker: Mosquitto, topic_prefix: str
 ) -> None:
-    # Batches stay open for 3 s, so the broker restart lands while messages are received and
-    # not yet committed: they are committed on the old connection, must not be acked on the new
-    # one, come back redelivered, and the unique key absorbs them.
-    extra = "\n[ingest]\nbatch_max_age = 3.0\nbatch_max_messages = 100000\n"
-    extra_mqtt = "receive_maximum = 500\n"
-    ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, own_broker.url, extra)
-    text = ingest.config.read_text().replace("keepalive = 10\n", "keepalive = 10\n" + extra_mqtt)
-    ingest.config.write_text(text)
-    ingest.start()
-    assert ingest.terminate() == 0  # the session (and its subscription) stays at the broker
-
+    """A window of messages is received on one broker connection, and its batch commits only after
+    that connection is gone (a lock on `readings` holds the write until the broker is down). No
+    PUBACK may go out for them, neither on their connection (closed) nor on the next one: there the
+    broker redelivers them (DUP), the redelivered copies are committed again, absorbed by the unique
+    key, and acknowledged. A recording proxy between service and broker sees every PUBLISH and PUBACK
+    of every connection."""
+    window = 500
     messages, expected = fleet(topic_prefix, 2000, T0)
-    pub = Publisher(own_broker.port)
-    try:
-        pub.publish_all(messages)
-    finally:
-        pub.close()
-    ingest.start()
-    wait_until(lambda: ingest.metric("sensor_ingest_messages_received_total") >= 500, 60, "a first window of messages")
-    assert ingest.metric("sensor_ingest_messages_acked_total") == 0
-    own_broker.stop(signal.SIGTERM)
-    own_broker.start()
-    wait_until(lambda: count(database_url, "readings") >= len(expected), 120, "every reading")
-    wait_until(lambda: ingest.metric("sensor_ingest_mqtt_reconnects_total") >= 1, 30, "the reconnect")
+    with FaultProxy(own_broker.port, record_mqtt=True) as proxy:
+        # A short keepalive: with its window full the service reads nothing from the socket, so it
+        # notices the lost connection only when its keepalive ping goes unanswered.
+        ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, f"mqtt://127.0.0.1:{proxy.port}",
+                         mqtt_extra=f"receive_maximum = {window}", keepalive=5)
+        ingest.start()
+        assert ingest.terminate() == 0  # the session (and its subscription) stays at the broker
+        pub = Publisher(own_broker.port)
+        try:
+            pub.publish_all(messages)
+        finally:
+            pub.close()
+
+        with psycopg.connect(database_url) as locker:
+            locker.execute("LOCK TABLE readings IN EXCLUSIVE MODE")  # held until the rollback below
+            ingest.start()
+            first = proxy.packets(CONNECT)[-1].conn
+            wait_until(lambda: ingest.metric("sensor_ingest_messages_received_total") >= window, 60,
+                       "a first window of messages")
+            wait_until(lambda: _write_waits_on_a_lock(database_url), 60, "the batch's write to wait on the lock")
+            assert ingest.metric("sensor_ingest_messages_acked_total") == 0
+            own_broker.stop(signal.SIGTERM)
+            wait_until(lambda: ingest.metric("sensor_ingest_mqtt_connected") == 0, 60, "the service to see it")
+            locker.rollback()
+        # The window commits while the broker is away: its connection is gone, so nothing is acked.
+        wait_until(lambda: count(database_url, "readings") == 2 * window, 60, "the first window's commit")
+        first_window = [p.payload for p in proxy.packets(PUBLISH, conn=first, direction="down")][:window]
+        assert ingest.metric("sensor_ingest_messages_acked_total") == 0
+
+        own_broker.start()
+
+        everything = {payload for _, payload in messages}
+        wait_until(lambda: count(database_url, "readings") == len(expected)
+                   and _acked_payloads(proxy.packets()) == everything, 120, "every message stored and acknowledged")
+        assert ingest.terminate() == 0
+        packets = proxy.packets()
+
+    # Every PUBACK answers a PUBLISH of its own connection, once; none went out on the first one.
+    assert puback_problems(packets) == []
+    assert [p for p in packets if p.conn == first and p.type == PUBACK] == []
+    # The first window came back redelivered (DUP) on a later connection, was committed again there,
+    # and the unique key absorbed it: every reading is stored, once, and nothing was rejected.
+    redelivered = [p.payload for p in packets if p.conn > first and p.type == PUBLISH and p.dup]
+    assert len(redelivered) >= window > 0
+    assert set(first_window) <= set(redelivered)
     assert stored_readings(database_url) == expected
     assert count(database_url, "readings") == len(expected)
-    wait_until(
-        lambda: ingest.metric("sensor_ingest_conflict_batches_total") >= 1,
-        30,
-        "a batch of redelivered messages written through ON CONFLICT",
-    )
-    assert ingest.terminate() == 0
+    assert _keys_stored_more_than_once(database_url) == 0
+    assert count(database_url, "rejected_messages") == 0
+
+
+def _write_waits_on_a_lock(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND application_name = 'sensor-ingest'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def _keys_stored_more_than_once(url: str) -> int:
+    with psycopg.connect(url) as c:
+        row = c.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM readings GROUP BY device_id, metric_id, time HAVING count(*) > 1) d"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _acked_payloads(packets: list[MqttPacket]) -> set[bytes | None]:
+    """The payloads of the PUBLISHes that PUBACKs answered, each matched on its own connection."""
+    waiting: dict[tuple[int, int | None], bytes | None] = {}
+    acked: set[bytes | None] = set()
+    for p in packets:
+        if p.type == PUBLISH and p.direction == "down":
+            waiting[(p.conn, p.packet_id)] = p.payload
+        elif p.type == PUBACK and p.direction == "up" and (p.conn, p.packet_id) in waiting:
+            acked.add(waiting.pop((p.conn, p.packet_id)))
+    return acked
 
 
 def test_service_refuses_to_start_on_an_unmigrated_database(

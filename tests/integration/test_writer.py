@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -28,6 +29,16 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     p = await create_pool(DatabaseSettings(url=database_url))
     yield p
     await p.close()
+
+
+async def _until(condition: Callable[[], object], what: str, limit: float = 60.0) -> None:
+    """Poll ``condition`` on the loop; ``limit`` only bounds a hang."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not condition():
+        if loop.time() >= end:
+            raise AssertionError(f"gave up waiting for {what} after {limit:.0f}s")
+        await asyncio.sleep(0.02)
 
 
 def outcome(
@@ -63,11 +74,30 @@ async def test_copy_then_duplicates_take_the_on_conflict_path(pool: asyncpg.Pool
 
 
 @pytest.mark.asyncio
-async def test_redelivered_batches_skip_the_copy_attempt(pool: asyncpg.Pool) -> None:
+async def test_redelivered_batches_skip_the_copy_attempt(pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    copies: list[str] = []
+    copy = asyncpg.connection.Connection.copy_records_to_table
+
+    async def counted(self: asyncpg.connection.Connection, table_name: str, **kwargs: Any) -> str:
+        copies.append(table_name)
+        return await copy(self, table_name, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "copy_records_to_table", counted)
     writer = Writer(pool)
-    result = await writer.write([outcome(1, [reading("d1", "pm25", 0, 1.0)], redelivered=True)])
-    assert result.conflict_path is True
-    assert await pool.fetchval("SELECT count(*) FROM readings") == 1
+    batch = [outcome(i, [reading(f"d{i}", "pm25", 0, float(i))]) for i in range(3)]
+    first = await writer.write(batch)
+    assert (first.readings, first.conflict_path, copies) == (3, False, ["readings"])
+    # The same messages again, redelivered, and one new one: no COPY is tried; the unique key absorbs
+    # the three rows already stored and the new one is added, in the same transaction.
+    again = [outcome(i, o.readings, redelivered=True) for i, o in enumerate(batch)]
+    second = await writer.write([*again, outcome(9, [reading("d9", "pm25", 0, 9.0)], redelivered=True)])
+    assert second.conflict_path is True
+    assert copies == ["readings"]
+    assert await pool.fetchval("SELECT count(*) FROM readings") == 4
+    assert await pool.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM readings GROUP BY device_id, metric_id, time HAVING count(*) > 1) d"
+    ) == 0
+    assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == 0
 
 
 @pytest.mark.asyncio
@@ -171,10 +201,7 @@ async def test_a_failing_write_retries_as_soon_as_the_database_answers_again(
                             ack=lambda epoch, seqs: 0, inbox_limit=100)
         proxy.mode = "refuse"
         commit = asyncio.create_task(pipeline._commit([outcome(1, [reading("d1", "pm25", 0, 1.0)])]))
-        for _ in range(200):  # until the first attempt has failed (a bound on a hang only)
-            if not pipeline.db_ok:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: not pipeline.db_ok or commit.done(), "the first attempt to fail")
         assert not pipeline.db_ok
         assert not commit.done()
         proxy.mode = "pass"

@@ -7,10 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.decoders import REGISTRY, DecodeContext, Decoded
+from ingest.decoders.jsonutil import DEFAULT_MAX_DEPTH
 from ingest.errors import DecodeError
 
 RECEIVED = datetime(2026, 11, 25, 3, 0, 5, tzinfo=UTC)
@@ -155,8 +157,31 @@ def test_senml_shaped_json(value: Any, ctx: DecodeContext) -> None:
     _run("senml", _dump(value), ctx)
 
 
-def test_deep_nesting_is_a_decode_error() -> None:
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize(
+    "payload",
+    [b"[" * 100_000, b'{"readings":' * 50_000, b"[" * 33 + b"]" * 33, b'{"readings": {"a": ' + b"[" * 31 + b"]" * 31
+     + b"}}", b'[{"bn": "d:", "n": "x", "v": 1, "x": ' + b"{" * 31 + b"}" * 31 + b"}]"],
+    ids=["100000-open-arrays", "50000-open-objects", "33-levels", "33-levels-in-native", "33-levels-in-senml"],
+)
+def test_deep_nesting_is_a_decode_error(name: str, payload: bytes) -> None:
+    """Deeper than the default ingest.max_json_depth (32): refused as too_deep, by every decoder."""
     ctx = DecodeContext(topic="t", received_at=RECEIVED)
-    for name in REGISTRY:
-        _run(name, b"[" * 100_000, ctx)
-        _run(name, b'{"readings":' * 50_000, ctx)
+    assert ctx.max_depth == DEFAULT_MAX_DEPTH == 32
+    with pytest.raises(DecodeError) as refused:
+        REGISTRY[name](payload, ctx)
+    assert refused.value.reason == "too_deep"
+    assert "ingest.max_json_depth = 32" in refused.value.detail
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_nesting_at_the_limit_is_not_too_deep(name: str) -> None:
+    """32 levels are allowed: the payload is judged on its shape, not refused for its depth."""
+    ctx = DecodeContext(topic="t", received_at=RECEIVED, device="d")
+    payload = b"[" * 32 + b"]" * 32
+    try:
+        REGISTRY[name](payload, ctx)
+        reason = None
+    except DecodeError as exc:
+        reason = exc.reason
+    assert reason != "too_deep"
