@@ -8,6 +8,7 @@ that answered every probe suspended the broker connection and turned /readyz to 
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,11 @@ def test_a_write_held_up_by_a_lock_does_not_suspend_the_broker_connection(
                 while time.monotonic() < held_until:
                     time.sleep(0.1)
                 assert _waiting_on_a_lock(database_url), "the write was held up the whole time"
+                # The sampler really watched the whole hold (a starved sampler would prove nothing).
+                wait_until(lambda: any(s.at >= held_until for s in health.samples), 30, "a sample after the hold")
+                covered = [s.at for s in health.samples if s.at <= held_until]
+                assert len(covered) >= 10
+                assert max(b - a for a, b in itertools.pairwise(covered)) < 2 * KEEPALIVE
             wait_until(lambda: len(stored_readings(database_url)) == 2, 30, "the held-up reading")
             suspended = health.max_of("sensor_ingest_mqtt_suspended")
             assert suspended == 0, "the broker connection was suspended during a slow write"
