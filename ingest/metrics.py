@@ -46,6 +46,9 @@ class Metrics:
         self.held = HoldTimer(self.backpressure.inc)
         self.mqtt_suspended = Gauge(p + "mqtt_suspended",
                                     "1 while disconnected from the broker on purpose (database away)", registry=r)
+        self.inbox = Gauge(p + "inbox_messages",
+                           "messages received and not yet processed; reading pauses at twice mqtt.receive_maximum",
+                           registry=r)
         self.stale_dropped = Counter(p + "stale_messages_released",
                                      "unwritten messages of a lost connection left to the broker's redelivery",
                                      registry=r)

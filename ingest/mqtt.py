@@ -200,15 +200,16 @@ class MqttBridge:
         if client is None or not self._can_ack or self._sock is None:
             return 0
         to_ack = self.tracker.take_acks()
-        if not to_ack:
-            return 0
-        for mid, qos in to_ack:
-            client.ack(mid, qos)
-        # Flush now rather than at the next writable callback: the broker frees its inflight slots
-        # (Receive Maximum) only when it sees the PUBACKs.
-        client.loop_write()
-        if self.metrics is not None:
-            self.metrics.messages_acked.inc(len(to_ack))
+        if to_ack:
+            for mid, qos in to_ack:
+                client.ack(mid, qos)
+            # Flush now rather than at the next writable callback: the broker frees its inflight slots
+            # (Receive Maximum) only when it sees the PUBACKs.
+            client.loop_write()
+            if self.metrics is not None:
+                self.metrics.messages_acked.inc(len(to_ack))
+        # Even when no PUBACK went out: committed QoS 0 messages leave the window too, and a window
+        # full of them would otherwise hold reading back until the keepalive gives the connection up.
         if self._window_full and self.tracker.unacked < self.settings.receive_maximum:
             self._set_window_full(False)
             self._watch_reads()

@@ -198,6 +198,7 @@ async def run_service(settings: Settings) -> int:
     async def gauges() -> None:
         while True:
             metrics.unacked.set(bridge.tracker.unacked)
+            metrics.inbox.set(len(pipeline.inbox))
             oldest = bridge.tracker.oldest_arrival
             metrics.oldest_unacked_age.set(0 if oldest is None else time.monotonic() - oldest)
             metrics.held.flush()

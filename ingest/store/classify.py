@@ -1,7 +1,7 @@
 """One function that classifies database failures (STYLE rule 3).
 
 - "retry": the database is away or overloaded (lost connection, timeouts, SQLSTATE classes 08, 53,
-  57P0x, 40001/40P01): retry the same batch with backoff for as long as it takes, messages unacked.
+  57P0x, 57014, 40001/40P01): retry the same batch with backoff for as long as it takes, messages unacked.
 - "data": something in the batch is wrong (classes 22, 23, 54; and the driver's own refusals to
   encode an argument: asyncpg's client-side DataError, UnicodeError, OverflowError, ...): split the
   batch until the one message at fault is found and stored as a rejection.
@@ -27,7 +27,11 @@ __all__ = ["Kind", "classify", "describe", "is_connection_failure", "is_retryabl
 Kind = Literal["retry", "data", "fatal"]
 
 _RETRY_CLASSES = ("08", "53", "57P", "58")
-_RETRY_STATES = {"40001", "40P01", "55P03", "25P03"}
+# 57014: a statement timeout (or a cancel). The client's own command_timeout is a TimeoutError and is
+# retried; the server's statement_timeout fires at the same moment and must not be told apart from it:
+# a write that waited that long on a lock is not at fault, and narrowing it would store a good message
+# as a write_error rejection.
+_RETRY_STATES = {"40001", "40P01", "55P03", "25P03", "57014"}
 _DATA_CLASSES = ("22", "23", "54")
 _CONNECTION_CLASSES = ("08", "57P")
 

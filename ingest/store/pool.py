@@ -42,6 +42,11 @@ async def create_pool(settings: DatabaseSettings, application_name: str = "senso
             "application_name": application_name,
             # A statement that outlives this is abandoned by the server too, not only by us.
             "statement_timeout": str(int(settings.command_timeout * 1000)),
+            # A transaction left idle that long is ended by the server. The writer never pauses that
+            # long inside one; a client cut off behind something that keeps the server's side of the
+            # connection alive (a proxy or load balancer: TCP keepalives are answered) does, and its
+            # locks would hold every retry of the same rows until then.
+            "idle_in_transaction_session_timeout": str(int(settings.command_timeout * 1000)),
             "tcp_keepalives_idle": "10",
             "tcp_keepalives_interval": "5",
             "tcp_keepalives_count": "3",
