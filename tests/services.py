@@ -7,6 +7,7 @@ disturb the machine's own services. Both can be stopped and started again (fault
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -39,6 +40,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
         time.sleep(interval)
+
+
+async def until(condition: Callable[[], object], what: str, limit: float = 60.0) -> None:
+    """The asyncio twin of wait_until: poll ``condition`` on the loop; ``limit`` only bounds a hang."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not condition():
+        if loop.time() >= end:
+            raise AssertionError(f"gave up waiting for {what} after {limit:.0f}s")
+        await asyncio.sleep(0.01)
 
 
 def port_open(port: int) -> bool:

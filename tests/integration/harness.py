@@ -269,3 +269,13 @@ class HealthSampler:
     def max_of(self, name: str) -> float | None:
         values = [s.metrics[name] for s in self.samples if name in s.metrics]
         return max(values) if values else None
+
+
+def waiting_on_a_lock(url: str) -> bool:
+    """A session of the service waits on a lock (a write into a table the test locked)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND application_name = 'sensor-ingest'"
+        ).fetchone()
+    return bool(row and row[0])

@@ -18,7 +18,7 @@ import signal
 import struct
 import termios
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,20 +28,13 @@ from ingest.settings import MqttSettings
 from tests.integration.harness import Publisher
 from tests.proxy import CONNECT, PUBACK, PUBLISH, FaultProxy, puback_problems
 from tests.services import Mosquitto
+from tests.services import until as _until
 
 WINDOW = 10
 BACKLOG = 100
 ACK_SIZES = (1, 1, 2, 3, 5, WINDOW)  # acknowledgements of 1 to a whole window, then windows to the end
 
 
-async def _until(condition: Callable[[], object], what: str, limit: float = 60.0) -> None:
-    """Poll ``condition`` on the loop; ``limit`` only bounds a hang."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not condition():
-        if loop.time() >= end:
-            raise AssertionError(f"gave up waiting for {what} after {limit:.0f}s")
-        await asyncio.sleep(0.02)
 
 
 def _unread(sock: object) -> int:

@@ -43,6 +43,7 @@ from tests.integration.harness import (
     fleet,
     native,
     stored_readings,
+    waiting_on_a_lock,
     write_config,
 )
 from tests.proxy import FaultProxy
@@ -86,14 +87,6 @@ def _service(ingests: list[IngestProcess], tmp_path: Path, *, prefix: str, datab
     return ingest
 
 
-def _waiting_on_a_lock(url: str) -> bool:
-    """A session of the service waits on a lock (its write into the locked readings)."""
-    with psycopg.connect(url, autocommit=True) as c:
-        row = c.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND application_name = 'sensor-ingest'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 def _last(health: HealthSampler, name: str) -> float | None:
@@ -195,7 +188,7 @@ def test_a_qos0_flood_on_a_blocked_database_holds_the_inbox_at_twice_receive_max
             with psycopg.connect(database_url) as locker:
                 locker.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")  # until the block ends
                 flood.start()
-                wait_until(lambda: _waiting_on_a_lock(database_url), BOUND, "a write to wait on the lock")
+                wait_until(lambda: waiting_on_a_lock(database_url), BOUND, "a write to wait on the lock")
                 cuts = 0
                 connected_at = time.monotonic()
                 while not inbox_full() and cuts < 6:
@@ -262,7 +255,7 @@ def test_messages_of_a_lost_connection_are_released_to_redelivery_not_written_tw
                 pub.publish_all(messages)  # acknowledged by the broker: all of it is in the session
             finally:
                 pub.close()
-            wait_until(lambda: _waiting_on_a_lock(database_url) and _last(health, UNACKED) == RECEIVE_MAXIMUM,
+            wait_until(lambda: waiting_on_a_lock(database_url) and _last(health, UNACKED) == RECEIVE_MAXIMUM,
                        BOUND, "a write waiting on the lock and a full window behind it")
             reconnects = ingest.metric(RECONNECTS)
             assert ingest.metric(RELEASED) == 0
@@ -354,7 +347,7 @@ def test_a_full_window_behind_a_slow_write_keeps_the_broker_connection(
                 pub.publish_all(messages)
             finally:
                 pub.close()
-            wait_until(lambda: _waiting_on_a_lock(database_url) and _last(health, UNACKED) == RECEIVE_MAXIMUM,
+            wait_until(lambda: waiting_on_a_lock(database_url) and _last(health, UNACKED) == RECEIVE_MAXIMUM,
                        BOUND, "a write waiting on the lock and a full window behind it")
             held_from = time.monotonic()
             while time.monotonic() - held_from < 3 * KEEPALIVE and not ingest.metric(RECONNECTS):
@@ -441,7 +434,7 @@ def test_a_transaction_cut_off_behind_a_proxy_does_not_hold_the_retry(
         with psycopg.connect(database_url) as locker:
             locker.execute("LOCK TABLE states IN ACCESS EXCLUSIVE MODE")
             pub.publish_all([(topic, native("hn-aq-1", t1.isoformat(), {"pm25": 2.0, "door": {"text": "shut"}}))])
-            wait_until(lambda: _waiting_on_a_lock(database_url), BOUND, "the write to wait on the states lock")
+            wait_until(lambda: waiting_on_a_lock(database_url), BOUND, "the write to wait on the states lock")
             proxy.mode = "blackhole"
         # The lock is released: the server ends the statement into the blackhole, and waits.
         wait_until(lambda: "idle in transaction" in _session_states(database_url), BOUND,

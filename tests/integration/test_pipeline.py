@@ -20,6 +20,7 @@ from tests.integration.harness import (
     fleet,
     native,
     stored_readings,
+    waiting_on_a_lock,
     write_config,
 )
 from tests.proxy import CONNECT, PUBACK, PUBLISH, FaultProxy, MqttPacket, puback_problems
@@ -260,7 +261,7 @@ def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
             first = proxy.packets(CONNECT)[-1].conn
             wait_until(lambda: ingest.metric("sensor_ingest_messages_received_total") >= window, 60,
                        "a first window of messages")
-            wait_until(lambda: _write_waits_on_a_lock(database_url), 60, "the batch's write to wait on the lock")
+            wait_until(lambda: waiting_on_a_lock(database_url), 60, "the batch's write to wait on the lock")
             assert ingest.metric("sensor_ingest_messages_acked_total") == 0
             own_broker.stop(signal.SIGTERM)
             wait_until(lambda: ingest.metric("sensor_ingest_mqtt_connected") == 0, 60, "the service to see it")
@@ -292,13 +293,6 @@ def test_broker_connection_drop_mid_batch_acks_only_on_the_new_connection(
     assert count(database_url, "rejected_messages") == 0
 
 
-def _write_waits_on_a_lock(url: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as c:
-        row = c.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND application_name = 'sensor-ingest'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 def _keys_stored_more_than_once(url: str) -> int:

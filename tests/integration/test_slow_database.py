@@ -21,6 +21,7 @@ from tests.integration.harness import (
     Publisher,
     native,
     stored_readings,
+    waiting_on_a_lock,
     write_config,
 )
 from tests.services import Mosquitto, wait_until
@@ -46,11 +47,11 @@ def test_a_write_held_up_by_a_lock_does_not_suspend_the_broker_connection(
                 locker.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")  # held until the block ends
                 second = native("hn-aq-1", T0.replace(minute=1).isoformat(), {"pm25": 2.0})
                 pub.publish_all([(f"{topic_prefix}/hn-aq-1/up", second)])
-                wait_until(lambda: _waiting_on_a_lock(database_url), 30, "the service's write to wait on the lock")
+                wait_until(lambda: waiting_on_a_lock(database_url), 30, "the service's write to wait on the lock")
                 held_until = time.monotonic() + 4 * KEEPALIVE / 2  # four stall limits
                 while time.monotonic() < held_until:
                     time.sleep(0.1)
-                assert _waiting_on_a_lock(database_url), "the write was held up the whole time"
+                assert waiting_on_a_lock(database_url), "the write was held up the whole time"
                 # The sampler really watched the whole hold (a starved sampler would prove nothing).
                 wait_until(lambda: any(s.at >= held_until for s in health.samples), 30, "a sample after the hold")
                 covered = [s.at for s in health.samples if s.at <= held_until]
@@ -69,11 +70,3 @@ def test_a_write_held_up_by_a_lock_does_not_suspend_the_broker_connection(
         ingest.close()
 
 
-def _waiting_on_a_lock(url: str) -> bool:
-    """A session of the service waits on a lock (its COPY into the locked readings)."""
-    with psycopg.connect(url, autocommit=True) as c:
-        row = c.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND application_name = 'sensor-ingest'"
-        ).fetchone()
-    return bool(row and row[0])

@@ -20,6 +20,7 @@ from ingest.settings import DatabaseSettings, IngestSettings, Settings
 from ingest.store.pool import create_pool
 from ingest.store.writer import Writer
 from tests.proxy import FaultProxy
+from tests.services import until as _until
 
 T0 = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
@@ -31,14 +32,6 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await p.close()
 
 
-async def _until(condition: Callable[[], object], what: str, limit: float = 60.0) -> None:
-    """Poll ``condition`` on the loop; ``limit`` only bounds a hang."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not condition():
-        if loop.time() >= end:
-            raise AssertionError(f"gave up waiting for {what} after {limit:.0f}s")
-        await asyncio.sleep(0.02)
 
 
 def outcome(

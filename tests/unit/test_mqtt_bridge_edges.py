@@ -21,6 +21,7 @@ from ingest.model import RawMessage
 from ingest.mqtt import MqttBridge
 from ingest.settings import MqttSettings
 from tests.mqtt_script import Publish, ScriptedBroker
+from tests.services import until as _until
 
 FLOOD = "inbox full"  # the reason the pipeline's pause/resume should give (service.py wires it)
 
@@ -30,14 +31,6 @@ def _settings(broker: ScriptedBroker) -> MqttSettings:
                         keepalive=30, reconnect_min=0.1, reconnect_max=0.5, connect_timeout=10)
 
 
-async def _until(condition: Callable[[], object], what: str, limit: float = 5.0) -> None:
-    """Poll ``condition`` until it is true; fail with ``what`` after ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not condition():
-        if loop.time() >= end:
-            raise AssertionError(f"{what} (within {limit:.0f}s)")
-        await asyncio.sleep(0.01)
 
 
 async def _loop_turns(n: int = 50) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 
 import pytest
 
@@ -20,20 +19,13 @@ from ingest.model import RawMessage
 from ingest.mqtt import MqttBridge
 from ingest.settings import MqttSettings
 from tests.mqtt_script import ScriptedBroker
+from tests.services import until as _until
 
 GRANTED, DENIED = "edge/ok/#", "edge/denied/#"
 NOT_AUTHORIZED = 0x87
 RECONNECT_MIN = 0.1
 
 
-async def _until(condition: Callable[[], object], what: str, limit: float = 10.0) -> None:
-    """Poll ``condition`` until it is true; fail with ``what`` after ``limit`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not condition():
-        if loop.time() >= end:
-            raise AssertionError(f"{what} (within {limit:.0f}s)")
-        await asyncio.sleep(0.01)
 
 
 def _bridge(broker: ScriptedBroker, backoffs: list[float]) -> MqttBridge:
