@@ -38,7 +38,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -342,13 +342,6 @@ def _verify_database_outage_shows(run: Run) -> None:
                f"the outage less {GAUGE_LAG:.0f} s")
 
 
-@pytest.fixture
-def ingests() -> Iterator[list[IngestProcess]]:
-    """Kills a service that a failed test left running."""
-    procs: list[IngestProcess] = []
-    yield procs
-    for p in procs:
-        p.close()
 
 
 def test_broker_sigterm_and_restart_mid_stream(

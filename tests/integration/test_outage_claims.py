@@ -26,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,13 +65,6 @@ SUSPENDED = "sensor_ingest_mqtt_suspended"
 Reading = tuple[str, str, str, float]
 
 
-@pytest.fixture
-def ingests() -> Iterator[list[IngestProcess]]:
-    """Kills a service that a failed test left running."""
-    procs: list[IngestProcess] = []
-    yield procs
-    for p in procs:
-        p.close()
 
 
 def _service(ingests: list[IngestProcess], tmp_path: Path, *, prefix: str, database_url: str, mqtt_url: str,
