@@ -213,9 +213,9 @@ class Mosquitto:
 
         ``extra``: config lines appended last (they override the project's, e.g. message_size_limit).
 
-        ``acl``: the broker's acl_file. A ``Path`` is used in place (the config names that very file,
-        e.g. deploy/mosquitto/acl.example, so a test proves the committed file); a ``str`` is the
-        file's text, written to the broker's directory.
+        ``acl``: the broker's acl_file. A ``Path`` (e.g. deploy/mosquitto/acl.example, so a test proves
+        the committed file) is copied as it is into the broker's directory; a ``str`` is the file's
+        text, written there.
 
         ``tls``: also listen with TLS on ``tls_port`` (``tls_url``); the plain listener on ``port``
         stays. The files are copied into the broker's directory: Mosquitto 2.0, started as root,
@@ -269,10 +269,11 @@ class Mosquitto:
 
     def _acl_file(self, acl: str | Path) -> Path:
         if isinstance(acl, Path):
-            path = acl.resolve()
-            if not path.is_file():
-                raise FileNotFoundError(f"ACL file {path} does not exist")
-            return path
+            if not acl.is_file():
+                raise FileNotFoundError(f"ACL file {acl.resolve()} does not exist")
+            # Copied byte for byte (so the committed file is what is proven): Mosquitto drops to its own
+            # user before it opens the file, and a checkout under a 0700 directory is closed to it.
+            acl = acl.read_text()
         path = self.dir / "acl"
         path.write_text(acl)
         path.chmod(0o600)

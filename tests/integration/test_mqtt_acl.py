@@ -264,10 +264,12 @@ def test_the_auth_snippet_enables_what_these_tests_run() -> None:
     broker = Mosquitto(users={INGEST: "x"}, acl=ACL)
     try:
         test_conf = (broker.dir / "mosquitto.conf").read_text()
+        acl_used = (broker.dir / "acl").read_bytes()
     finally:
         broker.cleanup()
     assert "allow_anonymous false\n" in test_conf
-    assert f"acl_file {ACL}\n" in test_conf
+    assert f"acl_file {broker.dir / 'acl'}\n" in test_conf
+    assert acl_used == ACL.read_bytes(), "the broker runs the committed ACL, byte for byte"
     assert re.search(r"^password_file \S+$", test_conf, re.MULTILINE)
 
 
