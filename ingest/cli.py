@@ -84,8 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(p)
     p.add_argument("--source", help="source name from the config (default: the source matching --topic)")
-    p.add_argument("--format", help="decode with this format instead of a configured source")
+    p.add_argument("--format", help="decode with this format instead of a configured source: "
+                   "native, senml, json, lorawan, line or value (a configured source's mapping is kept)")
     p.add_argument("--topic", required=True, help="the topic the payload arrived on")
+    p.add_argument("--template", metavar="TEMPLATE",
+                   help="with --format and no matching source: the topic template, e.g. 'tele/{device}/SENSOR' "
+                   "(its {device} and other captures apply as in a source)")
+    p.add_argument("--device", help="with --format and no matching source: the device of a payload that names "
+                   "none, when the template has no {device} (default: the whole topic)")
     p.add_argument("payload", nargs="?", type=Path, help="payload file (default: standard input)")
 
     add_simulate_parser(sub)
@@ -147,7 +153,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     payload = args.payload.read_bytes() if args.payload else sys.stdin.buffer.read()
-    processor = Processor.from_settings(settings, override_format=args.format, source=args.source)
+    if (args.template or args.device) and not args.format:
+        _error("--template and --device go with --format")
+        return 2
+    processor = Processor.from_settings(settings, override_format=args.format, source=args.source,
+                                        template=args.template, device=args.device)
     result = processor.process(RawMessage(args.topic, payload, datetime.now(UTC)))
     print(json.dumps(result.as_json(), indent=2, ensure_ascii=False))
     return 0 if not result.rejections else 1

@@ -20,6 +20,10 @@ class Metrics:
         self.messages_acked = Counter(p + "messages_acked", "MQTT messages acknowledged after commit", registry=r)
         self.readings_written = Counter(p + "readings_written", "readings committed (incl. states)", registry=r)
         self.rejections = Counter(p + "rejections", "messages stored as rejections, by reason", ["reason"], registry=r)
+        self.messages_skipped = Counter(p + "messages_skipped",
+                                        "messages acknowledged without readings or a rejection row because they "
+                                        "carry none by design (a LoRaWAN join, only leaves that are not readings)",
+                                        ["source", "reason"], registry=r)
         self.ignored_leaves = Counter(p + "ignored_leaves", "payload leaves that are not readings", registry=r)
         self.batch_messages = Histogram(p + "batch_messages", "messages per written batch",
                                         buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000), registry=r)

@@ -283,6 +283,9 @@ class Pipeline:
             for reason, n in result.reasons.items():
                 m.rejections.labels(reason).inc(n)
             m.ignored_leaves.inc(sum(o.ignored for o in outcomes))
+            for o in outcomes:
+                if o.skipped is not None:
+                    m.messages_skipped.labels(o.source or "-", o.skipped).inc()
             return
 
     async def _narrow(self, outcomes: list[Outcome], exc: BaseException, kind: str, depth: int) -> None:

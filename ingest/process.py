@@ -7,14 +7,15 @@ dropped without a trace: a message is stored as readings, as a rejection, or bot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from fnmatch import fnmatchcase
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from ingest.decoders import get_decoder
+from ingest.decoders import decode, get_decoder
 from ingest.decoders.base import DecodeContext, Decoder
+from ingest.decoders.mapping import SourceMapping
 from ingest.errors import DecodeError
 from ingest.model import RawMessage, Reading, Rejection
 from ingest.routing import Route, Router, compile_template
@@ -24,6 +25,7 @@ from ingest.validate import MAX_NAME, Limits, escape, validate
 __all__ = ["Outcome", "Processor", "SourceRuntime", "summarize"]
 
 MAX_DETAIL = 2000
+_NOT_ATTRIBUTES = frozenset({"device", "metric", "#"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,11 @@ class Outcome:
     rejection: Rejection | None = None
     ignored: int = 0
     problems: list[Rejection] = field(default_factory=list)
+    # Topic captures other than device and metric ({district}, {gateway}): attributes of the devices
+    # of this message's readings, stored on their device rows.
+    attributes: dict[str, str] | None = None
+    # Why a message that carries no readings by design was acknowledged without a row (see Decoded).
+    skipped: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +54,8 @@ class Outcome:
             "rejection": None if self.rejection is None else
             {"reason": self.rejection.reason, "detail": self.rejection.detail},
             "ignored": self.ignored,
+            **({"attributes": self.attributes} if self.attributes else {}),
+            **({"skipped": self.skipped} if self.skipped else {}),
         }
 
     @property
@@ -56,12 +65,22 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class SourceRuntime:
-    """A configured source, compiled: its route, decoder and zone."""
+    """A configured source, compiled: its route, decoder, zone, format options and mapping."""
 
     settings: SourceSettings
     route: Route
     decoder: Decoder
     timezone: tzinfo | None
+    options: dict[str, Any] = field(default_factory=dict)
+    mapping: SourceMapping = field(default_factory=SourceMapping)
+    # `decode` without a config: the device of a message that names none when the template has no
+    # {device}; "" stands for the whole topic.
+    fallback_device: str | None = None
+
+    @classmethod
+    def of(cls, s: SourceSettings) -> SourceRuntime:
+        return cls(s, compile_template(s.topic, s.name), get_decoder(s.format),
+                   ZoneInfo(s.timezone) if s.timezone else None, s.format_options(), s.mapping())
 
 
 def summarize(problems: list[Rejection]) -> Rejection:
@@ -111,20 +130,23 @@ class Processor:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, override_format: str | None = None,
-                      source: str | None = None) -> Processor:
+                      source: str | None = None, template: str | None = None,
+                      device: str | None = None) -> Processor:
+        """``override_format`` without a matching configured source: an ad-hoc source of that format on
+        ``template`` (default "#"), whose device is ``device``, else the whole topic, when neither the
+        template nor the payload names one (`sensor-ingest decode`)."""
         runtimes = []
         for s in settings.sources:
             if source is not None and s.name != source:
                 continue
             if override_format is not None:
-                s = s.model_copy(update={"format": override_format})
-            runtimes.append(SourceRuntime(
-                s, compile_template(s.topic, s.name), get_decoder(s.format),
-                ZoneInfo(s.timezone) if s.timezone else None,
-            ))
+                # The source's own options belong to its own format.
+                options = s.options if s.format == override_format else {}
+                s = s.model_copy(update={"format": override_format, "options": options})
+            runtimes.append(SourceRuntime.of(s))
         if override_format is not None and not runtimes:
-            ad_hoc = SourceSettings(name="adhoc", topic="#", format=override_format)
-            runtimes.append(SourceRuntime(ad_hoc, compile_template("#", "adhoc"), get_decoder(override_format), None))
+            ad_hoc = SourceRuntime.of(SourceSettings(name="adhoc", topic=template or "#", format=override_format))
+            runtimes.append(replace(ad_hoc, fallback_device=device or ""))
         earliest = datetime.fromisoformat(settings.ingest.earliest_time)
         if earliest.tzinfo is None:
             earliest = earliest.replace(tzinfo=UTC)
@@ -153,13 +175,20 @@ class Processor:
         src = self.sources[route.source]
         prefix = src.settings.device_prefix
         device = captures.get("device")
+        fallback = None
+        if device is None and src.fallback_device is not None:
+            fallback = src.fallback_device or msg.topic
+            if src.settings.format == "value":  # takes its device from the topic only
+                device, fallback = fallback, None
+                captures = {**captures, "device": device}
         ctx = DecodeContext(
-            topic=msg.topic, received_at=msg.received_at, device=device, captures=captures,
-            timezone=src.timezone, options=src.settings.options, max_depth=self.max_depth,
+            topic=msg.topic, received_at=msg.received_at, device=device, captures=captures, fallback_device=fallback,
+            device_level=route.device_level,
+            timezone=src.timezone, options=src.options, mapping=src.mapping, max_depth=self.max_depth,
             max_readings=self.max_readings,
         )
         try:
-            decoded = src.decoder(msg.payload, ctx)
+            decoded = decode(src.decoder, msg.payload, ctx)
         except DecodeError as exc:
             who = (prefix + device) if device else None
             return Outcome(msg, route.source, [], Rejection(exc.reason, exc.detail, who))
@@ -187,6 +216,13 @@ class Processor:
             ]
         kept, problems = validate(readings, msg.received_at, self.limits)
         problems = problems_before + problems
+        attributes = {k: v for k, v in captures.items() if k not in _NOT_ATTRIBUTES} if route.attributes else None
         if not kept and not problems:
+            skipped = decoded.skipped or ("only_ignored" if decoded.ignored else None)
+            if skipped is not None:
+                # By design not a carrier of readings (a join event; leaves the mapping or the format
+                # says are not readings): counted by reason, not a rejection row per message.
+                return Outcome(msg, route.source, [], None, decoded.ignored, skipped=skipped)
             problems = [Rejection("empty", "the payload holds no readings", device)]
-        return Outcome(msg, route.source, kept, summarize(problems) if problems else None, decoded.ignored, problems)
+        return Outcome(msg, route.source, kept, summarize(problems) if problems else None, decoded.ignored, problems,
+                       attributes if kept else None)

@@ -26,6 +26,8 @@ class Route:
     levels: tuple[str | None, ...]
     names: tuple[str | None, ...]  # capture name of each level, or None
     rest: bool  # ends with '#'
+    device_level: int | None = None  # the index of the level captured as {device}
+    attributes: bool = False  # captures other than device and metric (device attributes)
 
     def match(self, topic: str) -> dict[str, str] | None:
         parts = topic.split("/")
@@ -80,7 +82,9 @@ def compile_template(template: str, source: str = "") -> Route:
             filt.append(level)
     if rest:
         filt.append("#")
-    return Route(source, template, "/".join(filt), tuple(levels), tuple(names), rest)
+    device_level = names.index("device") if "device" in names else None
+    attributes = any(n not in (None, "device", "metric") for n in names)
+    return Route(source, template, "/".join(filt), tuple(levels), tuple(names), rest, device_level, attributes)
 
 
 class Router:

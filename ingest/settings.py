@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import parse_qsl, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -30,8 +31,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -40,12 +45,16 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ingest.errors import ConfigError, ConfigProblem
 from ingest.logs import is_secret_name, mask_secrets
 
+if TYPE_CHECKING:
+    from ingest.decoders.mapping import SourceMapping
+
 __all__ = [
     "ENV_SHORT_NAMES",
     "DatabaseSettings",
     "HttpSettings",
     "IngestSettings",
     "LogSettings",
+    "MetricSettings",
     "MqttSettings",
     "Settings",
     "SourceSettings",
@@ -283,15 +292,80 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = Field("text", description="text for people, json for log collectors")
 
 
-_FORMATS = ("native", "senml")
+# Strict: TOML's "yes" must not become True, nor true become 1.0.
+_VALUE = StrictBool | StrictInt | StrictFloat
+
+
+def _storable_name(what: str, name: str, *, unit: bool = False) -> str:
+    """A stored metric name or unit that validation would refuse on every reading is a config error."""
+    from ingest.validate import MAX_NAME, MAX_UNIT, _bad_name
+
+    why = _bad_name(name, MAX_UNIT if unit else MAX_NAME)
+    if why or not name.strip():
+        raise _fix_error(f"{what} {json.dumps(name)} {why or 'is blank'}",
+                         "write a printable name" + (f" of at most {MAX_UNIT} characters, e.g. \"degC\"" if unit else
+                                                     f" of at most {MAX_NAME} characters, e.g. \"temperature\""))
+    return name
+
+
+def _finite_values(table: dict[str, bool | int | float]) -> dict[str, bool | int | float]:
+    for key, value in table.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fix_error(f"value_map[{key!r}] is {value}: every reading mapped to it would be refused",
+                             "map it to a finite number or a boolean")
+    return table
+
+
+class MetricSettings(_Section):
+    """What to do with one decoded metric name (or every name a glob matches) of a source."""
+
+    # Strict: scale = true or scale = "2" is a mistake to report, not a number to guess.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, strict=True)
+
+    rename: str | None = Field(None, min_length=1, max_length=200, description="the stored metric name")
+    ignore: bool = Field(False, description="not a reading: counted as ignored, not stored")
+    state: bool = Field(False, description="its strings are text states (stored in `states`)")
+    scale: float = Field(1.0, allow_inf_nan=False, description="stored value = value * scale + offset")
+    offset: float = Field(0.0, allow_inf_nan=False, description="see scale")
+    unit: str | None = Field(None, min_length=1, max_length=32,
+                             description="unit of the stored value (after scale and offset), replacing the payload's")
+    value_map: dict[str, _VALUE] | None = Field(None, description='strings to numbers, e.g. {"ON" = 1, "OFF" = 0}')
+
+    @field_validator("rename")
+    @classmethod
+    def _rename(cls, v: str | None) -> str | None:
+        return v if v is None else _storable_name("rename", v)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str | None) -> str | None:
+        return v if v is None else _storable_name("unit", v, unit=True)
+
+    @field_validator("value_map")
+    @classmethod
+    def _finite_map(cls, v: dict[str, bool | int | float] | None) -> dict[str, bool | int | float] | None:
+        return v if v is None else _finite_values(v)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if v == 0:
+            raise _fix_error("a scale of 0 stores 0 for every reading", "use ignore = true to drop the metric")
+        return v
+
+
+def _format_names() -> tuple[str, ...]:
+    from ingest.decoders import FORMATS  # deferred: keeps `ingest.settings` importable on its own
+
+    return FORMATS
 
 
 class SourceSettings(_Section):
-    """A topic template bound to a payload format."""
+    """A topic template bound to a payload format and a mapping."""
 
     name: str = Field(min_length=1, max_length=64, description="name used in logs, metrics and rejections")
     topic: str = Field(min_length=1, description="topic template, e.g. city/{device}/up; {x} captures one level")
-    format: str = Field(description="payload format: " + ", ".join(_FORMATS))
+    format: str = Field(description="payload format: native, senml, json, lorawan, line or value")
     timezone: str | None = Field(None, description="IANA zone for timestamps without an offset")
     device_prefix: str = Field("", description="prepended to every device id of this source")
     allow_devices: list[str] | None = Field(
@@ -300,7 +374,22 @@ class SourceSettings(_Section):
         "the id as the topic or payload gives it (before device_prefix); readings of other devices are "
         "rejected (bad_device). Default: any device",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="format options")
+    time_field: str | None = Field(
+        None, min_length=1, description="json: dotted payload path of the time (epoch s/ms/us/ns, RFC 3339, or "
+        "a local time without offset read in `timezone`). Default: the receive time")
+    device_field: str | None = Field(
+        None, min_length=1, description="json: dotted payload path of the device id (checked against the "
+        "topic's {device} when there is one)")
+    rename: dict[str, str] = Field(default_factory=dict, description="decoded metric name -> stored name")
+    ignore: list[str] = Field(default_factory=list, description="globs of decoded metric names that are not readings")
+    states: list[str] = Field(default_factory=list,
+                              description="globs of decoded metric names whose strings are text states")
+    value_map: dict[str, _VALUE] = Field(
+        default_factory=dict, description='strings to numbers for every metric without its own, e.g. {"ON" = 1}')
+    metrics: dict[str, MetricSettings] = Field(
+        default_factory=dict, description="per decoded metric name or glob: rename, ignore, state, scale, offset, "
+        "unit, value_map")
+    options: dict[str, Any] = Field(default_factory=dict, description="format options (see the README per format)")
 
     @field_validator("allow_devices")
     @classmethod
@@ -317,11 +406,32 @@ class SourceSettings(_Section):
                 raise _fix_error(f"allow_devices[{i}] is empty", 'write a glob such as "hn-aq-*"')
         return v
 
+    @field_validator("ignore", "states")
+    @classmethod
+    def _name_globs(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            if not pattern.strip():
+                raise _fix_error(f"entry [{i}] is empty", 'write a metric name or a glob such as "ENERGY.*"')
+        return v
+
+    @field_validator("rename")
+    @classmethod
+    def _renames(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, name in v.items():
+            _storable_name(f"rename of {key!r}", name)
+        return v
+
+    @field_validator("value_map")
+    @classmethod
+    def _finite_map(cls, v: dict[str, bool | int | float]) -> dict[str, bool | int | float]:
+        return _finite_values(v)
+
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
-        if v not in _FORMATS:
-            raise ValueError(f"unknown format {v!r}; known: {', '.join(_FORMATS)}")
+        known = _format_names()
+        if v not in known:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(known)}")
         return v
 
     @field_validator("timezone")
@@ -343,6 +453,61 @@ class SourceSettings(_Section):
         compile_template(v)
         return v
 
+    @model_validator(mode="after")
+    def _fits_format(self) -> SourceSettings:
+        from ingest.decoders import OPTIONS, PATH_FIELDS
+
+        for key in ("time_field", "device_field"):
+            if getattr(self, key) is not None and self.format not in PATH_FIELDS:
+                raise _fix_error(
+                    f"{key} is read by the {', '.join(sorted(PATH_FIELDS))} format, not by {self.format}",
+                    f"remove {key}, or use format = \"json\"")
+        dropped = sorted((set(self.rename) | {k for k, m in self.metrics.items() if m.rename is not None})
+                         & ({k for k, m in self.metrics.items() if m.ignore} | set(self.ignore)))
+        if dropped:
+            raise _fix_error(f"{dropped[0]!r} is both renamed and ignored", "keep the rename or the ignore")
+        both = sorted(set(self.rename) & {k for k, m in self.metrics.items() if m.rename is not None})
+        if both:
+            raise _fix_error(f"{both[0]!r} is renamed both in rename and in metrics.{both[0]}.rename",
+                             "keep one of the two")
+        try:
+            OPTIONS[self.format].model_validate(self.options)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            known = ", ".join(OPTIONS[self.format].model_fields) or "none"
+            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            raise _fix_error(f"options.{where}: {msg} for format {self.format}",
+                             f"options of {self.format}: {known}") from None
+        return self
+
+    def mapping(self) -> SourceMapping:
+        """The compiled mapping (ingest.decoders.mapping) of this source."""
+        from ingest.decoders.mapping import MetricRule, SourceMapping
+
+        def table(values: dict[str, bool | int | float] | None) -> dict[str, float | bool] | None:
+            return None if values is None else {k: v if isinstance(v, bool) else float(v) for k, v in values.items()}
+
+        rules: list[tuple[str, MetricRule]] = []
+        for name, m in self.metrics.items():
+            # Only what the table sets: an unset key lets a glob's setting through.
+            given = m.model_fields_set
+            rules.append((name, MetricRule(
+                rename=m.rename, unit=m.unit, value_map=table(m.value_map),
+                ignore=m.ignore if "ignore" in given else None, state=m.state if "state" in given else None,
+                scale=m.scale if "scale" in given else None, offset=m.offset if "offset" in given else None)))
+        rules += [(name, MetricRule(rename=to)) for name, to in self.rename.items()]
+        rules += [(pattern, MetricRule(ignore=True)) for pattern in self.ignore]
+        rules += [(pattern, MetricRule(state=True)) for pattern in self.states]
+        return SourceMapping(rules=tuple(rules), value_map=table(self.value_map or None), time_field=self.time_field,
+                             device_field=self.device_field)
+
+    def format_options(self) -> dict[str, Any]:
+        """The validated format options, with their defaults."""
+        from ingest.decoders import OPTIONS
+
+        return OPTIONS[self.format].model_validate(self.options).model_dump()
+
 
 def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
     """A source without a {device} capture takes its device ids from the payload: bound them.
@@ -353,7 +518,11 @@ def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
     # Deferred import: routing is pure and imports nothing from here.
     from ingest.routing import compile_template
 
-    if "device" in compile_template(source.topic).names or source.device_prefix or source.allow_devices:
+    has_device = "device" in compile_template(source.topic).names
+    if source.format == "value" and not has_device:
+        raise _fix_error("the value format takes the device from the topic, and this topic has no {device}",
+                         'capture the device level, e.g. topic = "shellies/{device}/#"')
+    if has_device or source.device_prefix or source.allow_devices:
         return source
     prefix = json.dumps(f"{source.name}:", ensure_ascii=False)
     raise _fix_error(
@@ -429,14 +598,18 @@ def _key_of(loc: tuple[int | str, ...]) -> str:
 
 def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
     model: type[BaseModel] = Settings
+    keyed = False  # the previous field is a table of models: this item is one of its keys
     for item in loc[:-1]:
-        if isinstance(item, int):
+        if isinstance(item, int) or keyed:
+            keyed = False
             continue
         field = model.model_fields.get(item)
         if field is None:
             return []
         ann = field.annotation
-        inner = get_args(ann)[0] if get_origin(ann) is list else ann
+        origin = get_origin(ann)
+        inner = get_args(ann)[0] if origin is list else get_args(ann)[1] if origin is dict else ann
+        keyed = origin is dict
         if get_origin(inner) is Annotated:
             inner = get_args(inner)[0]
         if isinstance(inner, type) and issubclass(inner, BaseModel):

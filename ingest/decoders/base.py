@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any
 
+from ingest.decoders.mapping import EMPTY, SourceMapping
 from ingest.model import Reading, Rejection
 
 __all__ = ["DecodeContext", "Decoded", "Decoder"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and a frozen __init__ costs 3x
 class DecodeContext:
     """What a decoder knows besides the payload.
 
@@ -30,10 +31,17 @@ class DecodeContext:
                  whose payload carries no time of its own (flagged FLAG_RECEIVE_TIME).
     timezone:    the zone of timestamps written without an offset; None means such timestamps are
                  rejected (reason "bad_time"), because guessing a zone shifts every reading.
-    options:     the source's format options (rename map, time_field, ...), already validated.
+    options:     the source's format options (``options = {...}`` in its [[sources]] entry), validated
+                 at start-up and completed with their defaults.
+    mapping:     the source's mapping (ingest.decoders.mapping): decoders ask it what a string leaf
+                 is, and read its time_field / device_field; the rest is applied after decoding.
     max_depth:   JSON nested deeper is refused (reason too_deep) before it is parsed.
     max_readings: a payload holding more readings is refused (reason too_many_readings) as soon as
                  that can be counted, before the readings are validated one by one.
+    fallback_device: the device of a payload that names none when the topic has no {device} either
+                 (`sensor-ingest decode` without a config: the whole topic). Never checked against
+                 the payload's, unlike ``device``.
+    device_level: the index of the topic level the {device} capture came from, when known.
     """
 
     topic: str
@@ -42,8 +50,11 @@ class DecodeContext:
     captures: Mapping[str, str] = field(default_factory=dict)
     timezone: tzinfo | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    mapping: SourceMapping = EMPTY
     max_depth: int = 32
     max_readings: int = 2000
+    fallback_device: str | None = None
+    device_level: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +64,15 @@ class Decoded:
     readings: the values to store.
     problems: parts of the payload that were skipped, each with a reason and detail.
     ignored:  leaves that are not readings (ids, versions), counted, not stored.
+    skipped:  set when the message is, by design, not a carrier of readings (a LoRaWAN join event, an
+              uplink its network server did not decode): it is counted under this reason and
+              acknowledged, not stored as a rejection. Only meaningful when there are no readings.
     """
 
     readings: list[Reading]
     problems: list[Rejection] = field(default_factory=list)
     ignored: int = 0
+    skipped: str | None = None
 
 
 Decoder = Callable[[bytes, DecodeContext], Decoded]

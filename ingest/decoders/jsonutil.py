@@ -7,30 +7,36 @@ Everything here is pure. Failures of a whole payload raise DecodeError; failures
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime, timedelta, tzinfo
 from itertools import accumulate
-from typing import Any
+from typing import Any, Final
 
 from ingest.decoders.base import DecodeContext
 from ingest.errors import DecodeError
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "MISSING",
     "BadTime",
     "check_count",
     "describe",
+    "epoch_auto",
     "epoch_to_utc",
+    "get_path",
     "is_number",
     "load_json",
     "nesting_depth",
     "offset_from",
     "parse_time",
+    "parse_time_field",
     "resolve_device",
     "shorten",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DIGITS = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,9})?")  # ASCII digits only: "\d" takes "١٢٣"
 DEFAULT_MAX_DEPTH = 32
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -55,6 +61,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise DecodeError("malformed", f"duplicate key {shorten(key)} in a JSON object")
         obj[key] = value
     return obj
+
+
+# One decoder for every payload: json.loads with options builds a new JSONDecoder per call.
+# parse_int=float: integers become floats, and huge ones become inf instead of raising.
+_DECODER: Final = json.JSONDecoder(parse_int=float, object_pairs_hook=_no_duplicate_keys)
 
 
 def nesting_depth(payload: bytes) -> int:
@@ -86,8 +97,7 @@ def load_json(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
             raise DecodeError("too_deep", f"JSON nested {depth} levels deep (limit ingest.max_json_depth = "
                               f"{max_depth})")
     try:
-        # parse_int=float: integers become floats, and huge ones become inf instead of raising.
-        return json.loads(text, parse_int=float, object_pairs_hook=_no_duplicate_keys)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise DecodeError(
             "malformed", f"not JSON: {exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
@@ -139,6 +149,60 @@ def epoch_to_utc(seconds: float) -> datetime:
         raise BadTime(f"{seconds!r} is not a usable number of seconds since 1970") from exc
 
 
+# Epoch magnitudes: a count below 1e11 is seconds (up to the year 5138), below 1e14 milliseconds,
+# below 1e17 microseconds, else nanoseconds. Any of them for a time between 1973 and 5138 is read right.
+_EPOCH_UNITS = ((1e11, 1), (1e14, 1000), (1e17, 1_000_000))
+MISSING: Final = object()
+
+
+def epoch_auto(count: float | int) -> datetime:
+    """An epoch count in seconds, milliseconds, microseconds or nanoseconds, told apart by magnitude.
+
+    A whole count is converted in integer arithmetic, so that nanoseconds keep their microseconds.
+    """
+    if isinstance(count, float) and not math.isfinite(count):
+        raise BadTime(f"{count!r} is not a usable epoch time")
+    per_second = next((d for limit, d in _EPOCH_UNITS if abs(count) < limit), 1_000_000_000)
+    if isinstance(count, int) or count.is_integer():
+        whole = int(count)
+        try:
+            return _EPOCH + timedelta(microseconds=whole * 1_000_000 // per_second)
+        except OverflowError as exc:
+            raise BadTime(f"{count!r} is not a usable epoch time") from exc
+    return epoch_to_utc(count / per_second)
+
+
+def parse_time_field(value: object, zone: tzinfo | None) -> datetime:
+    """A time field's value: an epoch count (number, or a string of digits) in s/ms/us/ns by magnitude,
+    or an RFC 3339 / ISO 8601 string (without an offset: read in ``zone``)."""
+    if isinstance(value, bool) or value is None:
+        raise BadTime(f"expected a time, got {describe(value)}")
+    if isinstance(value, int | float):
+        return epoch_auto(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if _DIGITS.fullmatch(text):
+            return epoch_auto(float(text) if "." in text else int(text))
+        return parse_time(value, zone)
+    raise BadTime(f"expected a time, got {describe(value)}")
+
+
+def get_path(data: object, path: str) -> object:
+    """The value at a dotted path ("a.b.0.c": object keys, and list indexes as numbers), or MISSING.
+    A key that itself holds the dots is found whole first."""
+    if isinstance(data, dict) and path in data:
+        return data[path]
+    node = data
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return MISSING
+    return node
+
+
 def offset_from(base: datetime, seconds: float) -> datetime:
     """``base`` moved by ``seconds`` (for times relative to the receive time)."""
     try:
@@ -185,6 +249,8 @@ def resolve_device(named: str | None, ctx: DecodeContext, where: str = "payload"
             )
         return named
     if ctx.device is None:
+        if ctx.fallback_device:
+            return ctx.fallback_device
         raise DecodeError(
             "no_device",
             f"{where} names no device and the topic template has no {{device}} capture",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
@@ -55,6 +56,11 @@ _INSERT_STATES = """
 INSERT INTO states (time, device_id, metric_id, value, flags)
 SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::int[], $4::text[], $5::int2[])
 ON CONFLICT DO NOTHING
+"""
+_SET_ATTRIBUTES = """
+UPDATE devices SET attributes = devices.attributes || t.a::jsonb
+FROM unnest($1::int[], $2::text[]) AS t(id, a)
+WHERE devices.id = t.id
 """
 _TOUCH_DEVICES = """
 UPDATE devices SET last_seen = t.ts
@@ -122,6 +128,7 @@ class Writer:
         self._metric_budget = NewKeyBudget(new_metrics_per_minute)
         self._clock = clock
         self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
+        self._attributes: dict[int, dict[str, str]] = {}  # committed attributes from topic captures
 
     async def write(self, outcomes: Sequence[Outcome]) -> WriteResult:
         """Commit every outcome's readings and rejection in one transaction, or raise."""
@@ -189,7 +196,12 @@ class Writer:
                 last_seen[d] = r.time
         rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
         redelivered = any(o.message.redelivered for o in outcomes)
+        attributes = self._changed_attributes(outcomes)
         async with conn.transaction():
+            if attributes:
+                ids = sorted(attributes)  # one lock order for every worker
+                await conn.execute(_SET_ATTRIBUTES, ids,
+                                   [json.dumps(attributes[i], ensure_ascii=False) for i in ids])
             if rows:
                 result.conflict_path = await self._write_readings(conn, rows, redelivered)
             if texts:
@@ -200,11 +212,28 @@ class Writer:
                 )
         result.readings, result.states, result.rejections = len(rows), len(texts), len(rejections)
         result.reasons.update(o.rejection.reason for o in outcomes if o.rejection is not None)
+        for d, attrs in attributes.items():
+            self._attributes[d] = {**self._attributes.get(d, {}), **attrs}
         pending = self._last_seen
         for d, ts in last_seen.items():
             if d not in pending or pending[d] < ts:
                 pending[d] = ts
         return result
+
+    def _changed_attributes(self, outcomes: Sequence[Outcome]) -> dict[int, dict[str, str]]:
+        """Topic-capture attributes that differ from what this writer last committed, per device id
+        (known devices only: after _admit). Usually empty: captures rarely change."""
+        changed: dict[int, dict[str, str]] = {}
+        dev = self.ids.devices
+        for o in outcomes:
+            if not o.attributes:
+                continue
+            for d in {dev[r.device] for r in o.readings}:
+                known = self._attributes.get(d, {})
+                diff = {k: e for k, v in o.attributes.items() if known.get(k) != (e := escape(v))}
+                if diff:
+                    changed.setdefault(d, {}).update(diff)
+        return changed
 
     async def _admit(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> list[Outcome]:
         """Create the ids of new devices and metrics within each source's budget; the readings of
@@ -273,4 +302,4 @@ def _without(o: Outcome, denied: Callable[[Reading], bool], what: str, key: str,
     )
     problems = [*o.problems, problem]
     return Outcome(o.message, o.source, [r for r in o.readings if not denied(r)], summarize(problems), o.ignored,
-                   problems)
+                   problems, o.attributes)

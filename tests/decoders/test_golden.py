@@ -1,7 +1,14 @@
 """Golden cases: tests/decoders/cases/<family>/<case>/ holds payload, context.json, source.txt and either
 expected.json (readings in order, problems, ignored) or error.json (the DecodeError reason).
 
-Optional keys beyond the required ones: "detail_contains" in error.json and in each problem.
+context.json: "topic" and "received_at"; optional "device" (the topic's {device} capture), "timezone",
+"captures" (every capture of the topic template; its "device" is the device when "device" is not
+given), "options" (the format's options) and "mapping" (a source's mapping keys as in [[sources]]:
+time_field, device_field, rename, ignore, states, value_map, metrics). The case runs exactly what the
+service runs: the source's settings are validated, then the decoder and the mapping are applied.
+
+Optional keys beyond the required ones: "detail_contains" in error.json and in each problem;
+"skipped" in expected.json (a message acknowledged without readings by design).
 
 source.txt says where the payload comes from. Its first line is "<kind>: <reference>", one of
   spec: a specification and its section, e.g. "spec: RFC 8428 §5.1.2, second example";
@@ -27,22 +34,34 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ingest.decoders import DecodeContext, get_decoder
+from ingest.decoders import DecodeContext, decode, get_decoder
 from ingest.errors import DecodeError
 from ingest.model import Reading
+from ingest.settings import SourceSettings
 
 CASES = Path(__file__).parent / "cases"
 CASE_DIRS = sorted(p for p in CASES.glob("*/*") if p.is_dir())
 
 
-def _context(path: Path) -> DecodeContext:
+def _context(path: Path, family: str) -> DecodeContext:
     raw = json.loads(path.read_text(encoding="utf-8"))
     zone = raw.get("timezone")
+    captures = dict(raw.get("captures", {}))
+    device = raw.get("device", captures.get("device"))
+    if device is not None:
+        captures.setdefault("device", device)
+    # Through SourceSettings, so that a case's options and mapping are valid config as written.
+    topic = "/".join(f"{{{k}}}" for k in captures) or "golden/#"
+    source = SourceSettings(name="golden", topic=topic, format=family, timezone=zone,
+                            options=raw.get("options", {}), **raw.get("mapping", {}))
     return DecodeContext(
         topic=raw["topic"],
-        device=raw.get("device"),
+        device=device,
+        captures=captures,
         received_at=datetime.fromisoformat(raw["received_at"]),
         timezone=ZoneInfo(zone) if zone else None,
+        options=source.format_options(),
+        mapping=source.mapping(),
     )
 
 
@@ -80,7 +99,7 @@ def _expected(entry: dict[str, Any]) -> dict[str, Any]:
 
 def test_cases_are_present() -> None:
     families = {p.parent.name for p in CASE_DIRS}
-    assert {"native", "senml"} <= families
+    assert {"native", "senml", "json", "lorawan", "line", "value"} <= families
 
 
 _SOURCE_LINE = re.compile(r"(spec|vendor|issue|project): (\S.*)")
@@ -112,22 +131,22 @@ def test_every_case_names_its_source() -> None:
 
 @pytest.mark.parametrize("case", CASE_DIRS, ids=[f"{p.parent.name}/{p.name}" for p in CASE_DIRS])
 def test_golden(case: Path) -> None:
-    decode = get_decoder(case.parent.name)
+    decoder = get_decoder(case.parent.name)
     payload = (case / "payload").read_bytes()
-    ctx = _context(case / "context.json")
+    ctx = _context(case / "context.json", case.parent.name)
     expected_file, error_file = case / "expected.json", case / "error.json"
     assert expected_file.exists() != error_file.exists(), "a case has expected.json or error.json"
 
     if error_file.exists():
         error = json.loads(error_file.read_text(encoding="utf-8"))
         with pytest.raises(DecodeError) as info:
-            decode(payload, ctx)
+            decode(decoder, payload, ctx)
         assert info.value.reason == error["reason"], info.value.detail
         assert error.get("detail_contains", "") in info.value.detail
         return
 
     expected = json.loads(expected_file.read_text(encoding="utf-8"))
-    decoded = decode(payload, ctx)
+    decoded = decode(decoder, payload, ctx)
     assert [_actual(r) for r in decoded.readings] == [_expected(r) for r in expected["readings"]]
     assert [p.reason for p in decoded.problems] == [p["reason"] for p in expected["problems"]], [
         p.detail for p in decoded.problems
@@ -135,3 +154,4 @@ def test_golden(case: Path) -> None:
     for got, want in zip(decoded.problems, expected["problems"], strict=True):
         assert want.get("detail_contains", "") in got.detail
     assert decoded.ignored == expected["ignored"]
+    assert decoded.skipped == expected.get("skipped")

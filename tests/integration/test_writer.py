@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -239,3 +240,22 @@ async def test_after_a_blackhole_the_writer_starts_again_on_a_new_pool(
         first.terminate()
         for p in renewed:
             await p.close()
+
+
+@pytest.mark.asyncio
+async def test_topic_attributes_are_stored_on_the_device_row_and_follow_a_change(pool: asyncpg.Pool) -> None:
+    writer = Writer(pool)
+
+    def attributed(i: int, device: str, attrs: dict[str, str]) -> Outcome:
+        o = outcome(i, [reading(device, "pm25", i, 1.0)])
+        return Outcome(o.message, o.source, o.readings, attributes=attrs)
+
+    await writer.write([attributed(0, "aq-1", {"district": "hoan-kiem", "gateway": "gw-1"}),
+                        attributed(1, "aq-2", {"district": "cau-giay"})])
+    # The device moves to another gateway; an attribute set by hand (or by the register) is kept.
+    await pool.execute("""UPDATE devices SET attributes = attributes || '{"height_m": 3}' WHERE uid = 'aq-1'""")
+    await writer.write([attributed(2, "aq-1", {"district": "hoan-kiem", "gateway": "gw-2"})])
+
+    rows = dict(await pool.fetch("SELECT uid, attributes::text FROM devices ORDER BY uid"))
+    assert json.loads(rows["aq-1"]) == {"district": "hoan-kiem", "gateway": "gw-2", "height_m": 3}
+    assert json.loads(rows["aq-2"]) == {"district": "cau-giay"}

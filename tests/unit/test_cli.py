@@ -162,3 +162,47 @@ def test_a_migrate_error_is_printed_masked(monkeypatch: pytest.MonkeyPatch, caps
     _, err = capsys.readouterr()
     assert "migrate failed" in err
     assert "hunter" not in err
+
+
+CASES = Path(__file__).resolve().parents[1] / "decoders" / "cases"
+# One real payload per family, decoded with no config file at all: (format, case, topic, extra args,
+# the (device, metric, value) of its first reading).
+NO_CONFIG = [
+    ("native", "native/map_form", "x/y", [], None),
+    ("senml", "senml/rfc8428_single_datapoint", "senml/up", [], ("urn:dev:ow:10e2073a01080063", "value", 23.1)),
+    ("json", "json/zigbee2mqtt_flat", "zigbee2mqtt/0x00158d0001dc126a", ["--template", "zigbee2mqtt/{device}"],
+     ("0x00158d0001dc126a", "temperature", 27.34)),
+    ("json", "json/zigbee2mqtt_flat", "zigbee2mqtt/0x00158d0001dc126a", [],
+     ("zigbee2mqtt/0x00158d0001dc126a", "temperature", 27.34)),
+    ("lorawan", "lorawan/tts_uplink_data_formats", "v3/app1@tenant1/devices/dev1/up", [], None),
+    ("line", "line/telegraf_system_host", "telegraf/x", [], None),
+    ("value", "value/esphome_sensor_float", "attic-powerwall/sensor/firstfloor_inverter_energy_yesterday/state",
+     ["--template", "{device}/#"], ("attic-powerwall", "sensor.firstfloor_inverter_energy_yesterday", 0.105)),
+]
+
+
+@pytest.mark.usefixtures("_restore_logging")
+@pytest.mark.parametrize(("fmt", "case", "topic", "extra", "first"), NO_CONFIG,
+                         ids=[f"{c[0]}-{'template' if c[3] else 'bare'}" for c in NO_CONFIG])
+def test_decode_reads_every_family_with_no_config(
+    fmt: str, case: str, topic: str, extra: list[str], first: tuple[str, str, float] | None,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The golden case's readings, through the command: same devices (unless the topic is the device),
+    metrics and values as the decoder test expects."""
+    for name in list(os.environ):
+        if name.startswith("SENSOR_INGEST_"):
+            monkeypatch.delenv(name)
+    expected = json.loads((CASES / case / "expected.json").read_text(encoding="utf-8"))["readings"]
+
+    code = main(["decode", "--format", fmt, "--topic", topic, *extra, str(CASES / case / "payload")])
+
+    out, _ = capsys.readouterr()
+    result = json.loads(out)
+    assert code == 0, result
+    got = [(r["device"], r["metric"], r["value"]) for r in result["readings"]]
+    assert [(m, v) for _, m, v in got] == [(r["metric"], r["value"]) for r in expected]
+    if first is not None:
+        assert got[0] == first
+    else:
+        assert [d for d, _, _ in got] == [r["device"] for r in expected]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from ingest.decoders.base import DecodeContext, Decoded
 from ingest.model import FLAG_RECEIVE_TIME, RawMessage
-from ingest.process import Processor
+from ingest.process import Processor, SourceRuntime
+from ingest.routing import compile_template
 from ingest.settings import IngestSettings, Settings, SourceSettings
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
@@ -89,7 +91,6 @@ def test_nan_from_a_payload_is_rejected_as_not_finite() -> None:
 
 
 def test_a_decoder_bug_becomes_a_rejection_not_a_crash() -> None:
-    from ingest.decoders.base import DecodeContext, Decoded
     from ingest.process import SourceRuntime
     from ingest.routing import compile_template
 
@@ -166,3 +167,56 @@ def test_unstorable_names_from_a_payload_are_rejected_with_a_reason() -> None:
         assert out.rejection is not None
         assert out.rejection.reason == reason, (payload, out.rejection.detail)
         out.rejection.detail.encode("utf-8")  # the detail itself is storable
+
+
+def test_captures_other_than_device_and_metric_are_attributes_of_the_message() -> None:
+    out = processor().process(msg("city/hoan-kiem/aq-1/up", {"readings": {"pm25": 7}}))
+    assert out.attributes == {"district": "hoan-kiem"}
+
+
+def test_the_mapping_applies_to_every_format_after_decoding() -> None:
+    settings = Settings(sources=[SourceSettings(
+        name="aq", topic="city/{device}/up", format="native", rename={"pm25": "pm2_5"},
+        metrics={"t_dC": {"scale": 0.1, "unit": "degC", "rename": "temperature"}}, ignore=["debug.*"])])
+    out = Processor.from_settings(settings).process(
+        msg("city/aq-1/up", {"readings": {"pm25": 7, "t_dC": 215, "debug.heap": 3}}))
+    assert [(r.metric, r.value, r.unit) for r in out.readings] == [
+        ("pm2_5", 7.0, None), ("temperature", 21.5, "degC")]
+    assert out.ignored == 1
+    assert out.rejection is None
+
+
+def test_a_message_whose_leaves_are_all_ignored_is_skipped_not_rejected() -> None:
+    settings = Settings(sources=[SourceSettings(name="aq", topic="city/{device}/up", format="native",
+                                                ignore=["*"])])
+    out = Processor.from_settings(settings).process(msg("city/aq-1/up", {"readings": {"a": 1, "b": 2}}))
+    assert (out.readings, out.rejection, out.skipped, out.ignored) == ([], None, "only_ignored", 2)
+
+
+def test_a_decoder_that_skips_by_design_leaves_no_rejection() -> None:
+    src = SourceSettings(name="x", topic="x/{device}", format="native")
+
+    def join_event(payload: bytes, ctx: DecodeContext) -> Decoded:
+        return Decoded(readings=[], skipped="lorawan_join")
+
+    base = processor()
+    p = Processor([SourceRuntime(src, compile_template(src.topic, src.name), join_event, None)], base.limits, 1000)
+    out = p.process(msg("x/d", b"{}"))
+    assert (out.rejection, out.skipped) == (None, "lorawan_join")
+
+
+def test_decode_without_config_takes_the_whole_topic_as_device_only_when_the_payload_names_none() -> None:
+    p = Processor.from_settings(Settings(), override_format="native")
+    named = p.process(msg("a/b/c", {"device": "dev-9", "readings": {"x": 1}}))
+    unnamed = p.process(msg("a/b/c", {"readings": {"x": 1}}))
+    assert [r.device for r in named.readings] == ["dev-9"]
+    assert [r.device for r in unnamed.readings] == ["a/b/c"]
+    given = Processor.from_settings(Settings(), override_format="native", template="a/{device}/c")
+    assert [r.device for r in given.process(msg("a/b/c", {"readings": {"x": 1}})).readings] == ["b"]
+
+
+def test_the_value_format_names_the_metric_from_the_levels_after_the_captured_device() -> None:
+    # A literal level before the device that spells it is not the device: the template says which is.
+    settings = Settings(sources=[SourceSettings(name="shelly", topic="shellies/{device}/#", format="value")])
+    out = Processor.from_settings(settings).process(msg("shellies/shellies/relay/0/power", b"12.5"))
+    assert [(r.device, r.metric, r.value) for r in out.readings] == [("shellies", "relay.0.power", 12.5)]

@@ -6,6 +6,7 @@ Also `sensor-ingest check-config`, which is load_settings() with an exit code.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def test_the_example_file_loads_with_its_documented_defaults() -> None:
     s = load_settings(EXAMPLE)
 
     assert s == load_settings().model_copy(update={"sources": s.sources})
-    assert [src.name for src in s.sources] == ["native", "senml", "gateways"]
+    assert [src.name for src in s.sources] == [
+        "native", "senml", "gateways", "tasmota", "ttn", "chirpstack", "telegraf", "esphome"]
+    assert {src.format for src in s.sources} == {"native", "senml", "json", "lorawan", "line", "value"}
     assert s.sources[0].topic == "city/{district}/{device}/up"
     assert s.sources[0].allow_devices is None
     # The gateways' topic has no {device}: the example shows how such a source is bounded.
@@ -640,7 +643,7 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(EXAMPLE)]) == 0
 
     out, err = capsys.readouterr()
-    assert "OK (3 source(s))" in out
+    assert "OK (8 source(s))" in out
     assert err == ""
 
 
@@ -685,7 +688,7 @@ def test_check_config_show_masks_passwords(monkeypatch: pytest.MonkeyPatch, caps
     assert shown["database"]["url"] == "postgresql://ingest:***@db:5432/x"
     assert shown["mqtt"]["url"] == "mqtt://ingest:***@broker:1883"
     assert shown["mqtt"]["client_id"] == "sensor-ingest-1"
-    assert len(shown["sources"]) == 3
+    assert len(shown["sources"]) == 8
 
 
 @pytest.mark.usefixtures("_restore_logging")
@@ -715,16 +718,28 @@ def test_check_config_show_masks_every_form_of_password(
 
 
 @pytest.mark.usefixtures("_restore_logging")
-def test_check_config_show_masks_secret_looking_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_show_masks_secret_looking_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A mapping's keys are the payload's names, so a secret-looking one can appear in any config.
     text = SOURCE.format(name="aq", topic="city/{device}/up", format="native")
-    path = _write(tmp_path, text + '[sources.options]\napi_token = "s3cret"\nnote = "see mqtt://u:s3cret2@h"\n')
+    path = _write(tmp_path, text + '[sources.rename]\napi_token = "s3cret"\nnote = "see mqtt://u:s3cret2@h"\n')
 
     assert main(["check-config", "--show", str(path)]) == 0
 
     out, _ = capsys.readouterr()
     assert "s3cret" not in out
-    options = json.loads(out.partition("\n")[2])["sources"][0]["options"]
-    assert options == {"api_token": "***", "note": "see mqtt://u:***@h"}
+    rename = json.loads(out.partition("\n")[2])["sources"][0]["rename"]
+    assert rename == {"api_token": "***", "note": "see mqtt://u:***@h"}
+
+
+def test_unknown_format_options_are_refused_with_the_known_ones(tmp_path: Path) -> None:
+    text = SOURCE.format(name="aq", topic="city/{device}/up", format="line")
+    path = _write(tmp_path, text + '[sources.options]\nprecison = "ms"\n')
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+
+    assert "options.precison: unknown option for format line" in str(info.value)
+    assert "precision" in str(info.value)
 
 
 @pytest.mark.usefixtures("_restore_logging")
@@ -817,3 +832,23 @@ def test_mask_url(url: str, masked: str) -> None:
 def test_mask_url_keeps_an_encoded_username_as_written() -> None:
     # The user name is already percent-encoded in the URL; masking must not encode it a second time.
     assert mask_url("postgresql://svc%40city:secret@h/db") == "postgresql://svc%40city:***@h/db"
+
+
+README = EXAMPLE.parents[1] / "README.md"
+
+
+def _readme_sources() -> list[str]:
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    return [b for b in blocks if "[[sources]]" in b]
+
+
+def test_the_readme_has_source_examples() -> None:
+    assert len(_readme_sources()) >= 2
+
+
+@pytest.mark.parametrize("block", _readme_sources())
+def test_every_source_example_in_the_readme_is_valid_config(tmp_path: Path, block: str) -> None:
+    settings = load_settings(_write(tmp_path, block))
+    assert settings.sources
+    for source in settings.sources:
+        source.mapping()
