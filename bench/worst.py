@@ -36,6 +36,8 @@ def _fit(build: Callable[[int], bytes], limit: int) -> bytes:
     """The largest build(n) that fits in ``limit`` bytes (n found by bisection)."""
     lo, hi = 1, 1
     while len(build(hi)) <= limit:
+        if hi > 1 << 20:  # build caps n itself (at max_readings): the whole payload fits
+            return build(hi)
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -70,6 +72,23 @@ def cases(limit: int, max_readings: int) -> dict[str, tuple[str, bytes]]:
         "deepest allowed nesting, many brackets": ("senml/hn-aq-0001", _fit(lambda k: json.dumps(
             [{"bn": "hn-aq-0001:", "bt": NOW.timestamp() - 60, "n": "t", "v": 1,
               "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]]]]]]]]]]]]] * k}]).encode(), limit)),
+        # The formats of issue #11, each through a source with a mapping.
+        "json, nested, max leaves, time_field": ("tele/hn-tas-0001/SENSOR", _fit(lambda k: json.dumps(
+            {"Time": T, **{f"Sensor{i // 10}": {f"Wert_{j}": j * 0.5 for j in range(10)}
+                           for i in range(0, min(k, n - 10), 10)}}).encode(), limit)),
+        "json, gateway array of records": ("jgw/gw-01", _fit(lambda k: json.dumps(
+            [{"id": f"hn-{i:05d}", "ts": int(NOW.timestamp()) - 60, "pm25": 1.5} for i in range(min(k, n // 3))]
+        ).encode(), limit)),
+        "lorawan, decoded payload of max leaves": ("v3/app@ttn/devices/hn-wl-0001/up", _fit(lambda k: json.dumps(
+            {"end_device_ids": {"device_id": "hn-wl-0001"}, "received_at": T,
+             "uplink_message": {"decoded_payload": {f"ch{i}": i for i in range(min(k, n - 2))},
+                                "rx_metadata": [{"rssi": -70 - i, "snr": 5} for i in range(8)]}}).encode(), limit)),
+        "line, max lines with escapes": ("telegraf/site-1", _fit(lambda k: "".join(
+            f'weather\\ station,host=hn-ws-{i % 50},loc=a\\,b t\\=x={i}.5,s="q\\"{i}" {1764039600 + i}000000000\n'
+            for i in range(min(k, n // 2))).encode(), limit)),
+        "line, max lines, every one bad (rejected)": ("telegraf/site-1", _fit(
+            lambda k: (b"m,host=hn-ws-1 u=" + b"x" * 12 + b"\n") * min(k, n), limit)),
+        "value, 64 KiB of digits (rejected, not_finite)": ("esphome/hn-noise-0001/sensor/level/state", b"7" * limit),
         "64 KiB of '[' (rejected, too_deep)": ("city/hk/hn-aq-0001/up", b"[" * limit),
         "64 KiB of binary (rejected, malformed)": ("city/hk/hn-aq-0001/up", os.urandom(limit)),
     }
@@ -82,6 +101,15 @@ def _processor(limit: int) -> Processor:
             SourceSettings(name="aq", topic="city/{district}/{device}/up", format="native"),
             SourceSettings(name="gw", topic="gw/{gateway}", format="native", allow_devices=["hn-*"]),
             SourceSettings(name="senml", topic="senml/{device}", format="senml"),
+            SourceSettings(name="tasmota", topic="tele/{device}/SENSOR", format="json", time_field="Time",
+                           rename={"Sensor0.Wert_0": "temperature"}, metrics={"Sensor1.*": {"unit": "degC"}}),
+            SourceSettings(name="jgw", topic="jgw/{gateway}", format="json", device_field="id", time_field="ts",
+                           allow_devices=["hn-*"]),
+            SourceSettings(name="ttn", topic="v3/{application}/devices/{device}/up", format="lorawan",
+                           options={"radio": True}, metrics={"ch1": {"scale": 0.1, "unit": "V"}}),
+            SourceSettings(name="telegraf", topic="telegraf/{site}", format="line", allow_devices=["hn-*"],
+                           states=["*.s"]),
+            SourceSettings(name="esphome", topic="esphome/{device}/#", format="value"),
         ],
     ))
 

@@ -67,7 +67,8 @@ def decode(decoder: Decoder, payload: bytes, ctx: DecodeContext) -> Decoded:
     ignored = 0
     if not ctx.mapping.empty:
         readings, ignored = mapping.apply(readings, ctx.mapping)
-    if len(readings) > 1:
+    # Cheap first: distinct (device, metric) pairs (strings hash once) cannot clash whatever the times.
+    if len(readings) > 1 and len({(r.device, r.metric) for r in readings}) < len(readings):
         readings, clashes = _first_of_each(readings)
         if clashes:
             return replace(decoded, readings=readings, problems=[*decoded.problems, *clashes],
