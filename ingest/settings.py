@@ -518,7 +518,13 @@ def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
     # Deferred import: routing is pure and imports nothing from here.
     from ingest.routing import compile_template
 
-    has_device = "device" in compile_template(source.topic).names
+    route = compile_template(source.topic)
+    if route.rest and all(level is None for level in route.levels):
+        raise _fix_error(
+            f"subscribes to every topic ({route.filter}): the service would read the whole broker, its own "
+            "alert topics and every other system's traffic included",
+            'start the template with a literal level, e.g. topic = "tele/{device}/#"')
+    has_device = "device" in route.names
     if source.format == "value" and not has_device:
         raise _fix_error("the value format takes the device from the topic, and this topic has no {device}",
                          'capture the device level, e.g. topic = "shellies/{device}/#"')

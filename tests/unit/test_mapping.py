@@ -156,6 +156,8 @@ def _problems(**source: Any) -> str:
     ({"metrics": {"x": {"value_map": {"ON": float("inf")}}}}, "value_map['ON'] is inf"),
     ({"rename": {"a": "b"}, "ignore": ["a"]}, "'a' is both renamed and ignored"),
     ({"options": {"strings_as_numbers": "no"}}, "options.strings_as_numbers"),
+    ({"topic": "#", "device_prefix": "x"}, "subscribes to every topic (#)"),
+    ({"topic": "{device}/#"}, "subscribes to every topic (+/#)"),
 ])
 def test_mapping_mistakes_name_the_key_and_the_fix(source: dict[str, Any], expected: str) -> None:
     assert expected in _problems(**source)
