@@ -163,7 +163,10 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
             if type(raw) is str:
                 value = mapping.text(metric, raw, numbers=numbers)
                 if value is None:
-                    ignored += 1
+                    if has_rules and mapping.expects_number(metric):
+                        problems.append(mapping.wrong_type(metric, raw, device))
+                    else:
+                        ignored += 1
                     continue
             else:
                 value = raw
@@ -277,6 +280,8 @@ def _bare_value(raw: object, metric: str, ctx: DecodeContext) -> Decoded:
     if isinstance(raw, str):
         value = mapping.text(metric, raw, numbers=bool(ctx.options.get("strings_as_numbers", True)))
         if value is None:
+            if mapping.expects_number(metric):
+                raise DecodeError("wrong_type", mapping.wrong_type(metric, raw, None).detail)
             return Decoded(readings=[], ignored=1)
     elif isinstance(raw, float | bool):
         value = raw

@@ -248,7 +248,9 @@ def _readings(
                 break
             metric = f"{measurement}.{key}"
             value = mapping.text(metric, raw) if quoted else _value(raw)
-            if value is None:
+            if value is None and mapping.expects_number(metric):
+                problem = ("wrong_type", k, mapping.wrong_type(metric, raw, device).detail, device)
+            elif value is None:
                 strings_ignored += 1  # a string the mapping makes no reading of
             elif isinstance(value, tuple):
                 reason, message = value

@@ -153,7 +153,10 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
         seen.add(metric)
         reading_value = _value(metric, value, ctx)
         if reading_value is None:
-            ignored += 1
+            if isinstance(value, str) and ctx.mapping.expects_number(metric):
+                problems.append(ctx.mapping.wrong_type(metric, value, device))
+            else:
+                ignored += 1
             continue
         readings.append(Reading(device=device, metric=metric, time=when, value=reading_value, flags=flags))
     if options.radio:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Final
 
-from ingest.model import Reading
+from ingest.model import Reading, Rejection
 
 __all__ = ["EMPTY", "MetricRule", "SourceMapping", "apply", "number_of_text"]
 
@@ -36,6 +36,10 @@ _GLOB = re.compile(r"[*?\[]")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _CACHE_LIMIT = 65536  # decoded names remembered per source; cleared when full (publishers choose names)
 _CACHED_NAME = 200  # validate.MAX_NAME: a longer name is rejected anyway, and is not worth memory
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "…")
 
 
 def number_of_text(text: str) -> float | None:
@@ -137,6 +141,20 @@ class SourceMapping:
     def listed(self, metric: str) -> bool:
         """Whether the mapping names this metric exactly (not only through a glob)."""
         return metric in self._exact
+
+    def expects_number(self, metric: str) -> bool:
+        """Whether the mapping declares this metric a number (a unit, scale or offset, and neither a
+        state nor a value map): a string that is no number there is a wrong type, not a leaf to skip."""
+        if not self.rules:
+            return False
+        rule = self.rule(metric)
+        return (not rule.state and rule.value_map is None and self.value_map is None
+                and (rule.unit is not None or rule.scale is not None or rule.offset is not None))
+
+    def wrong_type(self, metric: str, raw: str, device: str | None) -> Rejection:
+        return Rejection("wrong_type", f"{metric}: {_quote(raw)} is not a number, and the source's mapping gives "
+                         "this metric a unit, scale or offset (list it in states, or map its words in value_map)",
+                         device)
 
     def ignored(self, metric: str) -> bool:
         return bool(self.rules) and bool(self.rule(metric).ignore)

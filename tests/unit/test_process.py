@@ -220,3 +220,25 @@ def test_the_value_format_names_the_metric_from_the_levels_after_the_captured_de
     settings = Settings(sources=[SourceSettings(name="shelly", topic="shellies/{device}/#", format="value")])
     out = Processor.from_settings(settings).process(msg("shellies/shellies/relay/0/power", b"12.5"))
     assert [(r.device, r.metric, r.value) for r in out.readings] == [("shellies", "relay.0.power", 12.5)]
+
+
+def test_a_string_where_the_mapping_declares_a_number_is_wrong_type_in_every_format() -> None:
+    metrics = {"temp": {"unit": "degC"}, "m.temp": {"unit": "degC"}}
+    settings = Settings(sources=[
+        SourceSettings(name="json", topic="j/{device}", format="json", metrics=metrics),
+        SourceSettings(name="line", topic="l/{device}", format="line", metrics=metrics),
+        SourceSettings(name="ttn", topic="v3/{app}/devices/{device}/up", format="lorawan", metrics=metrics),
+    ])
+    p = Processor.from_settings(settings)
+    uplink = {"end_device_ids": {"device_id": "d1"}, "received_at": "2026-11-25T02:59:00Z",
+              "uplink_message": {"decoded_payload": {"temp": "err", "hum": 50}}}
+    outcomes = [p.process(msg("j/d1", {"temp": "err", "hum": 50, "note": "text"})),
+                p.process(msg("l/d1", b'm temp="err",hum=50')),
+                p.process(msg("v3/a/devices/d1/up", uplink))]
+    for out in outcomes:
+        assert out.rejection is not None, out
+        assert out.rejection.reason == "wrong_type", out
+        assert "'err' is not a number" in out.rejection.detail
+    # json and lorawan keep the other leaves; in line protocol the line is the unit of rejection.
+    assert [[r.metric for r in o.readings] for o in outcomes] == [["hum"], [], ["hum"]]
+    assert outcomes[0].ignored == 1  # "note": undeclared text is still not a reading
