@@ -204,7 +204,13 @@ class Pipeline:
             now = time.monotonic()
             if self._batches.empty() or now - self._touched_at > _TOUCH_EVERY:
                 self._touched_at = now
-                await self.writer.touch_devices()  # after the acks; when idle, or now and then
+                # After the acks; when idle, or now and then. A wait on the database like a write:
+                # held up (the database gone right after a commit), it counts in stalled_for.
+                self.write_started = now
+                try:
+                    await self.writer.touch_devices()
+                finally:
+                    self.write_started = None
 
     def retry_now(self) -> None:
         """The database answers again: retry a failing write now rather than at the end of its backoff."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -21,9 +22,10 @@ from ingest.metrics import Metrics
 from ingest.model import RawMessage, Reading, Rejection
 from ingest.pipeline import Pipeline
 from ingest.process import Outcome, Processor
-from ingest.settings import DatabaseSettings, IngestSettings, Settings
+from ingest.settings import DatabaseSettings, IngestSettings, Settings, SourceSettings
 from ingest.store.pool import create_pool
 from ingest.store.writer import Writer, WriteResult
+from tests.services import until as _until
 
 T0 = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 HANG = 60  # seconds: a bound on a hang, never an expectation of speed
@@ -162,6 +164,46 @@ async def test_post_commit_work_cannot_rerun_a_committed_batch(database_url: str
         assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == 1
         assert await pool.fetchval("SELECT count(*) FROM readings") == 2
     finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_post_commit_work_held_up_counts_as_the_database_not_answering(database_url: str) -> None:
+    """The last_seen update after the acks is a wait on the database like a write: while it is held
+    up, stalled_for grows, so that a database gone away right after a commit suspends the broker
+    connection after the stall limit. Before the fix the pipeline looked idle (stalled_for 0) for the
+    whole 5 s bound of the update, while the receive window filled and the keepalive ran out."""
+    pool = await create_pool(DatabaseSettings(url=database_url, command_timeout=60))
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        writer = Writer(pool)
+        # The device exists, seen now (devices.last_seen only moves forward: the update must have a later time).
+        now = datetime.now(UTC)
+        await writer.write([outcome(1, [Reading("lamp-1", "on", now - timedelta(minutes=2), True)])])
+        await writer.touch_devices()
+        acked: list[int] = []
+
+        def ack(epoch: int, seqs: list[int]) -> int:
+            acked.extend(seqs)
+            return len(seqs)
+
+        source = SourceSettings(name="n", topic="n/{device}", format="native")
+        pipeline = Pipeline(IngestSettings(batch_max_age=0.05), Processor.from_settings(Settings(sources=[source])),
+                            writer, Metrics(), ack=ack, inbox_limit=100)
+        tasks = [asyncio.create_task(pipeline.consume()), asyncio.create_task(pipeline.write_loop())]
+        with psycopg.connect(database_url) as locker:
+            locker.execute("SELECT 1 FROM devices WHERE uid = 'lamp-1' FOR UPDATE")  # held until the block ends
+            later = (now + timedelta(minutes=1)).isoformat().encode()
+            payload = b'{"time": "%s", "readings": {"on": false}}' % later
+            pipeline.submit(RawMessage("n/lamp-1", payload, now + timedelta(minutes=2), 1, 1, 1, 0))
+            await _until(lambda: acked == [0], "the message committed and acknowledged")
+            await asyncio.sleep(0.5)  # the update now waits on the row lock
+            assert pipeline.stalled_for(time.monotonic()) >= 0.4
+        await _until(lambda: pipeline.stalled_for(time.monotonic()) == 0, "the update to end")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await pool.close()
 
 
