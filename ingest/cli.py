@@ -16,7 +16,7 @@ from ingest import __version__
 from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import is_secret_name, mask_secrets, setup_logging
 from ingest.model import RawMessage
-from ingest.settings import ENV_SHORT_NAMES, Settings, load_settings, mask_url
+from ingest.settings import ENV_SHORT_NAMES, Settings, SourceSettings, load_settings, mask_url
 from ingest.simulate.options import add_simulate_parser, cmd_simulate
 
 __all__ = ["main"]
@@ -80,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "decode", help="dry run: decode one payload through a source and print the readings",
         description="Decode a payload the way the service would, and print the readings and any "
-        "rejection as JSON. Touches neither the broker nor the database.",
+        "rejection as JSON. Touches neither the broker nor the database. With no --format and no "
+        "--source, the source whose template matches --topic decodes it (configured sources first, "
+        "then the presets); when none does, the auto format tells the family from the payload, and "
+        "the device is the topic's second level after a known first level (tele/<device>/...), else "
+        "the whole topic.",
     )
     _config_arg(p)
-    p.add_argument("--source", help="source name from the config (default: the source matching --topic)")
+    p.add_argument("--source", help="source name from the config or a preset part (default: the source matching "
+                   "--topic)")
     p.add_argument("--format", help="decode with this format instead of a configured source: "
-                   "native, senml, json, lorawan, line or value (a configured source's mapping is kept)")
+                   "native, senml, json, lorawan, line, value or auto (a configured source's mapping is kept)")
+    p.add_argument("--received-at", metavar="TIME", type=_aware_time,
+                   help="the receive time to assume, RFC 3339 with an offset (default: now); the time of "
+                   "readings whose payload has none")
     p.add_argument("--topic", required=True, help="the topic the payload arrived on")
     p.add_argument("--template", metavar="TEMPLATE",
                    help="with --format and no matching source: the topic template, e.g. 'tele/{device}/SENSOR' "
@@ -94,8 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "none, when the template has no {device} (default: the whole topic)")
     p.add_argument("payload", nargs="?", type=Path, help="payload file (default: standard input)")
 
+    p = sub.add_parser(
+        "presets", help="list the built-in sources for common firmware, with their filters and mappings",
+        description="List the presets (built-in sources, each on unless [presets] <name> = false, or replaced "
+        "by a [[sources]] entry of the same name): for each, its parts with topic template, subscription "
+        "filter, format, options, excluded topics and mapping, and whether the config leaves it on.",
+    )
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     add_simulate_parser(sub)
     return parser
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time, e.g. 2026-11-25T03:00:05Z") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
+    return when.astimezone(UTC)
 
 
 def _settings(path: Path | None) -> Settings:
@@ -117,7 +144,9 @@ def _masked(value: Any, key: str = "") -> Any:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
-    print(f"{args.file}: OK ({len(settings.sources)} source(s))")
+    presets = settings.preset_sources()
+    print(f"{args.file}: OK ({len(settings.sources)} source(s), {len(presets)} preset source(s) of "
+          f"{len({name for name, _ in presets})} preset(s))")
     if args.show:
         print(json.dumps(_masked(settings.model_dump(mode="json")), indent=2, ensure_ascii=False))
     return 0
@@ -157,10 +186,60 @@ def cmd_decode(args: argparse.Namespace) -> int:
         _error("--template and --device go with --format")
         return 2
     processor = Processor.from_settings(settings, override_format=args.format, source=args.source,
-                                        template=args.template, device=args.device)
-    result = processor.process(RawMessage(args.topic, payload, datetime.now(UTC)))
-    print(json.dumps(result.as_json(), indent=2, ensure_ascii=False))
+                                        template=args.template, device=args.device, fallback=True)
+    if args.source is not None and not processor.sources:
+        known = ", ".join(s.name for s in settings.all_sources()) or "none"
+        _error(f"no source named {args.source!r}; sources and preset parts: {known}")
+        return 2
+    received = args.received_at or datetime.now(UTC)
+    result = processor.process(RawMessage(args.topic, payload, received))
+    out = result.as_json()
+    if result.source in processor.sources:
+        out = {"topic": out.pop("topic"), "source": out.pop("source"),
+               "format": processor.sources[result.source].settings.format, **out}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
     return 0 if not result.rejections else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ingest.presets import PRESETS
+    from ingest.routing import compile_template
+
+    settings = _settings(args.config)
+    active = set(settings.presets.active())
+    configured = {s.name for s in settings.sources}
+    listing: list[dict[str, Any]] = []
+    for name, preset in PRESETS.items():
+        parts: list[dict[str, Any]] = []
+        for part in preset.parts(settings.presets.timezone):
+            source = SourceSettings(**part)
+            keys = {k: v for k, v in source.model_dump(exclude_defaults=True).items()
+                    if k not in ("name", "topic", "format", "exclude", "options")}
+            parts.append({"source": source.name, "topic": source.topic,
+                          "filter": compile_template(source.topic).filter, "format": source.format,
+                          "options": source.options, "exclude": source.exclude, "mapping": keys,
+                          "replaced": source.name in configured})
+        state = ("replaced by [[sources]] " + name if name in configured else "on") if name in active else "off"
+        listing.append({"name": name, "title": preset.title, "doc": preset.doc, "state": state, "parts": parts})
+    if args.json:
+        print(json.dumps(listing, indent=2, ensure_ascii=False))
+        return 0
+    for p in listing:
+        print(f"{p['name']}  ({p['title']}; {p['state']})  {p['doc']}")
+        for part in p["parts"]:
+            note = "  [replaced by a configured source]" if part["replaced"] else ""
+            print(f"  {part['source']}: {part['topic']}  ->  subscribes {part['filter']}  "
+                  f"format {part['format']}{note}")
+            if part["options"]:
+                print(f"    options: {json.dumps(part['options'], ensure_ascii=False)}")
+            if part["exclude"]:
+                print(f"    exclude: {', '.join(part['exclude'])}")
+            for key, value in part["mapping"].items():
+                print(f"    {key}: {json.dumps(value, ensure_ascii=False)}")
+    if not settings.presets.timezone:
+        print("\n[presets] timezone is unset: Tasmota's Time (a local time) is not read; readings take the "
+              "receive time. Set it, e.g. SENSOR_INGEST_PRESETS__TIMEZONE=Asia/Ho_Chi_Minh.")
+    return 0
 
 
 COMMANDS = {
@@ -169,6 +248,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "decode": cmd_decode,
     "simulate": cmd_simulate,
+    "presets": cmd_presets,
 }
 
 
@@ -195,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sensor-ingest presets | head`
+        sys.stderr.close()
+        return 0
     except Exception:
         # Python's own traceback print would bypass the masking filter; a logged one does not.
         log.critical("sensor-ingest %s failed", args.command, exc_info=True)

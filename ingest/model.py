@@ -43,6 +43,9 @@ class RawMessage:
     epoch: int = 0
     seq: int = 0
     redelivered: bool = False
+    # The subscription identifiers the broker sent it for, when the service subscribed with them
+    # (overlapping filters, see ingest.mqtt); () otherwise.
+    subscriptions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ingest.routing import filters_overlap
+
 from ingest.acks import AckTracker
 from ingest.metrics import Metrics
 from ingest.model import Clock, RawMessage, utc_now
@@ -91,6 +93,15 @@ class MqttBridge:
             raise ValueError("no subscription filters: configure at least one source")
         self.settings = settings
         self.filters = [f"$share/{settings.shared_group}/{f}" if settings.shared_group else f for f in filters]
+        # Filters that one topic can match both of (a preset's +/sensor/+/state and
+        # homeassistant/+/+/#) make the broker send such a topic once per filter. Then each filter is
+        # subscribed with its own subscription identifier (its position + 1), and each message
+        # carries the identifiers it was sent for (RawMessage.subscriptions), so that the copies
+        # can be told apart; see Processor.process.
+        self.identify = filters_overlap(filters)
+        self._identified = False  # this connection's subscriptions carry identifiers
+        self._suback_mids: dict[int, int] = {}  # SUBSCRIBE packet id -> filter index, while SUBACKs are due
+        self._suback_codes: list[ReasonCode | None] = []
         self.sink = sink
         self.metrics = metrics
         self.clock = clock
@@ -115,6 +126,7 @@ class MqttBridge:
         self._subscribe_error: MqttConnectError | None = None  # a late SUBACK refused a filter
         self._connect_error: str | None = None  # paho's first error while the connection awaits its CONNACK
         self._refusals = 0  # late SUBACK refusals in a row, for their backoff
+        self._warned_ids = False
         self._misc_task: asyncio.Task[None] | None = None
 
     # ---- public -------------------------------------------------------------------------------
@@ -394,9 +406,27 @@ class MqttBridge:
         )
         self._suback = loop.create_future()
         opts = SubscribeOptions(qos=s.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-        result, _mid = client.subscribe([(f, opts) for f in self.filters])
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
+        ids_available = cprops is None or getattr(cprops, "SubscriptionIdentifierAvailable", 1) != 0
+        if self.identify and not ids_available and not self._warned_ids:
+            self._warned_ids = True
+            log.warning("MQTT broker has no subscription identifiers: a topic that matches two of the "
+                        "subscription filters (%s) may arrive twice; switch off the presets or sources whose "
+                        "topics overlap", ", ".join(self.filters))
+        self._identified = self.identify and ids_available
+        self._suback_mids = {}
+        if self._identified:
+            self._suback_codes = [None] * len(self.filters)
+            for index, f in enumerate(self.filters):
+                sprops = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                sprops.SubscriptionIdentifier = index + 1
+                result, mid = client.subscribe((f, opts), properties=sprops)
+                if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                    raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
+                self._suback_mids[mid] = index
+        else:
+            result, _mid = client.subscribe([(f, opts) for f in self.filters])
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
         if session_present:
             # The session already holds the subscriptions, and the broker may send the session's
             # messages ahead of the SUBACK; reading stops at a full window until they are
@@ -526,8 +556,16 @@ class MqttBridge:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        if self._suback is not None and not self._suback.done():
+        if self._suback is None or self._suback.done():
+            return
+        if not self._suback_mids:
             self._suback.set_result(list(reason_codes))
+            return
+        index = self._suback_mids.pop(mid, None)
+        if index is not None and reason_codes:
+            self._suback_codes[index] = reason_codes[0]
+        if not self._suback_mids:  # every filter's SUBACK came
+            self._suback.set_result([c for c in self._suback_codes if c is not None])
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
@@ -545,6 +583,11 @@ class MqttBridge:
         except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
             topic = bytes(msg._topic).decode("utf-8", "replace")
         seq = self.tracker.arrived(msg.mid, msg.qos, time.monotonic())
+        subscriptions: tuple[int, ...] = ()
+        if self._identified:
+            ids = getattr(msg.properties, "SubscriptionIdentifier", None)
+            if ids:
+                subscriptions = tuple(ids) if isinstance(ids, list) else (int(ids),)
         self.sink(
             RawMessage(
                 topic=topic,
@@ -555,6 +598,7 @@ class MqttBridge:
                 epoch=self.tracker.epoch,
                 seq=seq,
                 redelivered=bool(msg.dup),
+                subscriptions=subscriptions,
             )
         )
 

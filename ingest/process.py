@@ -74,12 +74,15 @@ class SourceRuntime:
     options: dict[str, Any] = field(default_factory=dict)
     mapping: SourceMapping = field(default_factory=SourceMapping)
     # `decode` without a config: the device of a message that names none when the template has no
-    # {device}; "" stands for the whole topic.
+    # {device}; "" stands for the whole topic, or its second level when the first is one of
+    # ``fallback_prefixes`` (tele/<device>/..., shellies/<device>/...).
     fallback_device: str | None = None
+    fallback_prefixes: frozenset[str] = frozenset()
+    catch_all: bool = False  # the `decode` fallback: takes what no other source matches
 
     @classmethod
     def of(cls, s: SourceSettings) -> SourceRuntime:
-        return cls(s, compile_template(s.topic, s.name), get_decoder(s.format),
+        return cls(s, compile_template(s.topic, s.name, s.exclude), get_decoder(s.format),
                    ZoneInfo(s.timezone) if s.timezone else None, s.format_options(), s.mapping())
 
 
@@ -116,27 +119,53 @@ def _allowed(readings: list[Reading], patterns: list[str], source: str) -> tuple
     return kept, problems
 
 
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... when a configured source already has it."""
+    n = 1
+    candidate = name
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def _fallback_device(topic: str, prefixes: frozenset[str]) -> str:
+    """The device of a topic no source matches: the level after a known first level, else the topic."""
+    first, _, rest = topic.partition("/")
+    if first in prefixes and rest:
+        return rest.partition("/")[0] or topic
+    return topic
+
+
 class Processor:
     """Everything that turns a RawMessage into an Outcome, compiled once from the settings."""
 
     def __init__(self, sources: list[SourceRuntime], limits: Limits, max_message_bytes: int, *,
-                 max_readings: int = 2000, max_depth: int = 32) -> None:
+                 max_readings: int = 2000, max_depth: int = 32, max_lines: int = 2000) -> None:
         self.sources = {s.settings.name: s for s in sources}
         self.router = Router([s.route for s in sources])
+        # Each source's subscription identifier: the position of its filter (ingest.mqtt).
+        filters = self.router.filters
+        self._subscription = {s.settings.name: filters.index(s.route.filter) + 1 for s in sources}
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.max_readings = max_readings
         self.max_depth = max_depth
+        self.max_lines = max_lines
 
     @classmethod
     def from_settings(cls, settings: Settings, *, override_format: str | None = None,
                       source: str | None = None, template: str | None = None,
-                      device: str | None = None) -> Processor:
-        """``override_format`` without a matching configured source: an ad-hoc source of that format on
-        ``template`` (default "#"), whose device is ``device``, else the whole topic, when neither the
-        template nor the payload names one (`sensor-ingest decode`)."""
+                      device: str | None = None, fallback: bool = False) -> Processor:
+        """The configured sources, then the presets.
+
+        ``override_format``: every source decodes with that format, and an ad-hoc source of that format
+        on ``template`` (default "#", after the sources; a template replaces them) takes the rest, whose
+        device is ``device``, else the whole topic, when neither the template nor the payload names one
+        (`sensor-ingest decode --format`). ``fallback``: after every source, an ad-hoc
+        ``auto`` source on "#" takes what no source matches (`sensor-ingest decode` with no flag)."""
         runtimes = []
-        for s in settings.sources:
+        for s in settings.all_sources() if template is None or override_format is None else []:
             if source is not None and s.name != source:
                 continue
             if override_format is not None:
@@ -144,16 +173,23 @@ class Processor:
                 options = s.options if s.format == override_format else {}
                 s = s.model_copy(update={"format": override_format, "options": options})
             runtimes.append(SourceRuntime.of(s))
-        if override_format is not None and not runtimes:
-            ad_hoc = SourceRuntime.of(SourceSettings(name="adhoc", topic=template or "#", format=override_format))
+        taken = {r.settings.name for r in runtimes}
+        if override_format is not None and (source is None or not runtimes):
+            # Last: takes the topics no source matches (with --template: the only source).
+            ad_hoc = SourceRuntime.of(SourceSettings(name=_unused("adhoc", taken), topic=template or "#",
+                                                     format=override_format))
             runtimes.append(replace(ad_hoc, fallback_device=device or ""))
+        elif fallback and override_format is None and source is None:
+            known = frozenset(r.route.levels[0] for r in runtimes if r.route.levels and r.route.levels[0])
+            auto = SourceRuntime.of(SourceSettings(name=_unused("auto", taken), topic="#", format="auto"))
+            runtimes.append(replace(auto, fallback_device="", fallback_prefixes=known, catch_all=True))
         earliest = datetime.fromisoformat(settings.ingest.earliest_time)
         if earliest.tzinfo is None:
             earliest = earliest.replace(tzinfo=UTC)
         ing = settings.ingest
-        limits = Limits(earliest, timedelta(seconds=ing.max_future))
+        limits = Limits(earliest, timedelta(seconds=ing.max_future), ing.max_metric_name_length)
         return cls(runtimes, limits, ing.max_message_bytes, max_readings=ing.max_readings_per_message,
-                   max_depth=ing.max_json_depth)
+                   max_depth=ing.max_json_depth, max_lines=ing.max_lines_per_message)
 
     @property
     def filters(self) -> list[str]:
@@ -169,15 +205,26 @@ class Processor:
                 "too_large", f"payload of {size} bytes exceeds ingest.max_message_bytes = "
                 f"{self.max_message_bytes}; the first {self.max_message_bytes} bytes are kept here"))
         found = self.router.route(msg.topic)
+        if found is None or self.sources[found[0].source].catch_all:
+            # Brought in by a source's filter but excluded by it (Zigbee2MQTT's bridge/, Homie's
+            # $-attributes): not a carrier of readings, counted by reason like a LoRaWAN join.
+            excluded = self.router.excluded(msg.topic)
+            if excluded is not None:
+                copy = msg.subscriptions and self._subscription[excluded] not in msg.subscriptions
+                return Outcome(msg, excluded, [], None, skipped="overlap_copy" if copy else "excluded")
         if found is None:
             return Outcome(msg, None, [], Rejection("no_source", f"no source's topic template matches {msg.topic!r}"))
         route, captures = found
+        if msg.subscriptions and self._subscription[route.source] not in msg.subscriptions:
+            # The copy the broker sent for another filter that also matches this topic: the copy
+            # sent for this source's own filter is the one that is read (each is acknowledged).
+            return Outcome(msg, route.source, [], None, skipped="overlap_copy")
         src = self.sources[route.source]
         prefix = src.settings.device_prefix
         device = captures.get("device")
         fallback = None
         if device is None and src.fallback_device is not None:
-            fallback = src.fallback_device or msg.topic
+            fallback = src.fallback_device or _fallback_device(msg.topic, src.fallback_prefixes)
             if src.settings.format == "value":  # takes its device from the topic only
                 device, fallback = fallback, None
                 captures = {**captures, "device": device}
@@ -185,7 +232,7 @@ class Processor:
             topic=msg.topic, received_at=msg.received_at, device=device, captures=captures, fallback_device=fallback,
             device_level=route.device_level,
             timezone=src.timezone, options=src.options, mapping=src.mapping, max_depth=self.max_depth,
-            max_readings=self.max_readings,
+            max_readings=self.max_readings, max_lines=self.max_lines,
         )
         try:
             decoded = decode(src.decoder, msg.payload, ctx)

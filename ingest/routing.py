@@ -1,8 +1,13 @@
 """Topic templates, compiled once at start-up: template -> subscription filter and captures.
 
-A template is an MQTT topic whose levels may be ``{name}`` (captures that level), ``+`` (matches one
-level, no capture) or a final ``#`` (matches the rest). ``city/{district}/{device}/up`` subscribes to
+A template is an MQTT topic whose levels may be ``{name}`` (captures that level), ``{name:glob}``
+(captures a level that matches the glob, e.g. ``{device:shelly*}``), ``+`` (matches one level, no
+capture), a final ``#`` (matches the rest) or a final ``{name#}`` (captures the rest, one level or
+more, with its '/': Zigbee2MQTT's friendly names). ``city/{district}/{device}/up`` subscribes to
 ``city/+/+/up`` and turns ``city/hoan-kiem/aq-7/up`` into {"district": "hoan-kiem", "device": "aq-7"}.
+
+A route may also exclude topics (``exclude``: globs on the whole topic, where ``*`` spans levels):
+an excluded topic is not this route's, though its filter brings it in (Zigbee2MQTT's ``bridge/``).
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase, translate
 
-__all__ = ["Route", "Router", "compile_template"]
+__all__ = ["Route", "Router", "compile_template", "filters_overlap"]
 
-_CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}/+#]+))?\}$")
+_REST_CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)#\}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +35,27 @@ class Route:
     rest: bool  # ends with '#'
     device_level: int | None = None  # the index of the level captured as {device}
     attributes: bool = False  # captures other than device and metric (device attributes)
+    patterns: tuple[str | None, ...] = ()  # the glob of each {name:glob} level, else None
+    rest_name: str | None = None  # the name of a final {name#}
+    exclude: re.Pattern[str] | None = None  # topics that are not this route's
 
-    def match(self, topic: str) -> dict[str, str] | None:
-        parts = topic.split("/")
+    def match(self, topic: str, parts: list[str] | None = None) -> dict[str, str] | None:
+        """The captures of ``topic``, or None when it is not this route's (excluded ones included).
+        ``parts``: the topic split at '/', when the caller has it."""
+        captures = self.match_filter(topic, parts)
+        if captures is None or (self.exclude is not None and self.exclude.match(topic)):
+            return None
+        if self.patterns:
+            for name, pattern in zip(self.names, self.patterns, strict=True):
+                if pattern is not None and not fnmatchcase(captures[name or ""], pattern):
+                    return None
+        return captures
+
+    def match_filter(self, topic: str, parts: list[str] | None = None) -> dict[str, str] | None:
+        """The captures of ``topic`` when the subscription filter matches it (exclusions and level
+        globs not applied)."""
+        if parts is None:
+            parts = topic.split("/")
         n = len(self.levels)
         if len(parts) < n or (not self.rest and len(parts) != n):
             return None
@@ -44,24 +69,61 @@ class Route:
                     return None
                 captures[name] = part
         if self.rest:
-            captures["#"] = "/".join(parts[n:])
+            rest = "/".join(parts[n:])
+            if self.rest_name is not None:
+                if not rest.strip("/"):
+                    return None
+                captures[self.rest_name] = rest
+            else:
+                captures["#"] = rest
         return captures
 
 
-def compile_template(template: str, source: str = "") -> Route:
+def _levels_overlap(a: list[str], b: list[str]) -> bool:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x == "#" or y == "#":
+            # '#' matches the rest, the parent level included: a/# matches a, and a/+/# matches a/b.
+            return True
+        if x != y and x != "+" and y != "+":
+            return False
+        if i == min(len(a), len(b)) - 1 and len(a) != len(b):
+            longer = a if len(a) > len(b) else b
+            return longer[i + 1] == "#" and len(longer) == i + 2
+    return len(a) == len(b)
+
+
+def filters_overlap(filters: Sequence[str]) -> bool:
+    """Whether some topic matches two of the (distinct) subscription filters."""
+    split = [f.split("/") for f in dict.fromkeys(filters)]
+    return any(_levels_overlap(a, b) for i, a in enumerate(split) for b in split[i + 1:])
+
+
+def compile_exclude(globs: Sequence[str]) -> re.Pattern[str] | None:
+    """One pattern for topic globs (fnmatch: ``*`` spans levels, ``?`` one character), or None."""
+    if not globs:
+        return None
+    return re.compile("|".join(f"(?:{translate(g)})" for g in globs))
+
+
+def compile_template(template: str, source: str = "", exclude: Sequence[str] = ()) -> Route:
     """Compile a template; raise ValueError saying what is wrong with it."""
     if not template or template.startswith("$"):
         raise ValueError("must be a non-empty topic that does not start with '$'")
     raw = template.split("/")
     rest = raw[-1] == "#"
-    if rest:
+    rest_match = _REST_CAPTURE.match(raw[-1])
+    rest_name = rest_match.group(1) if rest_match else None
+    if rest or rest_match:
         raw = raw[:-1]
+        rest = True
     levels: list[str | None] = []
     names: list[str | None] = []
+    patterns: list[str | None] = []
     filt: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = {rest_name} if rest_name else set()
     for level in raw:
         m = _CAPTURE.match(level)
+        patterns.append(m.group(2) if m else None)
         if m:
             name = m.group(1)
             if name in seen:
@@ -74,8 +136,11 @@ def compile_template(template: str, source: str = "") -> Route:
             levels.append(None)
             names.append(None)
             filt.append("+")
+        elif _REST_CAPTURE.match(level):
+            raise ValueError(f"level {level!r}: a capture of several levels ({{name#}}) must be the last level")
         elif any(c in level for c in "{}+#"):
-            raise ValueError(f"level {level!r}: use {{name}} for a whole level, '+' or a final '#'")
+            raise ValueError(f"level {level!r}: use {{name}} or {{name:glob}} for a whole level, '+', "
+                             "or a final '#' or {name#}")
         else:
             levels.append(level)
             names.append(None)
@@ -83,8 +148,9 @@ def compile_template(template: str, source: str = "") -> Route:
     if rest:
         filt.append("#")
     device_level = names.index("device") if "device" in names else None
-    attributes = any(n not in (None, "device", "metric") for n in names)
-    return Route(source, template, "/".join(filt), tuple(levels), tuple(names), rest, device_level, attributes)
+    attributes = any(n not in (None, "device", "metric") for n in (*names, rest_name))
+    return Route(source, template, "/".join(filt), tuple(levels), tuple(names), rest, device_level, attributes,
+                 tuple(patterns) if any(patterns) else (), rest_name, compile_exclude(exclude))
 
 
 class Router:
@@ -92,14 +158,16 @@ class Router:
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
-        # Exact-literal first levels narrow the search for large configs.
-        self._by_first: dict[str, list[Route]] = {}
-        self._wild_first: list[Route] = []
-        for r in self.routes:
+        # Exact-literal first levels narrow the search for large configs; each entry keeps its
+        # config order. A wildcard-first route keeps the index and text of its first literal level.
+        self._by_first: dict[str, list[tuple[int, Route]]] = {}
+        self._wild_first: list[tuple[int, Route, int, str]] = []
+        for order, r in enumerate(self.routes):
             if r.levels and r.levels[0] is not None:
-                self._by_first.setdefault(r.levels[0], []).append(r)
+                self._by_first.setdefault(r.levels[0], []).append((order, r))
             else:
-                self._wild_first.append(r)
+                at = next((i for i, level in enumerate(r.levels) if level is not None), -1)
+                self._wild_first.append((order, r, at, (r.levels[at] or "") if at >= 0 else ""))
 
     @property
     def filters(self) -> list[str]:
@@ -107,13 +175,32 @@ class Router:
         return list(dict.fromkeys(r.filter for r in self.routes))
 
     def route(self, topic: str) -> tuple[Route, dict[str, str]] | None:
-        first = topic.split("/", 1)[0]
-        candidates = self._by_first.get(first, [])
-        best: tuple[int, Route, dict[str, str]] | None = None
-        for r in (*candidates, *self._wild_first):
-            caps = r.match(topic)
+        """The first route in config order that takes ``topic``, with its captures."""
+        parts = topic.split("/")
+        found: tuple[Route, dict[str, str]] | None = None
+        limit = len(self.routes)
+        for order, r in self._by_first.get(parts[0], ()):  # in config order: the first match wins
+            caps = r.match(topic, parts)
             if caps is not None:
-                order = self.routes.index(r)
-                if best is None or order < best[0]:
-                    best = (order, r, caps)
-        return None if best is None else (best[1], best[2])
+                found, limit = (r, caps), order
+                break
+        n = len(parts)
+        # A route whose first level is a wildcard wins only when it comes earlier in config order.
+        # A cheap test first: its level count and one literal level (most such routes have one).
+        for order, r, at, literal in self._wild_first:
+            if order >= limit:
+                break
+            if (n < len(r.levels) or (n != len(r.levels) and not r.rest)) or (at >= 0 and parts[at] != literal):
+                continue
+            caps = r.match(topic, parts)
+            if caps is not None:
+                return r, caps
+        return found
+
+    def excluded(self, topic: str) -> str | None:
+        """The first source whose filter brings ``topic`` in though the source excludes it (its
+        ``exclude`` globs, or a level glob); asked only for topics no other route takes."""
+        for r in self.routes:
+            if (r.exclude is not None or r.patterns) and r.match_filter(topic) is not None and r.match(topic) is None:
+                return r.source
+        return None

@@ -35,6 +35,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -273,6 +274,13 @@ class IngestSettings(_Section):
     max_readings_per_message: int = Field(
         2000, ge=1, description="a message holding more readings is rejected whole (too_many_readings)"
     )
+    max_lines_per_message: int = Field(
+        2000, ge=1, description="a line protocol message of more lines is rejected whole (too_many_lines)"
+    )
+    max_metric_name_length: int = Field(
+        200, ge=16, le=256, description="a reading whose metric name is longer is rejected (bad_metric); at "
+        "most 256, the database's limit"
+    )
     max_json_depth: int = Field(
         32, ge=2, le=1000, description="JSON nested deeper is rejected (too_deep) before it is parsed"
     )
@@ -354,6 +362,15 @@ class MetricSettings(_Section):
         return v
 
 
+def _zone(v: str | None) -> str | None:
+    if v is not None:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name like Asia/Ho_Chi_Minh)") from exc
+    return v
+
+
 def _format_names() -> tuple[str, ...]:
     from ingest.decoders import FORMATS  # deferred: keeps `ingest.settings` importable on its own
 
@@ -365,7 +382,11 @@ class SourceSettings(_Section):
 
     name: str = Field(min_length=1, max_length=64, description="name used in logs, metrics and rejections")
     topic: str = Field(min_length=1, description="topic template, e.g. city/{device}/up; {x} captures one level")
-    format: str = Field(description="payload format: native, senml, json, lorawan, line or value")
+    format: str = Field(description="payload format: native, senml, json, lorawan, line, value, or auto (told "
+                        "from each payload)")
+    exclude: list[str] = Field(
+        default_factory=list, description="globs on the whole topic (* spans levels) of topics that are not this "
+        "source's though its template matches them; they go to the next source, else are counted as skipped")
     timezone: str | None = Field(None, description="IANA zone for timestamps without an offset")
     device_prefix: str = Field("", description="prepended to every device id of this source")
     allow_devices: list[str] | None = Field(
@@ -406,6 +427,14 @@ class SourceSettings(_Section):
                 raise _fix_error(f"allow_devices[{i}] is empty", 'write a glob such as "hn-aq-*"')
         return v
 
+    @field_validator("exclude")
+    @classmethod
+    def _topic_globs(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            if not pattern.strip():
+                raise _fix_error(f"entry [{i}] is empty", 'write a topic glob such as "zigbee2mqtt/bridge/*"')
+        return v
+
     @field_validator("ignore", "states")
     @classmethod
     def _name_globs(cls, v: list[str]) -> list[str]:
@@ -437,12 +466,7 @@ class SourceSettings(_Section):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                ZoneInfo(v)
-            except (ZoneInfoNotFoundError, ValueError) as exc:
-                raise ValueError(f"unknown time zone {v!r} (use an IANA name like Asia/Ho_Chi_Minh)") from exc
-        return v
+        return _zone(v)
 
     @field_validator("topic")
     @classmethod
@@ -476,7 +500,7 @@ class SourceSettings(_Section):
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
             known = ", ".join(OPTIONS[self.format].model_fields) or "none"
-            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
             raise _fix_error(f"options.{where}: {msg} for format {self.format}",
                              f"options of {self.format}: {known}") from None
         return self
@@ -524,7 +548,7 @@ def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
             f"subscribes to every topic ({route.filter}): the service would read the whole broker, its own "
             "alert topics and every other system's traffic included",
             'start the template with a literal level, e.g. topic = "tele/{device}/#"')
-    has_device = "device" in route.names
+    has_device = "device" in route.names or route.rest_name == "device"
     if source.format == "value" and not has_device:
         raise _fix_error("the value format takes the device from the topic, and this topic has no {device}",
                          'capture the device level, e.g. topic = "shellies/{device}/#"')
@@ -536,6 +560,46 @@ def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
         "on it could write as any device",
         f'set device_prefix = {prefix} or allow_devices = ["pattern-*"]',
     )
+
+
+class PresetSettings(_Section):
+    """The built-in sources (ingest.presets), each on unless switched off here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, strict=True)
+
+    enabled: bool = Field(True, description="false: no preset at all, only the configured [[sources]]")
+    timezone: str | None = Field(
+        None, description="IANA zone of the local times some firmware sends without an offset (Tasmota's Time); "
+        "unset: such messages take the receive time")
+    tasmota: bool = Field(True, description="Tasmota: tele/<topic>/SENSOR and STATE")
+    zigbee2mqtt: bool = Field(True, description="Zigbee2MQTT: zigbee2mqtt/<friendly name>")
+    homeassistant: bool = Field(True, description="Home Assistant style: homeassistant/<component>/<id>/state")
+    esphome: bool = Field(True, description="ESPHome: <node>/sensor|binary_sensor|text_sensor|switch/<name>/state")
+    shelly: bool = Field(True, description="Shelly Gen1 (shellies/<id>/...) and Gen2+ (<id>/events/rpc, "
+                         "<id>/status/<component>)")
+    homie: bool = Field(True, description="Homie 3/4 (homie/<device>/...) and 5 (homie/5/<device>/...)")
+    ttn: bool = Field(True, description="The Things Stack v3: v3/<app>@<tenant>/devices/<id>/up")
+    chirpstack: bool = Field(True, description="ChirpStack v4: application/<id>/device/<DevEUI>/event/up")
+    airrohr: bool = Field(True, description="Sensor.Community / airrohr JSON: airrohr/#")
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return _zone(v)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _env_bool(cls, v: object, info: ValidationInfo) -> object:
+        # true/false from the environment (SENSOR_INGEST_PRESETS__TASMOTA=false) arrive as text; a
+        # file's "no" or 0 stays an error (strict).
+        if info.field_name != "timezone" and isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+        return v
+
+    def active(self) -> list[str]:
+        """The names of the presets that are on."""
+        return [] if not self.enabled else [n for n in type(self).model_fields
+                                            if n not in ("enabled", "timezone") and getattr(self, n)]
 
 
 class Settings(BaseSettings):
@@ -553,6 +617,26 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     log: LogSettings = LogSettings()
     sources: list[Annotated[SourceSettings, AfterValidator(_device_ids_bounded)]] = Field(default_factory=list)
+    presets: PresetSettings = PresetSettings()
+
+    def preset_sources(self) -> list[tuple[str, SourceSettings]]:
+        """(preset name, source) of every preset part that is on and not replaced by a configured
+        source named like the preset or like the part."""
+        from ingest.presets import PRESETS
+
+        configured = {s.name for s in self.sources}
+        out: list[tuple[str, SourceSettings]] = []
+        for name in self.presets.active():
+            if name in configured:
+                continue
+            for part in PRESETS[name].parts(self.presets.timezone):
+                if part["name"] not in configured:
+                    out.append((name, _device_ids_bounded(SourceSettings(**part))))
+        return out
+
+    def all_sources(self) -> list[SourceSettings]:
+        """The configured sources, then the presets' (routing order)."""
+        return [*self.sources, *(s for _, s in self.preset_sources())]
 
     @field_validator("sources")
     @classmethod

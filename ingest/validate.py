@@ -33,6 +33,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: not storable, not
 class Limits:
     earliest: datetime
     max_future: timedelta
+    max_metric_name: int = MAX_NAME  # ingest.max_metric_name_length
 
 
 def unstorable(text: str) -> str | None:
@@ -82,8 +83,11 @@ def validate(
         if why:
             problems.append(Rejection("bad_device", f"device id {_quote(r.device)} {why}", r.device[:MAX_NAME]))
             continue
-        why = _bad_name(r.metric)
+        why = _bad_name(r.metric, limits.max_metric_name)
         if why:
+            if len(r.metric) > limits.max_metric_name:
+                why = (f"is {len(r.metric)} characters long (limit ingest.max_metric_name_length = "
+                       f"{limits.max_metric_name})")
             problems.append(Rejection("bad_metric", f"metric name {_quote(r.metric)} {why}", r.device))
             continue
         if r.unit is not None:

@@ -12,8 +12,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from ingest.decoders import auto, line, lorawan, mapping, native, senml, value
 from ingest.decoders import json as json_format
-from ingest.decoders import line, lorawan, mapping, native, senml, value
 from ingest.decoders.base import DecodeContext, Decoded, Decoder
 from ingest.model import Reading, Rejection
 
@@ -31,6 +31,7 @@ REGISTRY: dict[str, Decoder] = {
     "lorawan": lorawan.decode,
     "line": line.decode,
     "value": value.decode,
+    "auto": auto.decode,
 }
 OPTIONS: dict[str, type[BaseModel]] = {
     "native": _NoOptions,
@@ -39,6 +40,7 @@ OPTIONS: dict[str, type[BaseModel]] = {
     "lorawan": lorawan.Options,
     "line": line.Options,
     "value": value.Options,
+    "auto": _NoOptions,
 }
 FORMATS = tuple(REGISTRY)
 # Formats that read the mapping's time_field / device_field (payload paths) from the payload.

@@ -42,6 +42,7 @@ class DecodeContext:
                  (`sensor-ingest decode` without a config: the whole topic). Never checked against
                  the payload's, unlike ``device``.
     device_level: the index of the topic level the {device} capture came from, when known.
+    max_lines:   a line protocol payload of more point lines is refused (reason too_many_lines).
     """
 
     topic: str
@@ -55,6 +56,7 @@ class DecodeContext:
     max_readings: int = 2000
     fallback_device: str | None = None
     device_level: int | None = None
+    max_lines: int = 2000
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,16 +21,19 @@ Option ``strings_as_numbers`` (default true): whether "18.83" is a reading.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
+from fnmatch import translate
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ingest.decoders.base import DecodeContext, Decoded
 from ingest.decoders.jsonutil import (
     MISSING,
     BadTime,
+    NoZone,
     check_count,
     describe,
     get_path,
@@ -69,6 +72,16 @@ _CAMEL_ID_ENDS: Final = ("Id", "ID")
 _MAX_EXACT_INT: Final = 2**53
 
 
+class Pairs(BaseModel):
+    """A list of name/value records inside the payload (Sensor.Community's ``sensordatavalues``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    key: str = Field(min_length=1, description="the key of the record that holds the list")
+    name: str = Field("name", min_length=1, description="the key of each item holding the metric name")
+    value: str = Field("value", min_length=1, description="the key of each item holding the value")
+
+
 class Options(BaseModel):
     """The format's options (`options = {...}` of a source)."""
 
@@ -79,6 +92,37 @@ class Options(BaseModel):
         description='a string holding a decimal number ("18.83") is a reading; false: only JSON numbers, '
         "booleans, value_map entries and states are",
     )
+    root: str | None = Field(
+        None, min_length=1, description='dotted path of the object (or array of objects) that holds the readings, '
+        'e.g. "params" for Shelly\'s RPC notifications; time_field and device_field are read inside it')
+    only_if: dict[str, list[str | float | bool]] | None = Field(
+        None, description='payload paths and the values they must have for the message to carry readings, e.g. '
+        '{ method = ["NotifyStatus"] }; any other message is acknowledged and counted as skipped (not_selected)')
+    time_required: bool = Field(
+        True, description="false: a record without the time_field takes the receive time instead of being refused")
+    naive_time: Literal["reject", "receive"] = Field(
+        "reject", description='a time_field without an offset when the source has no timezone: "reject" (bad_time), '
+        'or "receive": the receive time is used (flagged)')
+    skip_scalars: bool = Field(
+        False, description="a payload that is one bare value, on a topic without {metric}, is acknowledged and "
+        "counted as skipped (scalar), not rejected (schema)")
+    allow_empty: bool = Field(
+        False, description="an empty object or array is acknowledged and counted as skipped (empty_object), "
+        "not rejected (empty)")
+    unit_fields: dict[str, list[str]] = Field(
+        default_factory=dict, description='a key of the record whose text is the unit of the metrics the globs '
+        'match, e.g. { TempUnit = ["*Temperature"] } (Tasmota); the key itself is not a reading')
+    pairs: Pairs | None = Field(
+        None, description='a list of name/value records, e.g. { key = "sensordatavalues", name = "value_type", '
+        'value = "value" }: each item is one reading named by its name')
+
+    @field_validator("unit_fields")
+    @classmethod
+    def _globs(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, globs in v.items():
+            if not globs or any(not g for g in globs):
+                raise ValueError(f"unit_fields.{key}: list at least one non-empty metric glob")
+        return v
 
 
 @lru_cache(maxsize=4096)  # bounded; keys repeat from message to message, and the test is 5x dearer than a hit
@@ -95,6 +139,21 @@ def is_not_reading_key(key: str) -> bool:
 def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
     data = load_json(payload, ctx.max_depth)
     prefix = ctx.captures.get("metric") or None
+    options = ctx.options
+    only_if, root = options.get("only_if"), options.get("root")
+    if only_if or root is not None or options.get("allow_empty") or options.get("pairs"):
+        # The options of presets and of unusual makes; plain JSON sources skip all of this.
+        if only_if and not _selected(data, only_if):
+            return Decoded(readings=[], skipped="not_selected")
+        if root is not None:
+            data = get_path(data, root)
+            if data is MISSING:
+                raise DecodeError("schema", f"the payload has no {shorten(root)} (the source's options.root)")
+        if options.get("allow_empty") and (type(data) is dict or type(data) is list) and not data:
+            return Decoded(readings=[], skipped="empty_object")
+        pairs = options.get("pairs")
+        if pairs is not None and type(data) is dict and pairs["key"] in data:
+            data = _with_pairs(data, pairs)
     if type(data) is dict:
         records: list[dict[str, Any]] = [data]
         batch = False
@@ -107,6 +166,8 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
         batch = True
     elif prefix is not None:
         return _bare_value(data, prefix, ctx)
+    elif options.get("skip_scalars"):
+        return Decoded(readings=[], skipped="scalar")
     else:
         raise DecodeError("schema", f"expected a JSON object or an array of objects, got {describe(data)}; for "
                           'one bare value per topic use format = "value", or a {metric} capture in the topic')
@@ -123,9 +184,11 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
 
     mapping = ctx.mapping
     time_field, device_field = mapping.time_field, mapping.device_field
-    consumed = (time_field, device_field)  # None never equals a path
+    unit_fields: dict[str, list[str]] = options.get("unit_fields") or {}
+    consumed = {time_field, device_field, *unit_fields}  # None never equals a path
+    time_required = options.get("time_required", True)
     has_rules = bool(mapping.rules)
-    numbers = bool(ctx.options.get("strings_as_numbers", True))
+    numbers = bool(options.get("strings_as_numbers", True))
     received = ctx.received_at.astimezone(UTC)
     readings: list[Reading] = []
     problems: list[Rejection] = []
@@ -133,7 +196,8 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
     for i, (record, (leaves, dotted)) in enumerate(zip(records, flat, strict=True)):
         who = f"record [{i}]" if batch else "payload"
         device = _device(record, device_field, who, ctx)
-        if time_field is None:
+        units = _units_of(record, unit_fields) if unit_fields else None
+        if time_field is None or (not time_required and get_path(record, time_field) is MISSING):
             when, flags = received, FLAG_RECEIVE_TIME
         else:
             found = _time(record, time_field, who, ctx)
@@ -142,7 +206,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
                     raise DecodeError("bad_time", found)
                 problems.append(Rejection("bad_time", found, device))
                 continue
-            when, flags = found, 0
+            when, flags = (received, FLAG_RECEIVE_TIME) if found is None else (found, 0)
 
         start = len(readings)
         for path, key, raw in leaves:
@@ -170,10 +234,64 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
                     continue
             else:
                 value = raw
-            readings.append(Reading(device=device, metric=metric, time=when, value=value, flags=flags))
+            unit = None
+            if units:
+                for pattern, text in units:
+                    if pattern.match(metric):
+                        unit = text
+                        break
+            readings.append(Reading(device=device, metric=metric, time=when, value=value, unit=unit, flags=flags))
         if dotted:
             problems += _drop_repeated_names(readings, start, who)
     return Decoded(readings=readings, problems=problems, ignored=ignored)
+
+
+def _selected(data: Any, only_if: dict[str, list[Any]]) -> bool:
+    """Whether the payload has, at every path of ``only_if``, one of the values listed for it."""
+    for path, allowed in only_if.items():
+        found = get_path(data, path)
+        if found is MISSING or type(found) in (dict, list):
+            return False
+        # true is not 1 (Python's True == 1.0): a value matches one of its own kind.
+        if not any(found == a and (type(found) is bool) == (type(a) is bool) for a in allowed):
+            return False
+    return True
+
+
+def _with_pairs(record: dict[str, Any], pairs: dict[str, str]) -> dict[str, Any]:
+    """The record with its list of name/value items turned into keys (``{"value_type": "SDS_P1",
+    "value": "5.53"}`` -> ``"SDS_P1": "5.53"``); an item without a usable name stays as it was, so
+    that its leaves are still seen (and counted) under the list's key."""
+    items = record[pairs["key"]]
+    if type(items) is not list:
+        return record
+    out = {k: v for k, v in record.items() if k != pairs["key"]}
+    rest: list[Any] = []
+    name_key, value_key = pairs["name"], pairs["value"]
+    for item in items:
+        name = item.get(name_key) if type(item) is dict else None
+        if type(name) is str and name and name not in out and value_key in item:
+            out[name] = item[value_key]
+        else:
+            rest.append(item)
+    if rest:
+        out[pairs["key"]] = rest
+    return out
+
+
+@lru_cache(maxsize=256)
+def _unit_pattern(glob: str) -> re.Pattern[str]:
+    return re.compile(translate(glob))
+
+
+def _units_of(record: dict[str, Any], unit_fields: dict[str, list[str]]) -> list[tuple[re.Pattern[str], str]]:
+    """(metric pattern, unit) for every unit field the record holds as a non-empty string."""
+    found: list[tuple[re.Pattern[str], str]] = []
+    for key, globs in unit_fields.items():
+        text = record.get(key)
+        if type(text) is str and text.strip():
+            found += [(_unit_pattern(g), text.strip()) for g in globs]
+    return found
 
 
 def _flatten(node: dict[str, Any] | list[Any], base: str, owner: str, out: list[tuple[str, str, Any]]) -> bool:
@@ -232,14 +350,19 @@ def _device(record: dict[str, Any], device_field: str | None, who: str, ctx: Dec
     raise DecodeError("schema", f"{field}: expected a device id (a string or an integer), got {describe(raw)}")
 
 
-def _time(record: dict[str, Any], time_field: str, who: str, ctx: DecodeContext) -> datetime | str:
-    """The record's time, or why it has none (a bad_time detail naming the path and the fix)."""
+def _time(record: dict[str, Any], time_field: str, who: str, ctx: DecodeContext) -> datetime | str | None:
+    """The record's time, or why it has none (a bad_time detail naming the path and the fix), or None
+    for the receive time (a local time and no zone, with option naive_time = "receive")."""
     raw = get_path(record, time_field)
     if raw is MISSING:
         return (f"{who} has no time_field {time_field!r}; set time_field to the path of the payload's time, "
                 "or remove it to use the receive time")
     try:
         return parse_time_field(raw, ctx.timezone)
+    except NoZone as exc:
+        if ctx.options.get("naive_time") == "receive":
+            return None
+        return f"{who}, time_field {time_field!r}: {exc.detail}"
     except BadTime as exc:
         return f"{who}, time_field {time_field!r}: {exc.detail}"
 

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_DEPTH",
     "MISSING",
     "BadTime",
+    "NoZone",
     "check_count",
     "describe",
     "epoch_auto",
@@ -51,6 +52,10 @@ class BadTime(ValueError):
     def __init__(self, detail: str) -> None:
         self.detail = detail
         super().__init__(detail)
+
+
+class NoZone(BadTime):
+    """A local time without an offset, and no zone to read it in."""
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -229,7 +234,7 @@ def parse_time(value: str | float, zone: tzinfo | None) -> datetime:
         raise BadTime(f"{shorten(value)} is not a date and time (ISO 8601 / RFC 3339)") from exc
     if parsed.tzinfo is None:
         if zone is None:
-            raise BadTime(
+            raise NoZone(
                 f"{shorten(value)} has no UTC offset; set `timezone` on the source (or send the time with Z or +hh:mm)"
             )
         parsed = parsed.replace(tzinfo=zone)

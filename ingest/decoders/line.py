@@ -166,6 +166,9 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
         count += 1
     if not lines:
         raise DecodeError("empty", "the payload holds no line protocol points (only blank lines or comments)")
+    if count > ctx.max_lines:
+        raise DecodeError("too_many_lines", f"the message holds {count} lines (limit "
+                          f"ingest.max_lines_per_message = {ctx.max_lines}); none of them is stored")
     check_count(count, ctx, "lines")
 
     parsed: list[tuple[int, str, _Point] | Rejection] = []

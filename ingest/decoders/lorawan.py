@@ -31,6 +31,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ingest.decoders.base import DecodeContext, Decoded
+from ingest.decoders.json import is_not_reading_key
 from ingest.decoders.jsonutil import (
     BadTime,
     check_count,
@@ -283,8 +284,14 @@ def _leaves(root: dict[str, Any]) -> Iterator[tuple[str, object]]:
 
 
 def _value(metric: str, value: object, ctx: DecodeContext) -> float | bool | str | None:
-    """The reading's value, or None when the leaf is not a reading."""
+    """The reading's value, or None when the leaf is not a reading (ignored by the mapping; an id,
+    serial, version or time by its own key, as in the json format, unless the mapping lists it)."""
     if ctx.mapping.ignored(metric):
+        return None
+    own = metric.rpartition(".")[2]
+    if own.isdigit():  # a list item: the list's key is its own
+        own = metric.rpartition(".")[0].rpartition(".")[2]
+    if is_not_reading_key(own) and not ctx.mapping.listed(metric):
         return None
     if isinstance(value, bool):
         return value

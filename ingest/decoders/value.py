@@ -55,6 +55,12 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "no" is not false
 
+    state_level: bool = Field(
+        True, description='a final "state" level is not part of the metric (ESPHome\'s <node>/sensor/<name>/state); '
+        'false: it is (Homie, where the last level is the property)')
+    allow_empty: bool = Field(
+        False, description="an empty payload (a cleared retained topic; Homie 5's 0x00 empty string) is acknowledged "
+        "and counted as skipped (empty), not rejected")
     text: bool = Field(
         False,
         description="every text that is not a value_map word, a number, true/false or ON/OFF is a text state "
@@ -69,6 +75,8 @@ def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
         # Checked before the payload is read: an ignored topic (Homie's $-attributes, Shelly's JSON
         # announce) may carry anything, and its payload must not turn into a rejection.
         return Decoded(readings=[], ignored=1)
+    if ctx.options.get("allow_empty") and (not payload.strip() or payload == b"\x00"):
+        return Decoded(readings=[], skipped="empty")
     text = _text(payload, ctx.max_depth)
     if not device or metric is None:
         # After the payload checks, so that a too deep payload is too_deep whatever the context.
@@ -101,10 +109,11 @@ def _metric(ctx: DecodeContext, device: str) -> str:
         rest = topic[at + len(inner) :] if at >= 0 else ""
     if rest and ("//" in rest or rest[0] == "/" or rest[-1] == "/"):
         rest = "/".join(level for level in rest.split("/") if level)
-    if rest == _STATE_LEVEL:
-        return METRIC_OF_BARE_TOPIC
-    if rest.endswith(_STATE_SUFFIX):
-        rest = rest[: -len(_STATE_SUFFIX)]
+    if ctx.options.get("state_level", True):
+        if rest == _STATE_LEVEL:
+            return METRIC_OF_BARE_TOPIC
+        if rest.endswith(_STATE_SUFFIX):
+            rest = rest[: -len(_STATE_SUFFIX)]
     return rest.replace("/", ".") or METRIC_OF_BARE_TOPIC
 
 
@@ -154,11 +163,12 @@ def _value(text: str, metric: str, ctx: DecodeContext) -> float | bool | str:
         word = _WORDS.get(text.lower())
         if word is not None:
             return word
+    if _not_finite(text):
+        # A sensor that failed to measure (ESPHome publishes "nan"): the same reason as a JSON NaN,
+        # text option or not (a NaN kept as text would sit as a state in a numeric series).
+        raise DecodeError("not_finite", _wrong_type(text, metric))
     if ctx.options.get("text", False):
         return text
-    if _not_finite(text):
-        # A sensor that failed to measure (ESPHome publishes "nan"): the same reason as a JSON NaN.
-        raise DecodeError("not_finite", _wrong_type(text, metric))
     raise DecodeError("wrong_type", _wrong_type(text, metric))
 
 

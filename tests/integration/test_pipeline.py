@@ -106,7 +106,9 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
 # Reasons the service gives only on a bug or on what the database refuses; tested where those are
 # made to happen (test_hostile_writes.py, tests/unit/test_process.py).
 NOT_FROM_INPUT = {"decoder_error", "db_rejected", "write_error"}
-LIMITS = "\n[ingest]\nmax_message_bytes = 2048\nmax_readings_per_message = 3\nmax_new_metrics_per_minute = 1\n"
+LIMITS = ("\n[ingest]\nmax_message_bytes = 2048\nmax_readings_per_message = 3\nmax_new_metrics_per_minute = 1\n"
+          "max_lines_per_message = 2\n")
+LINE_SOURCE = '\n[[sources]]\nname = "line"\ntopic = "{p}/line/{{device}}"\nformat = "line"\n'
 
 
 def _json(value: object) -> bytes:
@@ -129,6 +131,7 @@ def _one_of_each_rejection(p: str) -> list[tuple[str, str, bytes]]:
         ("too_long", f"{p}/hn-rj-10/up", _json({"time": t, "readings": {"status": {"text": "x" * 1001}}})),
         ("too_deep", f"{p}/hn-rj-11/up", b"[" * 40 + b"]" * 40),
         ("too_many_readings", f"{p}/hn-rj-12/up", _json({"time": t, "readings": {"a": 1, "b": 2, "c": 3, "d": 4}})),
+        ("too_many_lines", f"{p}/line/hn-rj-19", b"w a=1\nw b=2\nw c=3\n"),
         ("device_mismatch", f"{p}/hn-rj-13/up", _json({"device": "hn-rj-99", "time": t, "readings": {"pm25": 1.0}})),
         ("no_device", f"{p}/gw/gw-14", _json({"time": t, "readings": {"pm25": 1.0}})),
         ("no_source", f"{p}//up", _json({"device": "hn-rj-15", "time": t, "readings": {"pm25": 1.0}})),  # `+`
@@ -153,7 +156,8 @@ def test_every_rejection_reason_from_input_is_a_row_with_the_exact_bytes(
     cases = _one_of_each_rejection(topic_prefix)
     assert {reason for reason, _, _ in cases} | NOT_FROM_INPUT == _readme_rejection_reasons()
     assert len({payload for _, _, payload in cases}) == len(cases)  # each row is told apart by its bytes
-    ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url, extra=LIMITS)
+    ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url,
+                     extra=LINE_SOURCE.format(p=topic_prefix) + LIMITS)
     ingest.start()
     pub = Publisher(broker.port)
     try:

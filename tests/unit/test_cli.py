@@ -172,8 +172,10 @@ NO_CONFIG = [
     ("senml", "senml/rfc8428_single_datapoint", "senml/up", [], ("urn:dev:ow:10e2073a01080063", "value", 23.1)),
     ("json", "json/zigbee2mqtt_flat", "zigbee2mqtt/0x00158d0001dc126a", ["--template", "zigbee2mqtt/{device}"],
      ("0x00158d0001dc126a", "temperature", 27.34)),
-    ("json", "json/zigbee2mqtt_flat", "zigbee2mqtt/0x00158d0001dc126a", [],
-     ("zigbee2mqtt/0x00158d0001dc126a", "temperature", 27.34)),
+    ("json", "json/zigbee2mqtt_flat", "zigbee2mqtt/0x00158d0001dc126a", [],  # the zigbee2mqtt preset's device
+     ("0x00158d0001dc126a", "temperature", 27.34)),
+    ("json", "json/zigbee2mqtt_flat", "unknown/0x00158d0001dc126a", [],  # no source: the whole topic
+     ("unknown/0x00158d0001dc126a", "temperature", 27.34)),
     ("lorawan", "lorawan/tts_uplink_data_formats", "v3/app1@tenant1/devices/dev1/up", [], None),
     ("line", "line/telegraf_system_host", "telegraf/x", [], None),
     ("value", "value/esphome_sensor_float", "attic-powerwall/sensor/firstfloor_inverter_energy_yesterday/state",

@@ -441,7 +441,9 @@ def test_leaves_are_counted_across_records_ignored_ones_included() -> None:
 
 
 def test_options_default_and_refuse_unknown_keys() -> None:
-    assert Options.model_validate({}).model_dump() == {"strings_as_numbers": True}
+    assert Options.model_validate({}).model_dump() == {
+        "strings_as_numbers": True, "root": None, "only_if": None, "time_required": True, "naive_time": "reject",
+        "skip_scalars": False, "allow_empty": False, "unit_fields": {}, "pairs": None}
     with pytest.raises(ValidationError):
         Options.model_validate({"strings_as_number": False})
 

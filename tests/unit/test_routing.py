@@ -87,7 +87,7 @@ def test_bad_templates_raise_a_clear_value_error(template: str, message_part: st
 
 
 def test_partial_level_message_says_how_to_write_it() -> None:
-    with pytest.raises(ValueError, match=r"use \{name\} for a whole level"):
+    with pytest.raises(ValueError, match=r"use \{name\} or \{name:glob\} for a whole level"):
         compile_template("city/{district}-x/up")
 
 

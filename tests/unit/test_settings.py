@@ -643,7 +643,7 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(EXAMPLE)]) == 0
 
     out, err = capsys.readouterr()
-    assert "OK (8 source(s))" in out
+    assert "OK (8 source(s), " in out
     assert err == ""
 
 

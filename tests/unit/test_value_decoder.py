@@ -107,8 +107,11 @@ def test_nan_and_infinities_are_not_finite(payload: bytes) -> None:
     assert "not a finite number" in error.detail
 
 
-def test_nan_with_options_text_is_kept_as_text() -> None:
-    assert value_of(b"nan", ctx(options={"text": True})) == "nan"
+def test_nan_with_options_text_is_still_not_finite() -> None:
+    # ESPHome's failed measurement: kept as text it would be a state in a numeric series.
+    with pytest.raises(DecodeError) as info:
+        value_of(b"nan", ctx(options={"text": True}))
+    assert info.value.reason == "not_finite"
 
 
 @pytest.mark.parametrize("payload", [b"Normal", b"0x1A", b"1_000", b"21,5", b"null", b"online", b"yes", b"[ok]"])
@@ -341,7 +344,7 @@ def test_a_receive_time_in_another_zone_becomes_utc() -> None:
 
 
 def test_options_default_and_are_strict() -> None:
-    assert Options.model_validate({}).model_dump() == {"text": False}
+    assert Options.model_validate({}).model_dump() == {"state_level": True, "allow_empty": False, "text": False}
     assert Options.model_validate({"text": True}).text is True
     with pytest.raises(ValidationError):
         Options.model_validate({"txt": True})
