@@ -47,16 +47,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ingest.routing import filters_overlap
-
 from ingest.acks import AckTracker
 from ingest.metrics import Metrics
 from ingest.model import Clock, RawMessage, utc_now
+from ingest.routing import subscription_ids
 from ingest.settings import MqttSettings
 
 __all__ = ["MqttBridge", "MqttConnectError"]
 
 log = logging.getLogger(__name__)
+_NO_IDENTIFIER = (0,)  # a message sent for a filter subscribed without an identifier
 
 # Packets read per readiness callback before the loop gets a turn (fairness with the writer task).
 _MAX_PACKETS_PER_WAKE = 2000
@@ -88,19 +88,24 @@ class MqttBridge:
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
         on_session: Callable[[int, bool], None] = lambda epoch, resumed: None,
+        identifiers: list[int] | None = None,
     ) -> None:
         if not filters:
             raise ValueError("no subscription filters: configure at least one source")
         self.settings = settings
         self.filters = [f"$share/{settings.shared_group}/{f}" if settings.shared_group else f for f in filters]
         # Filters that one topic can match both of (a preset's +/sensor/+/state and
-        # homeassistant/+/+/#) make the broker send such a topic once per filter. Then each filter is
-        # subscribed with its own subscription identifier (its position + 1), and each message
-        # carries the identifiers it was sent for (RawMessage.subscriptions), so that the copies
-        # can be told apart; see Processor.process.
-        self.identify = filters_overlap(filters)
+        # homeassistant/+/+/#) make the broker send such a topic once per filter. Then the filters
+        # that overlap an earlier one are subscribed each with its subscription identifier
+        # (routing.subscription_ids), and each message carries the identifiers it was sent for
+        # (RawMessage.subscriptions; (0,) for one sent for a filter without), so that the copies can
+        # be told apart; see Processor.process.
+        self.identifiers = identifiers if identifiers is not None else subscription_ids(filters)
+        if len(self.identifiers) != len(self.filters):
+            raise ValueError("one subscription identifier (or 0) per filter")
+        self.identify = any(self.identifiers)
         self._identified = False  # this connection's subscriptions carry identifiers
-        self._suback_mids: dict[int, int] = {}  # SUBSCRIBE packet id -> filter index, while SUBACKs are due
+        self._suback_mids: dict[int, list[int]] = {}  # SUBSCRIBE packet id -> its filters' indexes
         self._suback_codes: list[ReasonCode | None] = []
         self.sink = sink
         self.metrics = metrics
@@ -415,14 +420,20 @@ class MqttBridge:
         self._identified = self.identify and ids_available
         self._suback_mids = {}
         if self._identified:
+            # One SUBSCRIBE for the filters without an identifier, one per filter with one (a
+            # SUBSCRIBE carries at most one identifier, for all of its filters).
             self._suback_codes = [None] * len(self.filters)
-            for index, f in enumerate(self.filters):
-                sprops = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-                sprops.SubscriptionIdentifier = index + 1
-                result, mid = client.subscribe((f, opts), properties=sprops)
+            plain = [i for i, sid in enumerate(self.identifiers) if not sid]
+            groups = ([(plain, None)] if plain else []) + [([i], sid) for i, sid in enumerate(self.identifiers) if sid]
+            for indexes, sid in groups:
+                sprops = None
+                if sid:
+                    sprops = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                    sprops.SubscriptionIdentifier = sid
+                result, mid = client.subscribe([(self.filters[i], opts) for i in indexes], properties=sprops)
                 if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
                     raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
-                self._suback_mids[mid] = index
+                self._suback_mids[mid] = indexes
         else:
             result, _mid = client.subscribe([(f, opts) for f in self.filters])
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -561,9 +572,8 @@ class MqttBridge:
         if not self._suback_mids:
             self._suback.set_result(list(reason_codes))
             return
-        index = self._suback_mids.pop(mid, None)
-        if index is not None and reason_codes:
-            self._suback_codes[index] = reason_codes[0]
+        for index, code in zip(self._suback_mids.pop(mid, []), reason_codes, strict=False):
+            self._suback_codes[index] = code
         if not self._suback_mids:  # every filter's SUBACK came
             self._suback.set_result([c for c in self._suback_codes if c is not None])
 
@@ -586,8 +596,7 @@ class MqttBridge:
         subscriptions: tuple[int, ...] = ()
         if self._identified:
             ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            if ids:
-                subscriptions = tuple(ids) if isinstance(ids, list) else (int(ids),)
+            subscriptions = (tuple(ids) if isinstance(ids, list) else (int(ids),)) if ids else _NO_IDENTIFIER
         self.sink(
             RawMessage(
                 topic=topic,

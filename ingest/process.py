@@ -18,7 +18,7 @@ from ingest.decoders.base import DecodeContext, Decoder
 from ingest.decoders.mapping import SourceMapping
 from ingest.errors import DecodeError
 from ingest.model import RawMessage, Reading, Rejection
-from ingest.routing import Route, Router, compile_template
+from ingest.routing import Route, Router, compile_template, subscription_ids
 from ingest.settings import Settings, SourceSettings
 from ingest.validate import MAX_NAME, Limits, escape, validate
 
@@ -144,9 +144,11 @@ class Processor:
                  max_readings: int = 2000, max_depth: int = 32, max_lines: int = 2000) -> None:
         self.sources = {s.settings.name: s for s in sources}
         self.router = Router([s.route for s in sources])
-        # Each source's subscription identifier: the position of its filter (ingest.mqtt).
+        # Each source's subscription identifier (0: its filter has none), as ingest.mqtt subscribes.
         filters = self.router.filters
-        self._subscription = {s.settings.name: filters.index(s.route.filter) + 1 for s in sources}
+        self.subscription_ids = subscription_ids(filters)
+        self._subscription = {s.settings.name: self.subscription_ids[filters.index(s.route.filter)]
+                              for s in sources}
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.max_readings = max_readings
@@ -210,14 +212,18 @@ class Processor:
             # $-attributes): not a carrier of readings, counted by reason like a LoRaWAN join.
             excluded = self.router.excluded(msg.topic)
             if excluded is not None:
-                copy = msg.subscriptions and self._subscription[excluded] not in msg.subscriptions
+                copy = bool(msg.subscriptions) and self._subscription[excluded] not in msg.subscriptions
                 return Outcome(msg, excluded, [], None, skipped="overlap_copy" if copy else "excluded")
         if found is None:
             return Outcome(msg, None, [], Rejection("no_source", f"no source's topic template matches {msg.topic!r}"))
         route, captures = found
-        if msg.subscriptions and self._subscription[route.source] not in msg.subscriptions:
-            # The copy the broker sent for another filter that also matches this topic: the copy
-            # sent for this source's own filter is the one that is read (each is acknowledged).
+        if msg.subscriptions and self._subscription[route.source] not in msg.subscriptions and msg.subscriptions[0]:
+            # The copy the broker sent for other filters (with identifiers) that also match this
+            # topic: the copy sent for this source's own filter is the one that is read (each is
+            # acknowledged). A message sent for a filter without an identifier ((0,)) is always
+            # read: it may be one queued before the service subscribed with identifiers, the only
+            # copy; so a topic routed to a source with an identifier that a filter without one also
+            # matches, but whose source excludes it, is stored twice (README "Overlapping filters").
             return Outcome(msg, route.source, [], None, skipped="overlap_copy")
         src = self.sources[route.source]
         prefix = src.settings.device_prefix

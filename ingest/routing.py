@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase, translate
 
-__all__ = ["Route", "Router", "compile_template", "filters_overlap"]
+__all__ = ["Route", "Router", "compile_template", "filters_overlap", "subscription_ids"]
 
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}/+#]+))?\}$")
 _REST_CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)#\}$")
@@ -96,6 +96,23 @@ def filters_overlap(filters: Sequence[str]) -> bool:
     """Whether some topic matches two of the (distinct) subscription filters."""
     split = [f.split("/") for f in dict.fromkeys(filters)]
     return any(_levels_overlap(a, b) for i, a in enumerate(split) for b in split[i + 1:])
+
+
+def subscription_ids(filters: Sequence[str]) -> list[int]:
+    """The subscription identifier of each filter (its position + 1), or 0 for a filter subscribed
+    without one: in order, a filter gets one when it overlaps a filter before it that has none. So the
+    filters without one never overlap each other, the first ones (configured sources, before the
+    presets) carry none, and their messages no identifier property, which paho parses at a cost."""
+    plain: list[list[str]] = []
+    ids: list[int] = []
+    for index, f in enumerate(filters):
+        levels = f.split("/")
+        if any(_levels_overlap(levels, other) for other in plain):
+            ids.append(index + 1)
+        else:
+            plain.append(levels)
+            ids.append(0)
+    return ids
 
 
 def compile_exclude(globs: Sequence[str]) -> re.Pattern[str] | None:

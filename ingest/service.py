@@ -154,7 +154,8 @@ async def run_service(settings: Settings) -> int:
                     new_metrics_per_minute=settings.ingest.max_new_metrics_per_minute)
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
-                        on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch))
+                        on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch),
+                        identifiers=processor.subscription_ids)
     pipeline = Pipeline(
         settings.ingest, processor, writer, metrics,
         ack=bridge.ack,

@@ -197,7 +197,9 @@ def _run_through(
     ingest.start()
     pub = Publisher(broker_port)
     publisher = threading.Thread(target=pub.publish_all, args=(messages,), daemon=True)
-    sampler = HealthSampler(ingest)
+    # Sampled often enough that normal streaming before the fault is seen at least twice, on a
+    # machine that stores the first quarter of the stream within half a second.
+    sampler = HealthSampler(ingest, interval=0.1)
 
     def wait(predicate: Callable[[], bool], what: str, **kw: float) -> None:
         try:
@@ -216,8 +218,9 @@ def _run_through(
         with sampler:
             streaming_from = time.monotonic()
             publisher.start()
-            wait(lambda: count(counting_db, "readings") >= FAULT_AT * len(expected),
-                 f"{FAULT_AT:.0%} of the readings before the fault")
+            wait(lambda: count(counting_db, "readings") >= FAULT_AT * len(expected)
+                 and len(_samples(sampler, streaming_from, time.monotonic())) >= 2,
+                 f"{FAULT_AT:.0%} of the readings, and two samples of normal streaming, before the fault")
             errors_before = ingest.metrics().get(DB_ERRORS, 0.0)
             fault_on = time.monotonic()
             fault.inject()

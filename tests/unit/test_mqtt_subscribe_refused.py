@@ -10,6 +10,7 @@ slept as asked), so no assertion depends on how long anything took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -115,3 +116,37 @@ async def test_a_refused_filter_of_a_resumed_session_disconnects_and_is_retried_
         finally:
             await bridge.stop()
             await asyncio.wait_for(run, 10)
+
+
+@pytest.mark.asyncio
+async def test_with_overlapping_filters_each_suback_is_checked_and_a_refusal_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Overlapping filters go in several SUBSCRIBEs (one per subscription identifier): the bridge waits
+    for every SUBACK, and one refusing its filter keeps it unready, reported, and retried."""
+    caplog.set_level(logging.INFO, logger="ingest.mqtt")
+    overlapping = "edge/+/denied"  # overlaps edge/ok/# at edge/ok/denied: subscribed with an identifier
+    async with ScriptedBroker(suback_codes={overlapping: NOT_AUTHORIZED}) as broker:
+        settings = MqttSettings(url=broker.url, client_id="refused-" + uuid.uuid4().hex[:8], receive_maximum=10,
+                                keepalive=30, reconnect_min=RECONNECT_MIN, reconnect_max=0.5, connect_timeout=10)
+        bridge = MqttBridge(settings, [GRANTED, overlapping], lambda m: None)
+        assert bridge.identifiers == [0, 2]
+        run = asyncio.create_task(bridge.run())
+        await asyncio.sleep(0)
+        ready = asyncio.create_task(bridge.wait_ready())
+        try:
+            await _until(lambda: ready.done() or broker.connections >= 2, "the bridge did not retry")
+            assert not ready.done()
+            # One SUBACK per SUBSCRIBE: the granted filter's, and the identified one's refusal.
+            assert [1] in broker.subacks
+            assert [NOT_AUTHORIZED] in broker.subacks
+            assert any(f"refused subscriptions: {overlapping} (Not authorized)" in text and GRANTED not in text
+                       for text in _refusals(caplog))
+            broker.suback_codes.clear()
+            await _until(ready.done, "the bridge did not become ready once the filter was granted")
+            assert bridge.connected
+        finally:
+            await bridge.stop()
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run
