@@ -88,6 +88,17 @@ def cases(limit: int, max_readings: int) -> dict[str, tuple[str, bytes]]:
             for i in range(min(k, n // 2))).encode(), limit)),
         "line, max lines, every one bad (rejected)": ("telegraf/site-1", _fit(
             lambda k: (b"m,host=hn-ws-1 u=" + b"x" * 12 + b"\n") * min(k, n), limit)),
+        # The presets of issue #12 (on by default), through their own sources.
+        "preset airrohr, max name/value pairs": ("airrohr/13463000", _fit(lambda k: json.dumps(
+            {"esp8266id": "13463000", "software_version": "NRZ-2020-133",
+             "sensordatavalues": [{"value_type": f"SDS_P{i}", "value": f"{i}.5"} for i in range(min(k, n))]}
+        ).encode(), limit)),
+        "preset shelly rpc, NotifyStatus of max leaves": ("shellypro4pm-a8032ab12345/events/rpc", _fit(
+            lambda k: json.dumps({"src": "shellypro4pm-a8032ab12345", "method": "NotifyStatus", "params": {
+                "ts": NOW.timestamp() - 60, **{f"switch:{i}": {"apower": i * 0.5, "voltage": 230.1}
+                                                for i in range(min(k, (n - 2) // 2))}}}).encode(), limit)),
+        "preset homeassistant (auto), flat JSON of max leaves": ("homeassistant/sensor/hn-ha-0001/state", _fit(
+            lambda k: json.dumps({f"sensor_{i}": i * 0.25 for i in range(min(k, n))}).encode(), limit)),
         "value, 64 KiB of digits (rejected, not_finite)": ("esphome/hn-noise-0001/sensor/level/state", b"7" * limit),
         "64 KiB of '[' (rejected, too_deep)": ("city/hk/hn-aq-0001/up", b"[" * limit),
         "64 KiB of binary (rejected, malformed)": ("city/hk/hn-aq-0001/up", os.urandom(limit)),

@@ -56,7 +56,6 @@ from ingest.settings import MqttSettings
 __all__ = ["MqttBridge", "MqttConnectError"]
 
 log = logging.getLogger(__name__)
-_NO_IDENTIFIER = (0,)  # a message sent for a filter subscribed without an identifier
 
 # Packets read per readiness callback before the loop gets a turn (fairness with the writer task).
 _MAX_PACKETS_PER_WAKE = 2000
@@ -95,11 +94,11 @@ class MqttBridge:
         self.settings = settings
         self.filters = [f"$share/{settings.shared_group}/{f}" if settings.shared_group else f for f in filters]
         # Filters that one topic can match both of (a preset's +/sensor/+/state and
-        # homeassistant/+/+/#) make the broker send such a topic once per filter. Then the filters
-        # that overlap an earlier one are subscribed each with its subscription identifier
-        # (routing.subscription_ids), and each message carries the identifiers it was sent for
-        # (RawMessage.subscriptions; (0,) for one sent for a filter without), so that the copies can
-        # be told apart; see Processor.process.
+        # homeassistant/+/+/#) make the broker send such a topic once per filter (Mosquitto), or once
+        # with the identifiers of all of them. So every filter that overlaps another is subscribed
+        # with its own subscription identifier (routing.subscription_ids, stable across restarts and
+        # config changes), and each message carries the identifiers it was sent for
+        # (RawMessage.subscriptions), so that the copies can be told apart; see Processor.process.
         self.identifiers = identifiers if identifiers is not None else subscription_ids(filters)
         if len(self.identifiers) != len(self.filters):
             raise ValueError("one subscription identifier (or 0) per filter")
@@ -127,7 +126,7 @@ class MqttBridge:
         self._ready: asyncio.Event | None = None
         self._disconnected: asyncio.Event | None = None
         self._connack: asyncio.Future[tuple[ReasonCode, bool, Properties | None]] | None = None
-        self._suback: asyncio.Future[list[ReasonCode]] | None = None
+        self._suback: asyncio.Future[list[ReasonCode | None]] | None = None
         self._subscribe_error: MqttConnectError | None = None  # a late SUBACK refused a filter
         self._connect_error: str | None = None  # paho's first error while the connection awaits its CONNACK
         self._refusals = 0  # late SUBACK refusals in a row, for their backoff
@@ -451,14 +450,18 @@ class MqttBridge:
             raise MqttConnectError(f"no SUBACK within {s.connect_timeout:.0f}s") from exc
         self._check_suback(codes)
 
-    def _check_suback(self, codes: list[ReasonCode]) -> None:
-        refused = [(f, c) for f, c in zip(self.filters, codes, strict=False) if c.is_failure]
+    def _check_suback(self, codes: list[ReasonCode | None]) -> None:
+        # One code per filter, in order; a SUBACK with fewer codes than its SUBSCRIBE had filters
+        # leaves None, which is no grant.
+        codes = [*codes, *([None] * (len(self.filters) - len(codes)))]
+        refused = [(f, "no reason code" if c is None else str(c))
+                   for f, c in zip(self.filters, codes, strict=False) if c is None or c.is_failure]
         if refused:
             raise MqttConnectError("broker refused subscriptions: " + ", ".join(f"{f} ({c})" for f, c in refused))
         self._refusals = 0
         log.info("MQTT subscribed to %s", ", ".join(self.filters))
 
-    def _late_suback(self, fut: asyncio.Future[list[ReasonCode]]) -> None:
+    def _late_suback(self, fut: asyncio.Future[list[ReasonCode | None]]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return  # the connection was lost: run() is already handling that
         try:
@@ -575,7 +578,7 @@ class MqttBridge:
         for index, code in zip(self._suback_mids.pop(mid, []), reason_codes, strict=False):
             self._suback_codes[index] = code
         if not self._suback_mids:  # every filter's SUBACK came
-            self._suback.set_result([c for c in self._suback_codes if c is not None])
+            self._suback.set_result(list(self._suback_codes))
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Properties | None
@@ -594,9 +597,10 @@ class MqttBridge:
             topic = bytes(msg._topic).decode("utf-8", "replace")
         seq = self.tracker.arrived(msg.mid, msg.qos, time.monotonic())
         subscriptions: tuple[int, ...] = ()
-        if self._identified:
+        if self.identify:  # also for a message in the same read as the CONNACK, before _identified is set
             ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            subscriptions = (tuple(ids) if isinstance(ids, list) else (int(ids),)) if ids else _NO_IDENTIFIER
+            if ids:
+                subscriptions = tuple(ids) if isinstance(ids, list) else (int(ids),)
         self.sink(
             RawMessage(
                 topic=topic,

@@ -55,7 +55,11 @@ def _tasmota(zone: str | None) -> list[dict[str, Any]]:
     metrics = _units({
         "ENERGY.Total": "kWh", "ENERGY.Today": "kWh", "ENERGY.Yesterday": "kWh",
         "ENERGY.Power": "W", "ENERGY.ApparentPower": "VA", "ENERGY.ReactivePower": "var",
-        "ENERGY.Voltage": "V", "ENERGY.Current": "A", "ENERGY.Frequency": "Hz",
+        "ENERGY.Voltage": "V", "ENERGY.Current": "A", "ENERGY.Frequency": "Hz", "ENERGY.Period": "Wh",
+        # Multi-channel meters send lists: ENERGY.Power.0, ENERGY.Power.1, ...
+        "ENERGY.Power.*": "W", "ENERGY.ApparentPower.*": "VA", "ENERGY.ReactivePower.*": "var",
+        "ENERGY.Voltage.*": "V", "ENERGY.Current.*": "A", "ENERGY.Period.*": "Wh", "ENERGY.Today.*": "kWh",
+        "ENERGY.Yesterday.*": "kWh", "ENERGY.Total.*": "kWh",
         "*.Humidity": "%", "*.Illuminance": "lx", "*.CarbonDioxide": "ppm", "*.eCO2": "ppm", "*.TVOC": "ppb",
         "*.PM1": "ug/m3", "*.PM2.5": "ug/m3", "*.PM10": "ug/m3",
         "Wifi.RSSI": "%", "Wifi.Signal": "dBm", "UptimeSec": "s",
@@ -131,7 +135,7 @@ def _shelly(zone: str | None) -> list[dict[str, Any]]:
         {"name": "shelly.gen1", "topic": "shellies/{device}/#", "format": "value", "options": {"text": True},
          "exclude": ["shellies/announce", "shellies/command", "shellies/*/announce", "shellies/*/info",
                      "shellies/*/command", "shellies/*/command/*", "shellies/*/status", "shellies/*/input_event/*",
-                     "shellies/*/act_reasons", "shellies/*/settings"],
+                     "shellies/*/act_reasons", "shellies/*/settings", "shellies/*/set"],
          "metrics": gen1_units},
         {"name": "shelly.rpc", "topic": "{device:[Ss]helly*}/events/rpc", "format": "json",
          "options": {"root": "params", "only_if": {"method": ["NotifyStatus", "NotifyFullStatus"]},
@@ -173,7 +177,7 @@ def _airrohr(zone: str | None) -> list[dict[str, Any]]:
     # value), as forwarded to MQTT. Devices are named as Sensor.Community names them: esp8266-<id>.
     metrics = _units({
         "*_P0": "ug/m3", "*_P1": "ug/m3", "*_P2": "ug/m3", "*_P4": "ug/m3", "*temperature": "degC",
-        "*humidity": "%", "*pressure": "Pa", "signal": "dBm", "noise_LA*": "dB(A)", "*_co2_ppm": "ppm",
+        "*humidity": "%", "*pressure": "Pa", "signal": "dBm", "*noise_LA*": "dB(A)", "*_co2_ppm": "ppm",
         "interval": "ms", "min_micro": "us", "max_micro": "us",
     })
     return [{

@@ -18,7 +18,7 @@ from ingest.decoders.base import DecodeContext, Decoder
 from ingest.decoders.mapping import SourceMapping
 from ingest.errors import DecodeError
 from ingest.model import RawMessage, Reading, Rejection
-from ingest.routing import Route, Router, compile_template, subscription_ids
+from ingest.routing import Route, Router, compile_template, filter_matches, subscription_ids
 from ingest.settings import Settings, SourceSettings
 from ingest.validate import MAX_NAME, Limits, escape, validate
 
@@ -149,6 +149,7 @@ class Processor:
         self.subscription_ids = subscription_ids(filters)
         self._subscription = {s.settings.name: self.subscription_ids[filters.index(s.route.filter)]
                               for s in sources}
+        self._filter_of = {sid: f for f, sid in zip(filters, self.subscription_ids, strict=True) if sid}
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.max_readings = max_readings
@@ -197,6 +198,19 @@ class Processor:
     def filters(self) -> list[str]:
         return self.router.filters
 
+    def _overlap_copy(self, msg: RawMessage, route: Route) -> bool:
+        """Whether ``msg`` is the copy sent for another current filter than ``route``'s: its
+        identifiers do not name the route's filter, and one names a filter that matches the topic (an
+        identifier that no current filter has is of a subscription gone since the message was queued:
+        the message is read)."""
+        if self._subscription[route.source] in msg.subscriptions:
+            return False
+        for sid in msg.subscriptions:
+            other = self._filter_of.get(sid)
+            if other is not None and other != route.filter and filter_matches(other, msg.topic):
+                return True
+        return False
+
     def process(self, msg: RawMessage) -> Outcome:
         size = len(msg.payload)
         if size > self.max_message_bytes:
@@ -212,18 +226,14 @@ class Processor:
             # $-attributes): not a carrier of readings, counted by reason like a LoRaWAN join.
             excluded = self.router.excluded(msg.topic)
             if excluded is not None:
-                copy = bool(msg.subscriptions) and self._subscription[excluded] not in msg.subscriptions
+                copy = bool(msg.subscriptions) and self._overlap_copy(msg, self.sources[excluded].route)
                 return Outcome(msg, excluded, [], None, skipped="overlap_copy" if copy else "excluded")
         if found is None:
             return Outcome(msg, None, [], Rejection("no_source", f"no source's topic template matches {msg.topic!r}"))
         route, captures = found
-        if msg.subscriptions and self._subscription[route.source] not in msg.subscriptions and msg.subscriptions[0]:
-            # The copy the broker sent for other filters (with identifiers) that also match this
-            # topic: the copy sent for this source's own filter is the one that is read (each is
-            # acknowledged). A message sent for a filter without an identifier ((0,)) is always
-            # read: it may be one queued before the service subscribed with identifiers, the only
-            # copy; so a topic routed to a source with an identifier that a filter without one also
-            # matches, but whose source excludes it, is stored twice (README "Overlapping filters").
+        if msg.subscriptions and self._overlap_copy(msg, route):
+            # The copy the broker sent for another filter that also matches this topic: the copy
+            # sent for this source's own filter is the one that is read (each is acknowledged).
             return Outcome(msg, route.source, [], None, skipped="overlap_copy")
         src = self.sources[route.source]
         prefix = src.settings.device_prefix

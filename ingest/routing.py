@@ -13,11 +13,12 @@ an excluded topic is not this route's, though its filter brings it in (Zigbee2MQ
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase, translate
 
-__all__ = ["Route", "Router", "compile_template", "filters_overlap", "subscription_ids"]
+__all__ = ["Route", "Router", "compile_template", "filter_matches", "filters_overlap", "subscription_ids"]
 
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}/+#]+))?\}$")
 _REST_CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)#\}$")
@@ -98,20 +99,44 @@ def filters_overlap(filters: Sequence[str]) -> bool:
     return any(_levels_overlap(a, b) for i, a in enumerate(split) for b in split[i + 1:])
 
 
+def filter_matches(filter_: str, topic: str) -> bool:
+    """Whether the subscription filter matches the topic (MQTT's rules: '+' one level, a final '#'
+    the rest including its parent level)."""
+    levels, parts = filter_.split("/"), topic.split("/")
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(parts) or (level != "+" and level != parts[i]):
+            return False
+    return len(parts) == len(levels)
+
+
+_MAX_SUBSCRIPTION_ID = 268_435_455  # MQTT v5: a Variable Byte Integer of 1 to 268,435,455
+
+
 def subscription_ids(filters: Sequence[str]) -> list[int]:
-    """The subscription identifier of each filter (its position + 1), or 0 for a filter subscribed
-    without one: in order, a filter gets one when it overlaps a filter before it that has none. So the
-    filters without one never overlap each other, the first ones (configured sources, before the
-    presets) carry none, and their messages no identifier property, which paho parses at a cost."""
-    plain: list[list[str]] = []
+    """The subscription identifier of each filter, or 0 for one that overlaps no other (subscribed
+    without one, so that its messages carry no identifier property, which paho parses at a cost).
+
+    An identifier is derived from the filter's text, not its position: a message queued in the
+    broker's session keeps the identifier it was matched with, and that must still name the same
+    filter after a restart with sources or presets added or removed. Every filter of an overlapping
+    pair gets one, so that a broker that sends a topic once with the identifiers of all its
+    subscriptions (MQTT v5 allows that instead of a copy per subscription) names the routed one too.
+    """
+    split = [f.split("/") for f in filters]
     ids: list[int] = []
-    for index, f in enumerate(filters):
-        levels = f.split("/")
-        if any(_levels_overlap(levels, other) for other in plain):
-            ids.append(index + 1)
-        else:
-            plain.append(levels)
+    used: set[int] = set()
+    for i, levels in enumerate(split):
+        others = (other for j, other in enumerate(split) if filters[j] != filters[i])
+        if not any(_levels_overlap(levels, other) for other in others):
             ids.append(0)
+            continue
+        sid = zlib.crc32(filters[i].encode()) % _MAX_SUBSCRIPTION_ID + 1
+        while sid in used:  # another filter's text hashed here: the next free one
+            sid = sid % _MAX_SUBSCRIPTION_ID + 1
+        used.add(sid)
+        ids.append(sid)
     return ids
 
 

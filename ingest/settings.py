@@ -306,14 +306,20 @@ _VALUE = StrictBool | StrictInt | StrictFloat
 
 def _storable_name(what: str, name: str, *, unit: bool = False) -> str:
     """A stored metric name or unit that validation would refuse on every reading is a config error."""
-    from ingest.validate import MAX_NAME, MAX_UNIT, _bad_name
+    from ingest.validate import MAX_UNIT, _bad_name
 
-    why = _bad_name(name, MAX_UNIT if unit else MAX_NAME)
+    # Names: the database's limit here; ingest.max_metric_name_length (200 by default) is checked
+    # against the whole configuration (Settings._renames_fit).
+    limit = MAX_UNIT if unit else _DB_NAME
+    why = _bad_name(name, limit)
     if why or not name.strip():
         raise _fix_error(f"{what} {json.dumps(name)} {why or 'is blank'}",
                          "write a printable name" + (f" of at most {MAX_UNIT} characters, e.g. \"degC\"" if unit else
-                                                     f" of at most {MAX_NAME} characters, e.g. \"temperature\""))
+                                                     f" of at most {_DB_NAME} characters, e.g. \"temperature\""))
     return name
+
+
+_DB_NAME = 256  # metrics.name's CHECK in schemas/migrations
 
 
 def _finite_values(table: dict[str, bool | int | float]) -> dict[str, bool | int | float]:
@@ -330,7 +336,7 @@ class MetricSettings(_Section):
     # Strict: scale = true or scale = "2" is a mistake to report, not a number to guess.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, strict=True)
 
-    rename: str | None = Field(None, min_length=1, max_length=200, description="the stored metric name")
+    rename: str | None = Field(None, min_length=1, max_length=_DB_NAME, description="the stored metric name")
     ignore: bool = Field(False, description="not a reading: counted as ignored, not stored")
     state: bool = Field(False, description="its strings are text states (stored in `states`)")
     scale: float = Field(1.0, allow_inf_nan=False, description="stored value = value * scale + offset")
@@ -637,6 +643,19 @@ class Settings(BaseSettings):
     def all_sources(self) -> list[SourceSettings]:
         """The configured sources, then the presets' (routing order)."""
         return [*self.sources, *(s for _, s in self.preset_sources())]
+
+    @model_validator(mode="after")
+    def _renames_fit(self) -> Settings:
+        limit = self.ingest.max_metric_name_length
+        for s in self.sources:
+            names = [*s.rename.values(), *(m.rename for m in s.metrics.values() if m.rename is not None)]
+            too_long = [n for n in names if len(n) > limit]
+            if too_long:
+                raise _fix_error(
+                    f"source {s.name!r} renames a metric to {json.dumps(too_long[0][:40])}... of {len(too_long[0])} "
+                    f"characters, longer than ingest.max_metric_name_length = {limit}: every such reading would be "
+                    "refused", "shorten the name, or raise ingest.max_metric_name_length (at most 256)")
+        return self
 
     @field_validator("sources")
     @classmethod

@@ -104,8 +104,8 @@ class Options(BaseModel):
         "reject", description='a time_field without an offset when the source has no timezone: "reject" (bad_time), '
         'or "receive": the receive time is used (flagged)')
     skip_scalars: bool = Field(
-        False, description="a payload that is one bare value, on a topic without {metric}, is acknowledged and "
-        "counted as skipped (scalar), not rejected (schema)")
+        False, description="a payload that is not a JSON object or array (a bare value, JSON or raw text), on a "
+        "topic without {metric}, is acknowledged and counted as skipped (scalar), not rejected (schema, malformed)")
     allow_empty: bool = Field(
         False, description="an empty object or array is acknowledged and counted as skipped (empty_object), "
         "not rejected (empty)")
@@ -122,6 +122,16 @@ class Options(BaseModel):
         for key, globs in v.items():
             if not globs or any(not g for g in globs):
                 raise ValueError(f"unit_fields.{key}: list at least one non-empty metric glob")
+            if "." in key:
+                raise ValueError(f"unit_fields.{key}: a unit field is a key of the record itself, not a path")
+        return v
+
+    @field_validator("only_if")
+    @classmethod
+    def _choices(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        for path, allowed in (v or {}).items():
+            if not allowed:
+                raise ValueError(f"only_if.{path}: list at least one value (an empty list skips every message)")
         return v
 
 
@@ -137,9 +147,12 @@ def is_not_reading_key(key: str) -> bool:
 
 
 def decode(payload: bytes, ctx: DecodeContext) -> Decoded:
+    options = ctx.options
+    if options.get("skip_scalars") and payload.lstrip()[:1] not in (b"{", b"[") and not ctx.captures.get("metric"):
+        # Zigbee2MQTT's attribute output publishes text raw (ON, single, a,b) as well as numbers.
+        return Decoded(readings=[], skipped="scalar")
     data = load_json(payload, ctx.max_depth)
     prefix = ctx.captures.get("metric") or None
-    options = ctx.options
     only_if, root = options.get("only_if"), options.get("root")
     if only_if or root is not None or options.get("allow_empty") or options.get("pairs"):
         # The options of presets and of unusual makes; plain JSON sources skip all of this.

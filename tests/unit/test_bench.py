@@ -87,6 +87,7 @@ def test_fault_run_judgement_names_every_broken_limit() -> None:
 
 
 COUNT_BOUND = {"json, nested, max leaves, time_field", "json, gateway array of records",
+               "preset shelly rpc, NotifyStatus of max leaves", "preset homeassistant (auto), flat JSON of max leaves",
                "lorawan, decoded payload of max leaves"}
 
 

@@ -504,3 +504,19 @@ def test_an_option_validator_message_has_no_pydantic_prefix(tmp_path: Path) -> N
     p = _problem(tmp_path, "unit_fields = { TempUnit = [] }")
 
     assert "Value error" not in p.message
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("only_if = { method = [] }", "only_if.method: list at least one value"),
+    ('unit_fields = { "s.U" = ["*"] }', "unit_fields.s.U: a unit field is a key of the record itself"),
+])
+def test_options_that_would_silently_skip_or_lose_are_refused(tmp_path: Path, options: str, message: str) -> None:
+    problem = _problem(tmp_path, options)
+    assert message in problem.message, problem
+
+
+@pytest.mark.parametrize("payload", [b"ON", b"single", b"", b"1,2,3", b"12.05", b'"ON"'])
+def test_skip_scalars_skips_raw_text_too(payload: bytes) -> None:
+    # Zigbee2MQTT's attribute output publishes strings raw, nulls as "" and lists as a,b.
+    decoded = run(payload, ctx({"skip_scalars": True}))
+    assert (decoded.readings, decoded.problems, decoded.skipped) == ([], [], "scalar")

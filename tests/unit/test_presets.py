@@ -726,3 +726,17 @@ def test_decode_an_excluded_topic_prints_skipped(tmp_path: Path, capsys: pytest.
     assert out == {"topic": "zigbee2mqtt/bridge/state", "source": "zigbee2mqtt", "format": "json", "readings": [],
                    "rejection": None, "ignored": 0, "skipped": "excluded"}
 
+
+
+def test_a_rename_longer_than_max_metric_name_length_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[ingest]\nmax_metric_name_length = 16\n[[sources]]\nname = "a"\ntopic = "a/{device}"\n'
+                    'format = "json"\nrename = { a = "a_very_long_metric_name_here" }\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert "longer than ingest.max_metric_name_length = 16" in text
+    # Up to the database's 256 characters a rename is allowed when the limit allows it.
+    path.write_text('[ingest]\nmax_metric_name_length = 256\n[[sources]]\nname = "a"\ntopic = "a/{device}"\n'
+                    f'format = "json"\nrename = {{ a = "{"x" * 250}" }}\n', encoding="utf-8")
+    assert load_settings(path).sources[0].rename == {"a": "x" * 250}
