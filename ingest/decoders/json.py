@@ -273,20 +273,21 @@ def _selected(data: Any, only_if: dict[str, list[Any]]) -> bool:
 
 def _with_pairs(record: dict[str, Any], pairs: dict[str, str]) -> dict[str, Any]:
     """The record with its list of name/value items turned into keys (``{"value_type": "SDS_P1",
-    "value": "5.53"}`` -> ``"SDS_P1": "5.53"``); an item without a usable name stays as it was, so
-    that its leaves are still seen (and counted) under the list's key."""
+    "value": "5.53"}`` -> ``"SDS_P1": "5.53"``). An item without a usable name, or whose name is
+    taken (a second item of that name, a key of the record), stays where it was, under the list's
+    key and its own index (``sensordatavalues.3.value``), so that its leaves are still seen."""
     items = record[pairs["key"]]
     if type(items) is not list:
         return record
     out = {k: v for k, v in record.items() if k != pairs["key"]}
-    rest: list[Any] = []
+    rest: dict[str, Any] = {}
     name_key, value_key = pairs["name"], pairs["value"]
-    for item in items:
+    for index, item in enumerate(items):
         name = item.get(name_key) if type(item) is dict else None
         if type(name) is str and name and name not in out and value_key in item:
             out[name] = item[value_key]
         else:
-            rest.append(item)
+            rest[str(index)] = item
     if rest:
         out[pairs["key"]] = rest
     return out

@@ -404,9 +404,9 @@ def test_an_item_without_a_usable_name_stays_under_the_list() -> None:
 
     decoded = run(payload, ctx({"pairs": {"key": "list"}}))
 
-    # Renumbered in the list of the items left: {"value": 2}, {"name": "", "value": 3}, {"name": 7, "value": 4}.
-    assert named(decoded) == {"a": 1.0, "list.0.value": 2.0, "list.1.value": 3.0, "list.2.name": 7.0,
-                              "list.2.value": 4.0}
+    # Each under its own index in the list as sent: {"value": 2} is item 1, and so on.
+    assert named(decoded) == {"a": 1.0, "list.1.value": 2.0, "list.2.value": 3.0, "list.3.name": 7.0,
+                              "list.3.value": 4.0}
 
 
 def test_an_item_whose_name_is_already_a_key_stays_under_the_list() -> None:
@@ -520,3 +520,10 @@ def test_skip_scalars_skips_raw_text_too(payload: bytes) -> None:
     # Zigbee2MQTT's attribute output publishes strings raw, nulls as "" and lists as a,b.
     decoded = run(payload, ctx({"skip_scalars": True}))
     assert (decoded.readings, decoded.problems, decoded.skipped) == ([], [], "scalar")
+
+
+def test_a_pair_whose_name_is_taken_stays_under_its_own_index() -> None:
+    # A second item named "a" cannot be the key "a" again: it keeps its place, l.1, not a new one.
+    decoded = run({"l": [{"n": "b", "v": 0}, {"n": "a", "v": 1}, {"n": "a", "v": 2}]},
+                  ctx({"pairs": {"key": "l", "name": "n", "value": "v"}}))
+    assert named(decoded) == {"b": 0.0, "a": 1.0, "l.2.v": 2.0}
