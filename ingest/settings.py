@@ -433,20 +433,14 @@ class SourceSettings(_Section):
                 raise _fix_error(f"allow_devices[{i}] is empty", 'write a glob such as "hn-aq-*"')
         return v
 
-    @field_validator("exclude")
+    @field_validator("ignore", "states", "exclude")
     @classmethod
-    def _topic_globs(cls, v: list[str]) -> list[str]:
+    def _name_globs(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        example = ('a topic glob such as "zigbee2mqtt/bridge/*"' if info.field_name == "exclude"
+                   else 'a metric name or a glob such as "ENERGY.*"')
         for i, pattern in enumerate(v):
             if not pattern.strip():
-                raise _fix_error(f"entry [{i}] is empty", 'write a topic glob such as "zigbee2mqtt/bridge/*"')
-        return v
-
-    @field_validator("ignore", "states")
-    @classmethod
-    def _name_globs(cls, v: list[str]) -> list[str]:
-        for i, pattern in enumerate(v):
-            if not pattern.strip():
-                raise _fix_error(f"entry [{i}] is empty", 'write a metric name or a glob such as "ENERGY.*"')
+                raise _fix_error(f"entry [{i}] is empty", f"write {example}")
         return v
 
     @field_validator("rename")
