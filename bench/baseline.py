@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         body = json.loads(msg.payload)
         for metric, value in body["readings"].items():
+            if isinstance(value, dict):  # {"value": 50.5, "unit": "degF"}: stored as sent, no conversion
+                value = value["value"]
             db.execute(
                 "INSERT INTO baseline_readings (time, device, metric, value) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING",

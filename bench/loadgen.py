@@ -5,7 +5,9 @@ the service drains, so the load is spread over processes. Each process owns its 
 (``<prefix>/<run>-p<proc>-d<n>/up``) and numbers its messages; message ``seq`` goes to device
 ``seq % devices``. Every message is a native payload whose ``time`` is the wall clock at publish, which
 is what the runner measures publish-to-commit latency from, and whose readings are ``seq`` (the
-message's number, so the runner can check the stored set against the acknowledged one) and ``level``.
+message's number, so the runner can check the stored set against the acknowledged one) and
+``temperature`` in degF, which the metric catalog binds, converts to degC and range-checks (issue #13:
+the drain figure is measured with the catalog doing its work on every message).
 
 A process reports the sequence numbers the broker acknowledged (PUBACK), never what it merely sent.
 """
@@ -21,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -59,7 +62,7 @@ def device_uid(run: str, proc: int, device: int) -> str:
 
 
 def _payload(uid: str, at: datetime, seq: int, pad: int) -> bytes:
-    readings: dict[str, float] = {"seq": seq, "level": seq % 997}
+    readings: dict[str, Any] = {"seq": seq, "temperature": {"value": 50 + seq % 400 / 10, "unit": "degF"}}
     message = {"device": uid, "time": at.isoformat(), "readings": readings}
     # A bigger payload is a gateway's wider message: more channels, each a reading of its own.
     # Each channel adds ,"<key>":<value> to the encoding, so the size is counted, not re-encoded.

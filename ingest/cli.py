@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    p = sub.add_parser(
+        "catalog", help="list the metric catalog: quantities, units, ranges and their sources; or how a metric binds",
+        description="List the quantities of the metric catalog (built in, with the config's [[metrics]] applied): "
+        "stored unit, kind, possible range (outside: rejected, out_of_range), plausible range (outside: stored "
+        "as suspect), aliases and where the ranges come from. With --metric, which quantity a stored metric "
+        "name binds to; with --unit too, how a value in that unit is converted.",
+    )
+    _config_arg(p)
+    p.add_argument("--metric", help="a stored metric name, e.g. AM2301.Temperature: the quantity it binds to")
+    p.add_argument("--unit", help="with --metric: a unit the readings state, e.g. F, ppb, µg/m³")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     add_simulate_parser(sub)
     return parser
 
@@ -242,6 +254,65 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _span(r: tuple[float | None, float | None] | None) -> str:
+    if r is None:
+        return "any"
+    lo, hi = r
+    return f"{'-inf' if lo is None else f'{lo:g}'}..{'inf' if hi is None else f'{hi:g}'}"
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from ingest.catalog.units import conversion
+
+    settings = _settings(args.config)
+    catalog = settings.build_catalog()
+    if catalog is None:
+        print("[catalog] enabled = false: readings are stored as decoded, without binding, units or ranges")
+        return 0
+    if args.unit and not args.metric:
+        print("sensor-ingest catalog: --unit needs --metric", file=sys.stderr)
+        return 2
+    if args.metric:
+        q = catalog.quantity_of(args.metric)
+        out: dict[str, Any] = {"metric": args.metric, "quantity": None if q is None else q.name}
+        if q is not None:
+            out.update(unit=q.unit, possible=q.possible, plausible=q.plausible)
+            if args.unit:
+                conv = conversion(args.unit, q, catalog.gas)
+                out["conversion"] = ({"error": conv} if isinstance(conv, str)
+                                     else {"from": args.unit, "scale": conv.scale, "offset": conv.offset})
+        if args.json:
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+        elif q is None:
+            print(f"{args.metric}: unbound (stored as it comes, no unit or range check); bind it with a [[metrics]] "
+                  "alias")
+        else:
+            print(f"{args.metric}: {q.name} ({q.title}), stored in {q.unit}, possible {_span(q.possible)}, "
+                  f"plausible {_span(q.plausible)}")
+            shown: dict[str, Any] | None = out.get("conversion")
+            if shown is not None:
+                print(f"  {shown['error']}" if "error" in shown else
+                      f"  {args.unit} -> {q.unit}: value * {shown['scale']:.12g} + {shown['offset']:.12g}")
+        return 0 if q is not None and "error" not in out.get("conversion", {}) else 1
+    rows: list[dict[str, Any]] = [
+        {"name": q.name, "title": q.title, "unit": q.unit, "kind": q.kind, "possible": q.possible,
+         "plausible": q.plausible, "aliases": list(q.aliases), "molar_mass": q.molar_mass, "source": q.source}
+        for q in catalog.quantities.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    for r in rows:
+        gas = f", {r['molar_mass']:g} g/mol" if r["molar_mass"] else ""
+        print(f"{r['name']}  ({r['title']}) {r['kind']} in {r['unit']}{gas}: possible {_span(r['possible'])}, "
+              f"plausible {_span(r['plausible'])}")
+        print(f"    aliases: {', '.join(r['aliases'])}")
+        print(f"    ranges: {r['source']}")
+    g = catalog.gas
+    print(f"\nppm/ppb to mass concentration at {g.temperature:g} degC and {g.pressure:g} hPa "
+          f"(molar volume {g.molar_volume * 1000:.3f} L/mol; [catalog] reference_temperature, reference_pressure)")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "migrate": cmd_migrate,
@@ -249,6 +320,7 @@ COMMANDS = {
     "decode": cmd_decode,
     "simulate": cmd_simulate,
     "presets": cmd_presets,
+    "catalog": cmd_catalog,
 }
 
 

@@ -19,6 +19,10 @@ class Metrics:
         self.messages_received = Counter(p + "messages_received", "MQTT messages received", ["source"], registry=r)
         self.messages_acked = Counter(p + "messages_acked", "MQTT messages acknowledged after commit", registry=r)
         self.readings_written = Counter(p + "readings_written", "readings committed (incl. states)", registry=r)
+        self.duplicates = Counter(p + "duplicates", "readings identical to a stored one (a redelivery or a repeat): "
+                                  "stored once", registry=r)
+        self.unbound_readings = Counter(p + "unbound_readings", "readings of metrics the catalog binds to no "
+                                        "quantity (stored as they came, without unit or range checks)", registry=r)
         self.rejections = Counter(p + "rejections", "messages stored as rejections, by reason", ["reason"], registry=r)
         self.messages_skipped = Counter(p + "messages_skipped",
                                         "messages acknowledged without readings or a rejection row because they "

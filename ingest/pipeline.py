@@ -284,6 +284,11 @@ class Pipeline:
             for o in outcomes:
                 m.commit_latency.observe((committed_at - o.message.received_at).total_seconds())
             m.readings_written.inc(result.readings + result.states)
+            if result.duplicates:
+                m.duplicates.inc(result.duplicates)
+            unbound = sum(o.unbound for o in outcomes)
+            if unbound:
+                m.unbound_readings.inc(unbound)
             if result.conflict_path:
                 m.conflict_batches.inc()
             for reason, n in result.reasons.items():

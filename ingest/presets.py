@@ -111,9 +111,14 @@ def _shelly(zone: str | None) -> list[dict[str, Any]]:
         "relay.*.power": "W", "relay.power": "W", "roller.*.power": "W", "light.*.power": "W",
         "meter.*.power": "W", "emeter.*.power": "W", "emeter.*.reactive_power": "var", "emeter.*.voltage": "V",
         "emeter.*.current": "A", "emeter.*.total": "Wh", "emeter.*.total_returned": "Wh", "voltage": "V",
-        "temperature": "degC", "temperature_f": "degF", "sensor.temperature": "degC", "sensor.humidity": "%",
-        "sensor.battery": "%", "sensor.lux": "lx", "ext_temperature.*": "degC", "ext_humidity.*": "%",
+        "sensor.temperature": "degC", "sensor.humidity": "%", "sensor.battery": "%", "sensor.lux": "lx",
+        "ext_temperature.*": "degC", "ext_humidity.*": "%",
     })
+    # shellies/<id>/temperature of relays, plugs and dimmers is the device's internal temperature (the
+    # Gen1 docs: "reports internal device temperature"), not the air's: that is sensor/temperature
+    # (H&T, Sense, Smoke, Flood) or an add-on's ext_temperature/N.
+    gen1_units["temperature"] = {"unit": "degC", "rename": "device_temperature"}
+    gen1_units["temperature_f"] = {"unit": "degF", "rename": "device_temperature_f"}
     # relay/N/energy, roller/N/energy and emeter/N/energy count watt-minutes (the Gen1 MQTT docs;
     # emeter/N/total is in Wh): stored in Wh. relay/energy: a Shelly 2.5 in roller mode.
     for glob in ("relay.*.energy", "relay.energy", "roller.*.energy", "light.*.energy", "meter.*.total",

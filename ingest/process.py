@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from ingest.catalog import Catalog
 from ingest.decoders import decode, get_decoder
 from ingest.decoders.base import DecodeContext, Decoder
 from ingest.decoders.mapping import SourceMapping
@@ -41,6 +42,7 @@ class Outcome:
     attributes: dict[str, str] | None = None
     # Why a message that carries no readings by design was acknowledged without a row (see Decoded).
     skipped: str | None = None
+    unbound: int = 0  # readings of metrics the catalog binds to no quantity (stored as they came)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -141,7 +143,9 @@ class Processor:
     """Everything that turns a RawMessage into an Outcome, compiled once from the settings."""
 
     def __init__(self, sources: list[SourceRuntime], limits: Limits, max_message_bytes: int, *,
-                 max_readings: int = 2000, max_depth: int = 32, max_lines: int = 2000) -> None:
+                 max_readings: int = 2000, max_depth: int = 32, max_lines: int = 2000,
+                 catalog: Catalog | None = None) -> None:
+        """``catalog``: binds, converts and range-checks the valid readings (None: stored as decoded)."""
         self.sources = {s.settings.name: s for s in sources}
         self.router = Router([s.route for s in sources])
         # Each source's subscription identifier (0: its filter has none), as ingest.mqtt subscribes.
@@ -155,6 +159,7 @@ class Processor:
         self.max_readings = max_readings
         self.max_depth = max_depth
         self.max_lines = max_lines
+        self.catalog = catalog
 
     @classmethod
     def from_settings(cls, settings: Settings, *, override_format: str | None = None,
@@ -192,7 +197,8 @@ class Processor:
         ing = settings.ingest
         limits = Limits(earliest, timedelta(seconds=ing.max_future), ing.max_metric_name_length)
         return cls(runtimes, limits, ing.max_message_bytes, max_readings=ing.max_readings_per_message,
-                   max_depth=ing.max_json_depth, max_lines=ing.max_lines_per_message)
+                   max_depth=ing.max_json_depth, max_lines=ing.max_lines_per_message,
+                   catalog=settings.build_catalog())
 
     @property
     def filters(self) -> list[str]:
@@ -277,8 +283,13 @@ class Processor:
             readings = [
                 Reading(prefix + r.device, r.metric, r.time, r.value, r.unit, r.flags) for r in readings
             ]
-        kept, problems = validate(readings, msg.received_at, self.limits)
+        kept, problems = validate(readings, msg.received_at, self.limits, src.settings.time_policy)
         problems = problems_before + problems
+        unbound = 0
+        if self.catalog is not None and kept:
+            kept, more, unbound = self.catalog.check(kept)
+            if more:
+                problems += more
         attributes = {k: v for k, v in captures.items() if k not in _NOT_ATTRIBUTES} if route.attributes else None
         if not kept and not problems:
             skipped = decoded.skipped or ("only_ignored" if decoded.ignored else None)
@@ -288,4 +299,4 @@ class Processor:
                 return Outcome(msg, route.source, [], None, decoded.ignored, skipped=skipped)
             problems = [Rejection("empty", "the payload holds no readings", device)]
         return Outcome(msg, route.source, kept, summarize(problems) if problems else None, decoded.ignored, problems,
-                       attributes if kept else None)
+                       attributes if kept else None, unbound=unbound)

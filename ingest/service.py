@@ -19,6 +19,7 @@ from ingest.pipeline import Pipeline
 from ingest.process import Processor
 from ingest.settings import Settings, mask_url
 from ingest.store.classify import describe, is_retryable
+from ingest.store.ids import sync_bindings
 from ingest.store.migrate import discover
 from ingest.store.pool import create_pool, dsn_of
 from ingest.store.writer import Writer
@@ -147,11 +148,20 @@ async def run_service(settings: Settings) -> int:
         await pool.close()
         return 2
     metrics.db_ok.set(1)
+    try:
+        async with pool.acquire(timeout=settings.database.command_timeout) as conn:
+            changed = await sync_bindings(conn, processor.catalog)
+        if changed:
+            log.info("metric catalog: the binding of %d metric(s) in the metrics table changed", changed)
+    except Exception as failure:  # a hint for the metrics table; ingest does not depend on it
+        log.warning("metric catalog: bindings not brought up to date in the metrics table (%s)", failure)
 
     writer = Writer(pool, timeout=settings.database.command_timeout,
                     renew_pool=lambda: create_pool(settings.database),
                     new_devices_per_minute=settings.ingest.max_new_devices_per_minute,
-                    new_metrics_per_minute=settings.ingest.max_new_metrics_per_minute)
+                    new_metrics_per_minute=settings.ingest.max_new_metrics_per_minute,
+                    catalog=processor.catalog,
+                    known_only=[s.name for s in settings.all_sources() if s.device_policy == "known"])
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch),

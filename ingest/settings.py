@@ -47,6 +47,7 @@ from ingest.errors import ConfigError, ConfigProblem
 from ingest.logs import is_secret_name, mask_secrets
 
 if TYPE_CHECKING:
+    from ingest.catalog import Catalog, Quantity
     from ingest.decoders.mapping import SourceMapping
 
 __all__ = [
@@ -394,6 +395,14 @@ class SourceSettings(_Section):
         default_factory=list, description="globs on the whole topic (* spans levels) of topics that are not this "
         "source's though its template matches them; they go to the next source, else are counted as skipped")
     timezone: str | None = Field(None, description="IANA zone for timestamps without an offset")
+    time_policy: Literal["device", "receive", "device_or_receive"] = Field(
+        "device", description="device: the payload's time (outside [ingest.earliest_time, receive time + "
+        "ingest.max_future] it is bad_time); receive: the receive time for every reading; device_or_receive: the "
+        "payload's time when it lies in that window, else the receive time (flagged), for devices that report "
+        "1970 after a power loss")
+    device_policy: Literal["register", "known"] = Field(
+        "register", description="register: a new device id is added to the devices table; known: only devices "
+        "already there are stored, others are unknown_device rejections")
     device_prefix: str = Field("", description="prepended to every device id of this source")
     allow_devices: list[str] | None = Field(
         None,
@@ -562,6 +571,83 @@ def _device_ids_bounded(source: SourceSettings) -> SourceSettings:
     )
 
 
+class CatalogSettings(_Section):
+    """[catalog]: the metric catalog (ingest.catalog): units, ranges, bindings."""
+
+    enabled: bool = Field(True, description="false: no binding, conversion or range check; readings are stored "
+                          "as decoded")
+    reference_temperature: float = Field(
+        25.0, ge=-50, le=60, allow_inf_nan=False,
+        description="degC of the ppm/ppb to ug/m3 (mg/m3) conversion of gases (25: the US EPA's; 20: the EU's)")
+    reference_pressure: float = Field(1013.25, gt=500, le=1100, allow_inf_nan=False,
+                                      description="hPa of that conversion")
+
+
+_RANGE = tuple[float | None, float | None]
+
+
+class QuantitySettings(_Section):
+    """One [[metrics]] entry: a quantity of the catalog to override (by name) or to add."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, strict=True)
+
+    name: str = Field(min_length=1, max_length=64, description="the quantity's name (a built-in one to override "
+                      "it); a metric of this name binds to it")
+    unit: str | None = Field(None, min_length=1, max_length=32,
+                             description="the stored unit (default: the built-in quantity's; required for a new "
+                             "number quantity)")
+    kind: Literal["number", "bool", "state"] | None = Field(None, description="number, bool or state (default: the "
+                                                             "built-in's, else number)")
+    possible: _RANGE | None = Field(None, description="[low, high]: outside, a reading is rejected (out_of_range)")
+    plausible: _RANGE | None = Field(None, description="[low, high]: outside, it is stored with the suspect flag")
+    aliases: list[str] = Field(default_factory=list, description="more metric names that bind to it (added to the "
+                               "built-in's)")
+    molar_mass: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                     description="g/mol: a gas whose ppm/ppb readings convert to its unit")
+    source: str | None = Field(None, description="where the ranges come from (stored in metrics.range_source)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranges_lax(cls, data: Any) -> Any:
+        # TOML integers are fine as bounds: [0, 500]; strict mode would refuse them as floats.
+        if isinstance(data, dict):
+            for key in ("possible", "plausible"):
+                r = data.get(key)
+                if isinstance(r, list):
+                    data = {**data, key: tuple(float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+                                               for x in r)}
+            mm = data.get("molar_mass")
+            if isinstance(mm, int) and not isinstance(mm, bool):
+                data = {**data, "molar_mass": float(mm)}
+        return data
+
+    @field_validator("possible", "plausible")
+    @classmethod
+    def _ordered(cls, v: _RANGE | None, info: ValidationInfo) -> _RANGE | None:
+        if v is not None:
+            lo, hi = v
+            for x in v:
+                if x is not None and not math.isfinite(x):
+                    raise _fix_error(f"{info.field_name} holds {x}", "write finite numbers, e.g. [0, 500]")
+            if lo is not None and hi is not None and lo > hi:
+                raise _fix_error(f"{info.field_name} = [{lo:g}, {hi:g}] has its low end above its high end",
+                                 f"write [{hi:g}, {lo:g}]")
+        return v
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str | None) -> str | None:
+        return v if v is None else _storable_name("unit", v, unit=True)
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for i, a in enumerate(v):
+            if not a.strip():
+                raise _fix_error(f"aliases[{i}] is empty", 'write a metric name such as "river_level"')
+        return v
+
+
 class PresetSettings(_Section):
     """The built-in sources (ingest.presets), each on unless switched off here."""
 
@@ -618,6 +704,57 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     sources: list[Annotated[SourceSettings, AfterValidator(_device_ids_bounded)]] = Field(default_factory=list)
     presets: PresetSettings = PresetSettings()
+    catalog: CatalogSettings = CatalogSettings()
+    metrics: list[QuantitySettings] = Field(default_factory=list, description="[[metrics]]: catalog quantities "
+                                            "to override or add")
+
+    def build_catalog(self) -> Catalog | None:
+        """The metric catalog these settings describe (None when [catalog] enabled = false)."""
+        from ingest.catalog import Catalog, GasReference
+
+        if not self.catalog.enabled:
+            return None
+        return Catalog(gas=GasReference(self.catalog.reference_temperature, self.catalog.reference_pressure),
+                       overrides=self.quantity_overrides())
+
+    def quantity_overrides(self) -> list[Quantity]:
+        from ingest.catalog import BUILTIN, Quantity
+
+        base = {q.name: q for q in BUILTIN}
+        out: list[Quantity] = []
+        for m in self.metrics:
+            old = base.get(m.name)
+            if old is None:
+                out.append(Quantity(m.name, m.name, m.unit, m.kind or "number", m.possible, m.plausible,
+                                    tuple(m.aliases), m.molar_mass, m.source or "this city's configuration"))
+            else:
+                out.append(Quantity(
+                    old.name, old.title, m.unit or old.unit, m.kind or old.kind,
+                    m.possible if m.possible is not None else old.possible,
+                    m.plausible if m.plausible is not None else old.plausible,
+                    (*old.aliases, *m.aliases), m.molar_mass or old.molar_mass,
+                    m.source or (old.source if m.possible is None and m.plausible is None
+                                 else "this city's configuration"), old.exact))
+        return out
+
+    @model_validator(mode="after")
+    def _catalog_fits(self) -> Settings:
+        from ingest.catalog import BUILTIN, Catalog, CatalogError
+
+        names = [m.name for m in self.metrics]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise _fix_error(f"[[metrics]] names {twice[0]!r} twice", "merge the two entries into one")
+        builtin = {q.name for q in BUILTIN}
+        for m in self.metrics:
+            if m.name not in builtin and (m.kind or "number") == "number" and m.unit is None:
+                raise _fix_error(f"[[metrics]] {m.name!r} is not a built-in quantity and has no unit",
+                                 'give it one, e.g. unit = "m", or use a built-in name (sensor-ingest catalog)')
+        try:
+            Catalog(overrides=self.quantity_overrides())
+        except CatalogError as exc:
+            raise _fix_error(str(exc), "give each alias to one quantity only") from exc
+        return self
 
     def preset_sources(self) -> list[tuple[str, SourceSettings]]:
         """(preset name, source) of every preset part that is on and not replaced by a configured

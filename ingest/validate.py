@@ -1,8 +1,8 @@
 """Pure validation of decoded readings: keep what is correct, reject the rest with a reason.
 
 Checks here apply to every format: names, units and text that PostgreSQL can store, finiteness,
-and time within [earliest_time, received_at + max_future]. (The metric catalog with units and valid
-ranges comes with its own issue.)
+and time within [earliest_time, received_at + max_future], by the source's time policy. Units and
+ranges are the metric catalog's (ingest.catalog), checked after this.
 
 Every string a reading carries ends up in a query (device uid, metric name, unit, text state), and
 PostgreSQL text holds neither NUL nor a lone UTF-16 surrogate (which JSON's \\udXXX escapes can
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ingest.model import Reading, Rejection
+from ingest.model import FLAG_RECEIVE_TIME, Reading, Rejection
 
 __all__ = ["MAX_NAME", "Limits", "escape", "unstorable", "validate"]
 
@@ -73,12 +73,19 @@ def _quote(text: str) -> str:
 
 
 def validate(
-    readings: Iterable[Reading], received_at: datetime, limits: Limits
+    readings: Iterable[Reading], received_at: datetime, limits: Limits, time_policy: str = "device"
 ) -> tuple[list[Reading], list[Rejection]]:
+    """``time_policy`` (a source's): "device" rejects a time outside [earliest, received_at +
+    max_future] as bad_time; "receive" gives every reading the receive time; "device_or_receive"
+    gives it only to the readings whose time lies outside that window. Either way the reading is
+    flagged FLAG_RECEIVE_TIME."""
     kept: list[Reading] = []
     problems: list[Rejection] = []
     latest = received_at + limits.max_future
     for r in readings:
+        if time_policy != "device" and (time_policy == "receive" or not limits.earliest <= r.time <= latest) and not (
+                r.flags & FLAG_RECEIVE_TIME and r.time == received_at):  # not already the receive time, flagged
+            r = Reading(r.device, r.metric, received_at, r.value, r.unit, r.flags | FLAG_RECEIVE_TIME)
         why = _bad_name(r.device)
         if why:
             problems.append(Rejection("bad_device", f"device id {_quote(r.device)} {why}", r.device[:MAX_NAME]))

@@ -90,8 +90,9 @@ class Options(BaseModel):
             v3/{app}@{tenant}/devices/{device_id}/up), ChirpStack `deviceInfo.devEui` (topic
             application/{app}/device/{dev_eui}/event/up).
             "dev_eui": the DevEUI on both, verbatim (The Things Stack `end_device_ids.dev_eui`, which it
-            writes in upper case; ChirpStack `deviceInfo.devEui`, lower case). With The Things Stack
-            the topic then carries another id, so use a template without {device}.
+            writes in upper case; ChirpStack `deviceInfo.devEui`, lower case). The Things Stack's
+            topic still carries the device id: a {device} capture is checked against
+            `end_device_ids.device_id`, and the readings are stored under the DevEUI.
     radio:  also store the received signal of the best gateway (the highest RSSI) as metrics `rssi`
             (dBm) and `snr` (dB, of that same gateway): The Things Stack `rx_metadata[].rssi` (or
             `channel_rssi`) and `snr`, ChirpStack `rxInfo[].rssi` and `snr`. Default off.
@@ -109,8 +110,10 @@ class _Uplink:
 
     decoded: dict[str, Any]
     decoded_path: str
-    device: object
+    device: object  # the id stored
     device_path: str
+    topic_id: object  # the id the server puts in its topic, which a {device} capture is checked against
+    topic_id_path: str
     time: object
     time_path: str
     gateways: object
@@ -200,8 +203,8 @@ def _the_things_stack(data: dict[str, Any], options: Options) -> _Uplink | str:
     # The envelope's received_at (Application Server), not uplink_message.received_at (Network
     # Server): the AS sets it on every message, simulated uplinks included, whose NS time is unset.
     return _Uplink(decoded, "uplink_message.decoded_payload", ids.get(key), f"end_device_ids.{key}",
-                   data.get("received_at"), "received_at", message.get("rx_metadata"), "uplink_message.rx_metadata",
-                   ("rssi", "channel_rssi"))
+                   ids.get("device_id"), "end_device_ids.device_id", data.get("received_at"), "received_at",
+                   message.get("rx_metadata"), "uplink_message.rx_metadata", ("rssi", "channel_rssi"))
 
 
 def _chirpstack(data: dict[str, Any], options: Options) -> _Uplink | str:
@@ -214,8 +217,8 @@ def _chirpstack(data: dict[str, Any], options: Options) -> _Uplink | str:
     if decoded is None:
         return SKIP_NO_DECODED_PAYLOAD
     # Both options name devEui: it is also what the MQTT integration puts in the topic.
-    return _Uplink(decoded, "object", info.get("devEui"), "deviceInfo.devEui", data.get("time"), "time",
-                   data.get("rxInfo"), "rxInfo", ("rssi",))
+    return _Uplink(decoded, "object", info.get("devEui"), "deviceInfo.devEui", info.get("devEui"),
+                   "deviceInfo.devEui", data.get("time"), "time", data.get("rxInfo"), "rxInfo", ("rssi",))
 
 
 def _decoded(value: object, path: str) -> dict[str, Any] | None:
@@ -236,13 +239,22 @@ def _neither_envelope(data: dict[str, Any]) -> str:
 
 
 def _device(uplink: _Uplink, ctx: DecodeContext) -> str:
-    named = uplink.device
-    # No fallback to the topic's device: with device = "dev_eui" it is another kind of id.
-    if named is None or named == "":
-        raise DecodeError("no_device", f"{uplink.device_path}: missing; the uplink names no device")
-    if not isinstance(named, str):
-        raise DecodeError("schema", f"{uplink.device_path}: expected a string, got {describe(named)}")
+    named = _id(uplink.device, uplink.device_path)
+    if ctx.device is not None and uplink.topic_id_path != uplink.device_path:
+        # The topic names the device by another id than the one stored (The Things Stack's device_id,
+        # with device = "dev_eui"): the capture is checked against that one, like with like.
+        resolve_device(_id(uplink.topic_id, uplink.topic_id_path), ctx, uplink.topic_id_path)
+        return named
     return resolve_device(named, ctx, uplink.device_path)
+
+
+def _id(value: object, path: str) -> str:
+    # No fallback to the topic's device: with device = "dev_eui" it is another kind of id.
+    if value is None or value == "":
+        raise DecodeError("no_device", f"{path}: missing; the uplink names no device")
+    if not isinstance(value, str):
+        raise DecodeError("schema", f"{path}: expected a string, got {describe(value)}")
+    return value
 
 
 def _server_time(raw: object, path: str, ctx: DecodeContext) -> tuple[datetime, int]:

@@ -132,7 +132,7 @@ def _resolve(
 ) -> Reading | Rejection:
     name = record.get("n", "")
     if not isinstance(name, str):
-        return Rejection("schema", f"{path}.n: expected a string, got {describe(name)}", base.device)
+        return Rejection("schema", f"{path}.n: expected a string, got {describe(name)}", base.device or ctx.device)
     if base.device is not None:
         device, metric = base.device, name or METRIC_OF_BARE_NAME
     elif not name:

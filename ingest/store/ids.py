@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TypeAlias
 
+from ingest.catalog import Catalog, MetricRow
+
 if TYPE_CHECKING:
     import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["IdCache"]
+__all__ = ["IdCache", "sync_bindings"]
 
 _INSERT_DEVICES = """
 INSERT INTO devices (uid, last_seen)
@@ -27,10 +29,23 @@ SELECT u, now() FROM unnest($1::text[]) AS t(u) ORDER BY u
 ON CONFLICT (uid) DO NOTHING
 """
 _SELECT_DEVICES = "SELECT uid, id FROM devices WHERE uid = ANY($1::text[])"
-_INSERT_METRICS = """
-INSERT INTO metrics (name, unit, kind)
-SELECT n, u, k FROM unnest($1::text[], $2::text[], $3::text[]) AS t(n, u, k) ORDER BY n
+_METRIC_COLUMNS = ("unit", "kind", "quantity", "valid_min", "valid_max", "plausible_min", "plausible_max",
+                   "range_source")
+_METRIC_TYPES = ("text", "text", "text", "float8", "float8", "float8", "float8", "text")
+_INSERT_METRICS = f"""
+INSERT INTO metrics (name, {", ".join(_METRIC_COLUMNS)})
+SELECT * FROM unnest($1::text[], {", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_METRIC_TYPES))})
+    AS t(name, {", ".join(_METRIC_COLUMNS)}) ORDER BY name
 ON CONFLICT (name) DO NOTHING
+"""
+# A binding that changed (a new release's catalog, a [[metrics]] entry): bound metrics take the
+# quantity's unit, kind and ranges; a metric that lost its binding keeps its unit and kind.
+_UPDATE_BINDINGS = f"""
+UPDATE metrics AS m SET {", ".join(f"{c} = t.{c}" for c in _METRIC_COLUMNS)}
+FROM unnest($1::text[], {", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(_METRIC_TYPES))})
+    AS t(name, {", ".join(_METRIC_COLUMNS)})
+WHERE m.name = t.name
+  AND ({", ".join(f"m.{c}" for c in _METRIC_COLUMNS)}) IS DISTINCT FROM ({", ".join(f"t.{c}" for c in _METRIC_COLUMNS)})
 """
 _SELECT_METRICS = "SELECT name, id FROM metrics WHERE name = ANY($1::text[])"
 
@@ -67,14 +82,31 @@ class IdCache:
             self.metrics[name] = id_
         return {n for n in missing if n not in self.metrics}
 
-    async def create_metrics(self, conn: Conn, metrics: dict[str, tuple[str | None, str]]) -> None:
-        """metrics: name -> (unit, kind) of the first reading seen, used only when creating the row."""
+    async def create_metrics(self, conn: Conn, metrics: dict[str, MetricRow]) -> None:
+        """metrics: name -> its row (the catalog's binding, else the first reading's unit and kind)."""
         names = sorted(metrics)
         if not names:
             return
-        units = [metrics[n][0] for n in names]
-        kinds = [metrics[n][1] for n in names]
         async with conn.transaction():
-            await conn.execute(_INSERT_METRICS, names, units, kinds)
+            await conn.execute(_INSERT_METRICS, names, *_columns(metrics, names))
         for name, id_ in await conn.fetch(_SELECT_METRICS, names):
             self.metrics[name] = id_
+
+
+def _columns(rows: dict[str, MetricRow], names: list[str]) -> list[list[object]]:
+    return [[getattr(rows[n], c) for n in names] for c in _METRIC_COLUMNS]
+
+
+async def sync_bindings(conn: Conn, catalog: Catalog | None) -> int:
+    """Bring every metrics row's binding up to the catalog (at start-up: the catalog or the config may
+    have changed since the row was made). Returns how many rows changed."""
+    if catalog is None:
+        return 0
+    rows = {name: catalog.row(name, unit, kind)
+            for name, unit, kind in await conn.fetch("SELECT name, unit, kind FROM metrics")}
+    names = sorted(rows)
+    if not names:
+        return 0
+    async with conn.transaction():
+        status = await conn.execute(_UPDATE_BINDINGS, names, *_columns(rows, names))
+    return int(status.split()[-1])

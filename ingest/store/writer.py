@@ -28,14 +28,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ingest.budget import NewKeyBudget
+from ingest.catalog import Catalog, MetricRow
 from ingest.model import Reading, Rejection
-from ingest.process import Outcome, summarize
+from ingest.process import MAX_DETAIL, Outcome, summarize
 from ingest.store.classify import describe, is_connection_failure
 from ingest.store.ids import IdCache
 from ingest.validate import MAX_NAME, escape
@@ -47,15 +50,25 @@ log = logging.getLogger(__name__)
 _TOUCH_TIMEOUT = 5.0  # seconds the last_seen hint may hold up the next batch, at most
 _READING_COLUMNS = ("time", "device_id", "metric_id", "value", "flags")
 _REJECTION_COLUMNS = ("received_at", "source", "topic", "payload", "reason", "detail", "device_uid")
+_REJECTION_COLUMNS_DETAILS = (*_REJECTION_COLUMNS, "details")
+# The conflict path: the rows that are new come back; the others are duplicates or conflicts.
 _INSERT_READINGS = """
 INSERT INTO readings (time, device_id, metric_id, value, flags)
 SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::int[], $4::float8[], $5::int2[])
 ON CONFLICT DO NOTHING
+RETURNING device_id, metric_id, time
 """
 _INSERT_STATES = """
 INSERT INTO states (time, device_id, metric_id, value, flags)
 SELECT * FROM unnest($1::timestamptz[], $2::int[], $3::int[], $4::text[], $5::int2[])
 ON CONFLICT DO NOTHING
+RETURNING device_id, metric_id, time
+"""
+# The stored values of keys that were not new (a unique-index lookup per key).
+_STORED = """
+SELECT s.device_id, s.metric_id, s.time, s.value
+FROM unnest($1::int[], $2::int[], $3::timestamptz[]) AS k(d, m, t)
+JOIN {table} AS s ON s.device_id = k.d AND s.metric_id = k.m AND s.time = k.t
 """
 _SET_ATTRIBUTES = """
 UPDATE devices SET attributes = devices.attributes || t.a::jsonb
@@ -80,17 +93,21 @@ def _kind(value: float | bool | str) -> str:
 def _rejection_row(o: Outcome) -> tuple[object, ...]:
     assert o.rejection is not None
     device = o.rejection.device
+    details = json.dumps([{"reason": p.reason, "detail": escape(p.detail[:MAX_DETAIL]),
+                           **({"device": escape(p.device[:MAX_NAME])} if p.device else {})}
+                          for p in (o.problems or [o.rejection])], ensure_ascii=False)
     return (o.message.received_at, None if o.source is None else escape(o.source), escape(o.message.topic),
             o.message.payload, o.rejection.reason, escape(o.rejection.detail),
-            None if device is None else escape(device[:MAX_NAME]))
+            None if device is None else escape(device[:MAX_NAME]), details)
 
 
 class WriteResult:
-    __slots__ = ("conflict_path", "readings", "reasons", "rejections", "states")
+    __slots__ = ("conflict_path", "duplicates", "readings", "reasons", "rejections", "states")
 
     def __init__(self) -> None:
-        self.readings = 0
+        self.readings = 0  # new rows of readings (a duplicate is not new)
         self.states = 0
+        self.duplicates = 0  # readings and states identical to a stored one (redelivery, a repeat)
         self.rejections = 0
         self.reasons: Counter[str] = Counter()  # rejection rows written, by reason
         self.conflict_path = False
@@ -107,6 +124,8 @@ class Writer:
         new_devices_per_minute: int = 1000,
         new_metrics_per_minute: int = 100,
         clock: Callable[[], float] = time.monotonic,
+        catalog: Catalog | None = None,
+        known_only: Iterable[str] = (),
     ) -> None:
         """``timeout``: the statement timeout; it bounds acquiring a connection, and four times it
         bounds a whole write attempt, whatever the driver waits on.
@@ -117,6 +136,10 @@ class Writer:
         then hold the writer up. Without it (tests of the writer alone) the pool is kept.
 
         ``new_devices_per_minute`` / ``new_metrics_per_minute``: per source (ingest.budget).
+
+        ``catalog``: the binding each new metrics row records. ``known_only``: the sources whose
+        device_policy is "known": their readings of a device the devices table lacks are rejected
+        (unknown_device) instead of creating it.
         """
         self.pool = pool
         self.ids = ids or IdCache()
@@ -127,6 +150,8 @@ class Writer:
         self._device_budget = NewKeyBudget(new_devices_per_minute)
         self._metric_budget = NewKeyBudget(new_metrics_per_minute)
         self._clock = clock
+        self._catalog = catalog
+        self._known_only = frozenset(known_only)
         self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
         self._attributes: dict[int, dict[str, str]] = {}  # committed attributes from topic captures
 
@@ -179,22 +204,25 @@ class Writer:
         result = WriteResult()
         if any(o.readings for o in outcomes):
             outcomes = await self._admit(conn, outcomes)
-        readings: list[Reading] = [r for o in outcomes for r in o.readings]
         dev, met = self.ids.devices, self.ids.metrics
         rows: list[tuple[datetime, int, int, float, int]] = []
         texts: list[tuple[datetime, int, int, str, int]] = []
+        row_of: list[tuple[int, Reading]] = []  # (outcome index, reading) of each row, for conflicts
+        text_of: list[tuple[int, Reading]] = []
         last_seen: dict[int, datetime] = {}
-        for r in readings:
-            d = dev[r.device]
-            v = r.value
-            if isinstance(v, str):
-                texts.append((r.time, d, met[r.metric], v, r.flags))
-            else:
-                rows.append((r.time, d, met[r.metric], float(v), r.flags))
-            seen = last_seen.get(d)
-            if seen is None or seen < r.time:
-                last_seen[d] = r.time
-        rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
+        for i, o in enumerate(outcomes):
+            for r in o.readings:
+                d = dev[r.device]
+                v = r.value
+                if isinstance(v, str):
+                    texts.append((r.time, d, met[r.metric], v, r.flags))
+                    text_of.append((i, r))
+                else:
+                    rows.append((r.time, d, met[r.metric], float(v), r.flags))
+                    row_of.append((i, r))
+                seen = last_seen.get(d)
+                if seen is None or seen < r.time:
+                    last_seen[d] = r.time
         redelivered = any(o.message.redelivered for o in outcomes)
         attributes = self._changed_attributes(outcomes)
         async with conn.transaction():
@@ -202,15 +230,21 @@ class Writer:
                 ids = sorted(attributes)  # one lock order for every worker
                 await conn.execute(_SET_ATTRIBUTES, ids,
                                    [json.dumps(attributes[i], ensure_ascii=False) for i in ids])
+            clashes: dict[int, list[tuple[Reading, Rejection]]] = {}
+            new_rows = new_texts = 0
             if rows:
-                result.conflict_path = await self._write_readings(conn, rows, redelivered)
+                result.conflict_path, new_rows = await self._store(
+                    conn, "readings", rows, row_of, redelivered, result, clashes)
             if texts:
-                await conn.execute(_INSERT_STATES, *map(list, zip(*texts, strict=True)))
+                _, new_texts = await self._store(conn, "states", texts, text_of, True, result, clashes)
+            if clashes:
+                outcomes = [o if i not in clashes else _with_conflicts(o, clashes[i]) for i, o in enumerate(outcomes)]
+            rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
             if rejections:
                 await conn.copy_records_to_table(
-                    "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS
+                    "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS_DETAILS
                 )
-        result.readings, result.states, result.rejections = len(rows), len(texts), len(rejections)
+        result.readings, result.states, result.rejections = new_rows, new_texts, len(rejections)
         result.reasons.update(o.rejection.reason for o in outcomes if o.rejection is not None)
         for d, attrs in attributes.items():
             self._attributes[d] = {**self._attributes.get(d, {}), **attrs}
@@ -219,6 +253,46 @@ class Writer:
             if d not in pending or pending[d] < ts:
                 pending[d] = ts
         return result
+
+    async def _store(self, conn: PoolConnectionProxy[asyncpg.Record], table: str, rows: list[tuple[Any, ...]],
+                     owners: list[tuple[int, Reading]], conflict_path: bool, result: WriteResult,
+                     clashes: dict[int, list[tuple[Reading, Rejection]]]) -> tuple[bool, int]:
+        """Insert ``rows``; returns (whether the conflict path ran, how many rows were new). A row whose
+        key is stored already (or earlier in the batch) with the same value is a duplicate, counted;
+        with another value, a conflict: a problem of its message (the stored value is kept)."""
+        if not conflict_path:
+            try:
+                async with conn.transaction():  # a SAVEPOINT inside the batch transaction
+                    await conn.copy_records_to_table(table, records=rows, columns=_READING_COLUMNS)
+                return False, len(rows)
+            except asyncpg.UniqueViolationError:
+                pass
+        sql = _INSERT_READINGS if table == "readings" else _INSERT_STATES
+        inserted = {(d, m, t) for d, m, t in await conn.fetch(sql, *map(list, zip(*rows, strict=True)))}
+        if len(inserted) == len(rows):
+            return True, len(rows)
+        taken: set[tuple[int, int, datetime]] = set()
+        again: list[int] = []
+        for n, (t, d, m, _, _) in enumerate(rows):
+            key = (d, m, t)
+            if key in inserted and key not in taken:
+                taken.add(key)
+            else:
+                again.append(n)
+        keys = sorted({(rows[n][1], rows[n][2], rows[n][0]) for n in again})
+        stored = {(d, m, t): v for d, m, t, v in await conn.fetch(
+            _STORED.format(table=table), *map(list, zip(*keys, strict=True)))}
+        for n in again:
+            t, d, m, v, _ = rows[n]
+            old = stored.get((d, m, t))
+            if old == v:
+                result.duplicates += 1
+                continue
+            i, r = owners[n]
+            clashes.setdefault(i, []).append((r, Rejection(
+                "conflict", f"{r.metric} at {r.time.isoformat()}: the value {_shown(r.value)} differs from the "
+                f"stored {_shown(old)}; the stored (first) value is kept", r.device)))
+        return True, len(inserted)
 
     def _changed_attributes(self, outcomes: Sequence[Outcome]) -> dict[int, dict[str, str]]:
         """Topic-capture attributes that differ from what this writer last committed, per device id
@@ -239,6 +313,9 @@ class Writer:
         """Create the ids of new devices and metrics within each source's budget; the readings of
         keys beyond it become rejections of their message."""
         new = await self.ids.new_devices(conn, (r.device for o in outcomes for r in o.readings))
+        if new and self._known_only:
+            outcomes = [_unknown(o, new) if o.source in self._known_only else o for o in outcomes]
+            new = {r.device for o in outcomes for r in o.readings if r.device in new}
         if new:
             denied = self._spend(new, outcomes, lambda r: r.device, self._device_budget)
             await self.ids.create_devices(conn, new - denied)
@@ -248,11 +325,13 @@ class Writer:
         new = await self.ids.new_metrics(conn, (r.metric for o in outcomes for r in o.readings))
         if new:
             denied = self._spend(new, outcomes, lambda r: r.metric, self._metric_budget)
-            first: dict[str, tuple[str | None, str]] = {}
+            first: dict[str, MetricRow] = {}
+            catalog = self._catalog
             for o in outcomes:
                 for r in o.readings:
                     if r.metric in new and r.metric not in denied and r.metric not in first:
-                        first[r.metric] = (r.unit, _kind(r.value))
+                        first[r.metric] = (MetricRow(r.unit, _kind(r.value)) if catalog is None
+                                           else catalog.row(r.metric, r.unit, _kind(r.value)))
             await self.ids.create_metrics(conn, first)
             if denied:
                 outcomes = [_without(o, lambda r: r.metric in denied, "metric", "ingest.max_new_metrics_per_minute",
@@ -274,18 +353,6 @@ class Writer:
                         denied.add(k)
         return denied
 
-    async def _write_readings(self, conn: PoolConnectionProxy[asyncpg.Record],
-                              rows: list[tuple[datetime, int, int, float, int]], redelivered: bool) -> bool:
-        if not redelivered:
-            try:
-                async with conn.transaction():  # a SAVEPOINT inside the batch transaction
-                    await conn.copy_records_to_table("readings", records=rows, columns=_READING_COLUMNS)
-                return False
-            except asyncpg.UniqueViolationError:
-                pass
-        await conn.execute(_INSERT_READINGS, *map(list, zip(*rows, strict=True)))
-        return True
-
 
 def _without(o: Outcome, denied: Callable[[Reading], bool], what: str, key: str, limit: int) -> Outcome:
     """``o`` without its readings of denied new keys, which become one more problem of the message."""
@@ -303,3 +370,31 @@ def _without(o: Outcome, denied: Callable[[Reading], bool], what: str, key: str,
     problems = [*o.problems, problem]
     return Outcome(o.message, o.source, [r for r in o.readings if not denied(r)], summarize(problems), o.ignored,
                    problems, o.attributes)
+
+
+def _shown(v: object) -> str:
+    return repr(v[:64]) if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else repr(v)
+
+
+def _with_conflicts(o: Outcome, conflicts: list[tuple[Reading, Rejection]]) -> Outcome:
+    """``o`` with its readings that conflict with stored values turned into problems of its row."""
+    problems = [*o.problems, *(p for _, p in conflicts)]
+    clashed = {id(r) for r, _ in conflicts}
+    return replace(o, readings=[r for r in o.readings if id(r) not in clashed], rejection=summarize(problems),
+                   problems=problems)
+
+
+def _unknown(o: Outcome, new: set[str]) -> Outcome:
+    """``o`` (of a source with device_policy = "known") without its readings of devices the register
+    lacks, which become one more problem of the message."""
+    dropped = sorted({r.device for r in o.readings if r.device in new})
+    if not dropped:
+        return o
+    shown = ", ".join(repr(d[:64]) for d in dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    problem = Rejection(
+        "unknown_device", f"device {shown} is not in the device register and source {o.source!r} has device_policy "
+        '= "known": add the device to the register (the devices table), or set device_policy = "register"',
+        escape(dropped[0][:MAX_NAME]))
+    problems = [*o.problems, problem]
+    return replace(o, readings=[r for r in o.readings if r.device not in new], rejection=summarize(problems),
+                   problems=problems)

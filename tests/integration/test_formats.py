@@ -177,20 +177,20 @@ def test_all_six_formats_land_with_their_mapping_and_malformed_ones_are_rejected
     }
     at = t0
     assert {k: v for k, v in readings.items() if not v[3]} == {
-        ("hn-tas-1", "temperature"): (at, 24.6, None, 0),
+        ("hn-tas-1", "temperature"): (at, 24.6, "degC", 0),  # the catalog: stored in its quantity's unit
         ("hn-tas-1", "humidity"): (at, 58.2, "%", 0),
         ("hn-tas-1", "ENERGY.Total"): (at, 1.5, "kWh", 0),
         ("hn-tas-1", "ENERGY.Voltage"): (at, 229.0, "V", 0),
         ("hn-wl-1", "water_level"): (at + timedelta(microseconds=123456), 3.0, "m", 0),
-        ("hn-wl-1", "battery"): (at + timedelta(microseconds=123456), 3.6, None, 0),
+        ("hn-wl-1", "battery"): (at + timedelta(microseconds=123456), 3.6, "%", 0),
         ("hn-wl-1", "rssi"): (at + timedelta(microseconds=123456), -71.0, "dBm", 0),
         ("hn-wl-1", "snr"): (at + timedelta(microseconds=123456), 9.25, "dB", 0),
-        ("0102030405060708", "rain_mm"): (at, 2.5, None, 0),
-        ("hn-ws-1", "weather.temperature"): (at, 28.5, None, 0),
-        ("hn-ws-1", "weather.humidity"): (at, 70.0, None, 0),
+        ("0102030405060708", "rain_mm"): (at, 2.5, "mm", 0),
+        ("hn-ws-1", "weather.temperature"): (at, 28.5, "degC", 0),
+        ("hn-ws-1", "weather.humidity"): (at, 70.0, "%", 0),
         ("hn-ws-1", "weather.raining"): (at, 1.0, None, 0),
-        ("hn-ws-1", "weather.pressure"): (at + timedelta(seconds=60), 1009.5, None, 0),
-        ("hn-aq-1", "pm25"): (at, 10.0, None, 0),
+        ("hn-ws-1", "weather.pressure"): (at + timedelta(seconds=60), 1009.5, "hPa", 0),
+        ("hn-aq-1", "pm25"): (at, 10.0, "ug/m3", 0),
         ("hn-rain-7", "rain"): (at, 3.5, "mm", 0),
     }
     # No time in the payload: the receive time, flagged (FLAG_RECEIVE_TIME = 2).

@@ -90,8 +90,8 @@ def _last(health: HealthSampler, name: str) -> float | None:
 def _message(prefix: str, i: int, t0: datetime) -> tuple[str, bytes, set[Reading]]:
     device = f"hn-fl-{i % 100:03d}"
     t = (t0 + timedelta(seconds=i // 100)).isoformat()
-    value = float(i)
-    return f"{prefix}/{device}/up", native(device, t, {"pm25": value}), {(device, "pm25", t, value)}
+    value = float(i)  # "seq": a message number, bound to no catalog quantity (pm25 would be out of range)
+    return f"{prefix}/{device}/up", native(device, t, {"seq": value}), {(device, "seq", t, value)}
 
 
 class _Flood(threading.Thread):

@@ -104,11 +104,13 @@ def test_valid_messages_stored_and_malformed_ones_rejected_with_raw_bytes(
 
 
 # Reasons the service gives only on a bug or on what the database refuses; tested where those are
-# made to happen (test_hostile_writes.py, tests/unit/test_process.py).
+# made to happen (test_hostile_writes.py, tests/unit/test_process.py). Each refuses a whole message.
 NOT_FROM_INPUT = {"decoder_error", "db_rejected", "write_error"}
 LIMITS = ("\n[ingest]\nmax_message_bytes = 2048\nmax_readings_per_message = 3\nmax_new_metrics_per_minute = 1\n"
           "max_lines_per_message = 2\n")
-LINE_SOURCE = '\n[[sources]]\nname = "line"\ntopic = "{p}/line/{{device}}"\nformat = "line"\n'
+LINE_SOURCE = ('\n[[sources]]\nname = "line"\ntopic = "{p}/line/{{device}}"\nformat = "line"\n'
+               '\n[[sources]]\nname = "known"\ntopic = "{p}/known/{{gateway}}"\nformat = "native"\n'
+               'device_policy = "known"\nallow_devices = ["hn-*"]\n')
 
 
 def _json(value: object) -> bytes:
@@ -116,7 +118,10 @@ def _json(value: object) -> bytes:
 
 
 def _one_of_each_rejection(p: str) -> list[tuple[str, str, bytes]]:
-    """(reason, topic, payload): one message for each rejection reason input can cause, under LIMITS."""
+    """(reason, topic, payload): one message for each rejection reason input can cause, under LIMITS
+    (with LINE_SOURCE). Each holds one reading, or none: every reason, per-reading ones too, refuses the
+    whole message here (tests/integration/test_clean_data.py has the per-reading reasons in messages
+    that also hold valid readings). ``conflict`` needs its first value stored before: the test does that."""
     t = T0.isoformat()
     return [
         ("malformed", f"{p}/hn-rj-01/up", b'{"device": "hn-rj-01", "readings": {"pm25": 1.5'),
@@ -138,8 +143,15 @@ def _one_of_each_rejection(p: str) -> list[tuple[str, str, bytes]]:
         # matches the empty level, {device} does not
         ("unsupported", f"{p}/senml/hn-rj-16", _json([{"bver": 99, "n": "level", "v": 1.0}])),
         ("too_large", f"{p}/hn-rj-17/up", _json({"time": t, "readings": {"pm25": 1.0}, "pad": "p" * 3000})),
-        # The only message whose readings reach the database: one new metric is within the budget.
+        # The only case with a reading stored: one new metric is within the budget.
         ("too_many_new_series", f"{p}/hn-rj-18/up", _json({"time": t, "readings": {"rj_new_a": 1.0, "rj_new_b": 2.0}})),
+        ("out_of_range", f"{p}/hn-rj-20/up", _json({"time": t, "readings": {"pm25": 5000}})),  # possible: 0..2000
+        ("bad_unit", f"{p}/hn-rj-21/up",
+         _json({"time": t, "readings": {"temperature": {"value": 20, "unit": "hPa"}}})),
+        ("unknown_device", f"{p}/known/gw-22", _json({"device": "hn-rj-22", "time": t, "readings": {"pm25": 1.0}})),
+        # On the gateway source, whose one new metric the test's first message spent storing 1.0 for this
+        # (device, metric, time): 2.0 conflicts.
+        ("conflict", f"{p}/gw/gw-23", _json({"device": "hn-rj-23", "time": t, "readings": {"pm25": 2.0}})),
     ]
 
 
@@ -153,29 +165,44 @@ def _readme_rejection_reasons() -> set[str]:
 def test_every_rejection_reason_from_input_is_a_row_with_the_exact_bytes(
     tmp_path: Path, make_ingest: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str
 ) -> None:
+    from ingest.reasons import REASONS
+
     cases = _one_of_each_rejection(topic_prefix)
-    assert {reason for reason, _, _ in cases} | NOT_FROM_INPUT == _readme_rejection_reasons()
+    assert {reason for reason, _, _ in cases} | NOT_FROM_INPUT == _readme_rejection_reasons() == set(REASONS)
+    assert len(cases) == len(REASONS) - len(NOT_FROM_INPUT)  # one message per reason
+    assert all(REASONS[r].whole_message for r in NOT_FROM_INPUT)
     assert len({payload for _, _, payload in cases}) == len(cases)  # each row is told apart by its bytes
+    conflict_first = (f"{topic_prefix}/gw/gw-23",
+                      _json({"device": "hn-rj-23", "time": T0.isoformat(), "readings": {"pm25": 1.0}}))
     ingest = _ingest(make_ingest, tmp_path, topic_prefix, database_url, broker.url,
                      extra=LINE_SOURCE.format(p=topic_prefix) + LIMITS)
     ingest.start()
     pub = Publisher(broker.port)
     try:
+        pub.publish_all([conflict_first])  # committed before the message that contradicts it
+        wait_until(lambda: ingest.metric("sensor_ingest_messages_acked_total") >= 1, 60, "the first value stored")
         pub.publish_all([(topic, payload) for _, topic, payload in cases])
     finally:
         pub.close()
     # Acknowledged only after its commit: once every message is, every row that will be is there.
-    wait_until(lambda: ingest.metric("sensor_ingest_messages_acked_total") >= len(cases), 60,
+    wait_until(lambda: ingest.metric("sensor_ingest_messages_acked_total") >= len(cases) + 1, 60,
                "every message acknowledged")
     with psycopg.connect(database_url) as c:
-        rows = c.execute("SELECT reason, topic, payload FROM rejected_messages").fetchall()
-    stored = sorted((str(reason), str(topic), bytes(payload)) for reason, topic, payload in rows)
+        rows = c.execute("SELECT reason, topic, payload, details FROM rejected_messages").fetchall()
+    stored = sorted((str(reason), str(topic), bytes(payload)) for reason, topic, payload, _ in rows)
     # too_large keeps the first max_message_bytes bytes; every other row keeps the payload whole.
     want = sorted((reason, topic, payload[:2048] if reason == "too_large" else payload)
                   for reason, topic, payload in cases)
     assert stored == want
-    assert stored_readings(database_url) == {("hn-rj-18", "rj_new_a", T0.isoformat(), 1.0)}
+    # Each row's per-reading details name its one reason.
+    assert sorted((str(reason), [d["reason"] for d in details]) for reason, _, _, details in rows) == sorted(
+        (reason, [reason]) for reason, _, _ in cases)
+    # No reading of a refused message is stored: only the one new metric within the budget, and the
+    # first value of the conflict.
+    assert stored_readings(database_url) == {("hn-rj-18", "rj_new_a", T0.isoformat(), 1.0),
+                                             ("hn-rj-23", "pm25", T0.isoformat(), 1.0)}
     assert ingest.metric("sensor_ingest_rejections_total") == len(cases)
+    assert ingest.metric("sensor_ingest_messages_acked_total") == len(cases) + 1
     assert ingest.terminate() == 0
 
 

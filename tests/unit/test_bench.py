@@ -54,7 +54,8 @@ def test_latency_percentiles_leave_out_the_warm_up() -> None:
 
 def test_payload_is_native_and_padding_adds_readings() -> None:
     plain = _payload("d", T0, 5, 0)
-    assert plain == b'{"device":"d","time":"2026-11-25T00:00:00+00:00","readings":{"seq":5,"level":5}}'
+    assert plain == (b'{"device":"d","time":"2026-11-25T00:00:00+00:00","readings":{"seq":5,'
+                     b'"temperature":{"value":50.5,"unit":"degF"}}}')
     assert len(_payload("d", T0, 5, 1024)) >= 1024
     assert readings_per_message(0) == 2
     assert readings_per_message(1024) > 2

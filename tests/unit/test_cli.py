@@ -80,7 +80,7 @@ def test_decode_prints_json_readings(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert result["rejection"] is None
     assert result["readings"] == [
         {"device": "aq-1", "metric": "pm25", "time": "2024-05-01T03:00:00+00:00", "value": 35.2,
-         "unit": None, "flags": 0},
+         "unit": "ug/m3", "flags": 0},
         {"device": "aq-1", "metric": "door", "time": "2024-05-01T03:00:00+00:00", "value": True,
          "unit": None, "flags": 0},
     ]

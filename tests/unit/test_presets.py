@@ -222,7 +222,7 @@ def test_a_configured_source_wins_over_a_preset_on_the_same_topics() -> None:
 
     out = process(processor, "tele/d1/SENSOR", b'{"Temperature": 21.5}')
     assert out.source == "mine"
-    assert readings(out) == [("x-d1", "Temperature", 21.5, None, NOW, FLAG_RECEIVE_TIME)]
+    assert readings(out) == [("x-d1", "Temperature", 21.5, "degC", NOW, FLAG_RECEIVE_TIME)]  # the catalog's unit
     assert process(processor, "tele/d1/STATE", b'{"POWER": "ON"}').source == "tasmota.state"
 
 
@@ -323,7 +323,7 @@ def test_the_fallback_device_is_the_second_level_after_a_preset_first_level() ->
     processor = Processor.from_settings(Settings(), fallback=True)
 
     out = process(processor, "tele/dev1/RESULT", b'{"Temp": 5}')
-    assert (out.source, readings(out)) == ("auto", [("dev1", "Temp", 5.0, None, NOW, FLAG_RECEIVE_TIME)])
+    assert (out.source, readings(out)) == ("auto", [("dev1", "Temp", 5.0, "degC", NOW, FLAG_RECEIVE_TIME)])
     out = process(processor, "tele/dev1/POWER", b"ON")
     assert (out.source, readings(out)) == ("auto", [("dev1", "POWER", True, None, NOW, FLAG_RECEIVE_TIME)])
 
@@ -461,11 +461,12 @@ def test_tasmota_local_time_takes_the_receive_time_without_a_zone_and_is_read_wi
     payload = b'{"Time": "2026-11-25T10:00:00", "AM2301": {"Temperature": 21.5}, "TempUnit": "C"}'
 
     out = process(Processor.from_settings(Settings()), "tele/sonoff/SENSOR", payload)
-    assert readings(out) == [("sonoff", "AM2301.Temperature", 21.5, "C", NOW, FLAG_RECEIVE_TIME)]
+    assert readings(out) == [("sonoff", "AM2301.Temperature", 21.5, "degC", NOW, FLAG_RECEIVE_TIME)]
 
     zoned = Processor.from_settings(Settings(presets=PresetSettings(timezone="Asia/Ho_Chi_Minh")))
     out = process(zoned, "tele/sonoff/SENSOR", payload)
-    assert readings(out) == [("sonoff", "AM2301.Temperature", 21.5, "C", datetime(2026, 11, 25, 3, 0, tzinfo=UTC), 0)]
+    assert readings(out) == [("sonoff", "AM2301.Temperature", 21.5, "degC", datetime(2026, 11, 25, 3, 0, tzinfo=UTC),
+                                                                             0)]
 
 
 def test_zigbee2mqtt_attribute_topics_holding_a_bare_value_are_skipped_as_scalar() -> None:
@@ -623,7 +624,7 @@ def test_decode_received_at_stamps_receive_time_readings(
     assert code == 0
     assert (out["source"], out["format"], out["rejection"]) == ("esphome.sensor", "value", None)
     assert out["readings"] == [{"device": "node1", "metric": "sensor.temp", "time": "2026-11-25T03:00:05+00:00",
-                                "value": 21.5, "unit": None, "flags": FLAG_RECEIVE_TIME}]
+                                "value": 21.5, "unit": "degC", "flags": FLAG_RECEIVE_TIME}]
 
 
 @pytest.mark.usefixtures("_restore_logging")

@@ -181,7 +181,7 @@ def test_the_mapping_applies_to_every_format_after_decoding() -> None:
     out = Processor.from_settings(settings).process(
         msg("city/aq-1/up", {"readings": {"pm25": 7, "t_dC": 215, "debug.heap": 3}}))
     assert [(r.metric, r.value, r.unit) for r in out.readings] == [
-        ("pm2_5", 7.0, None), ("temperature", 21.5, "degC")]
+        ("pm2_5", 7.0, "ug/m3"), ("temperature", 21.5, "degC")]  # bound: the quantity's unit
     assert out.ignored == 1
     assert out.rejection is None
 
