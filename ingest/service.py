@@ -150,11 +150,20 @@ async def run_service(settings: Settings) -> int:
     metrics.db_ok.set(1)
     try:
         async with pool.acquire(timeout=settings.database.command_timeout) as conn:
-            changed = await sync_bindings(conn, processor.catalog)
+            changed, kept = await sync_bindings(conn, processor.catalog)
         if changed:
             log.info("metric catalog: the binding of %d metric(s) in the metrics table changed", changed)
-    except Exception as failure:  # a hint for the metrics table; ingest does not depend on it
-        log.warning("metric catalog: bindings not brought up to date in the metrics table (%s)", failure)
+        for line in kept:
+            log.warning("metric catalog: metric %s", line)
+    except Exception as failure:
+        # Without the stored units, a metric whose history is in another unit than its quantity's
+        # would change unit under it: refuse to start (the service retries nothing here).
+        log.error("metric catalog: the metrics table could not be read to keep stored units (%s); not starting",
+                  failure)
+        await pool.close()
+        return 1
+    if processor.catalog is not None:
+        processor.catalog.warm()  # pint's registry (about 0.2 s) now, not on the first reading
 
     writer = Writer(pool, timeout=settings.database.command_timeout,
                     renew_pool=lambda: create_pool(settings.database),

@@ -20,6 +20,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -718,12 +719,18 @@ class Settings(BaseSettings):
                        overrides=self.quantity_overrides())
 
     def quantity_overrides(self) -> list[Quantity]:
-        from ingest.catalog import BUILTIN, Quantity
+        from ingest.catalog import BUILTIN, GasReference, Quantity, in_unit
 
         base = {q.name: q for q in BUILTIN}
         out: list[Quantity] = []
         for m in self.metrics:
             old = base.get(m.name)
+            if old is not None and m.unit is not None and m.unit != old.unit:
+                moved = in_unit(old, m.unit, GasReference(self.catalog.reference_temperature,
+                                                          self.catalog.reference_pressure))
+                # The ranges it keeps are converted to its new unit; a unit they cannot be converted
+                # to is refused by _catalog_fits unless both ranges are given.
+                old = moved if not isinstance(moved, str) else replace(old, unit=m.unit)
             if old is None:
                 out.append(Quantity(m.name, m.name, m.unit, m.kind or "number", m.possible, m.plausible,
                                     tuple(m.aliases), m.molar_mass, m.source or "this city's configuration"))
@@ -739,14 +746,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _catalog_fits(self) -> Settings:
-        from ingest.catalog import BUILTIN, Catalog, CatalogError
+        from ingest.catalog import BUILTIN, Catalog, CatalogError, GasReference, in_unit
 
         names = [m.name for m in self.metrics]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise _fix_error(f"[[metrics]] names {twice[0]!r} twice", "merge the two entries into one")
-        builtin = {q.name for q in BUILTIN}
+        builtin = {q.name: q for q in BUILTIN}
         for m in self.metrics:
+            old = builtin.get(m.name)
+            if old is not None and m.unit is not None and m.unit != old.unit and (
+                    m.possible is None or m.plausible is None):
+                moved = in_unit(old, m.unit, GasReference(self.catalog.reference_temperature,
+                                                          self.catalog.reference_pressure))
+                if isinstance(moved, str):
+                    raise _fix_error(
+                        f"[[metrics]] {m.name!r} stores {m.name} in {m.unit!r}, and its built-in ranges (in "
+                        f"{old.unit}) cannot be converted to it: {moved}",
+                        f"give both possible and plausible in {m.unit}, or use a unit {old.unit} converts to")
             if m.name not in builtin and (m.kind or "number") == "number" and m.unit is None:
                 raise _fix_error(f"[[metrics]] {m.name!r} is not a built-in quantity and has no unit",
                                  'give it one, e.g. unit = "m", or use a built-in name (sensor-ingest catalog)')

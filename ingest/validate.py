@@ -72,20 +72,42 @@ def _quote(text: str) -> str:
     return repr(text[:64] + ("…" if len(text) > 64 else ""))
 
 
+def _retimed(readings: list[Reading], received_at: datetime, earliest: datetime, latest: datetime,
+             every: bool) -> list[Reading]:
+    def due(r: Reading) -> bool:
+        if r.flags & FLAG_RECEIVE_TIME and r.time == received_at:
+            return False  # the decoder gave it the receive time already (no time in the payload)
+        return every or not earliest <= r.time <= latest
+
+    moved = [r.time for r in readings if due(r)]
+    if not moved:
+        return readings
+    last = max(moved)
+    out: list[Reading] = []
+    for r in readings:
+        if due(r):
+            when = received_at - (last - r.time)
+            r = Reading(r.device, r.metric, when if when >= earliest else received_at, r.value, r.unit,
+                        r.flags | FLAG_RECEIVE_TIME)
+        out.append(r)
+    return out
+
+
 def validate(
     readings: Iterable[Reading], received_at: datetime, limits: Limits, time_policy: str = "device"
 ) -> tuple[list[Reading], list[Rejection]]:
     """``time_policy`` (a source's): "device" rejects a time outside [earliest, received_at +
-    max_future] as bad_time; "receive" gives every reading the receive time; "device_or_receive"
-    gives it only to the readings whose time lies outside that window. Either way the reading is
-    flagged FLAG_RECEIVE_TIME."""
+    max_future] as bad_time; "receive" re-times every reading to the receive time; "device_or_receive"
+    only the readings whose time lies outside that window. Re-timed readings are flagged
+    FLAG_RECEIVE_TIME and keep their spacing: the latest of them gets the receive time, an earlier one
+    as much earlier as its payload says (a buffer of samples kept through a power loss stays a
+    series, not one instant), unless that falls before earliest_time (then the receive time)."""
     kept: list[Reading] = []
     problems: list[Rejection] = []
     latest = received_at + limits.max_future
+    if time_policy != "device":
+        readings = _retimed(list(readings), received_at, limits.earliest, latest, time_policy == "receive")
     for r in readings:
-        if time_policy != "device" and (time_policy == "receive" or not limits.earliest <= r.time <= latest) and not (
-                r.flags & FLAG_RECEIVE_TIME and r.time == received_at):  # not already the receive time, flagged
-            r = Reading(r.device, r.metric, received_at, r.value, r.unit, r.flags | FLAG_RECEIVE_TIME)
         why = _bad_name(r.device)
         if why:
             problems.append(Rejection("bad_device", f"device id {_quote(r.device)} {why}", r.device[:MAX_NAME]))

@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ingest.catalog.model import Quantity, normalize
 from ingest.catalog.quantities import BUILTIN
 from ingest.catalog.units import Conversion, GasReference, conversion
 from ingest.model import FLAG_SUSPECT, Reading, Rejection
 
-__all__ = ["BUILTIN", "Catalog", "CatalogError", "GasReference", "MetricRow", "Quantity", "normalize"]
+__all__ = ["BUILTIN", "Catalog", "CatalogError", "GasReference", "MetricRow", "Quantity", "in_unit", "normalize"]
 
 _INF = math.inf
+# Metric names and units come from payloads: the caches of bindings and conversions are bounded
+# (past the bound, a binding is computed again each time, never stored), so that a publisher whose
+# names change per message cannot grow them without end.
+MAX_CACHED_METRICS = 20_000
+MAX_UNITS_PER_METRIC = 16
 
 
 class CatalogError(ValueError):
@@ -65,6 +70,23 @@ def _bounds(r: tuple[float | None, float | None] | None) -> tuple[float, float]:
     return (-_INF if lo is None else float(lo)), (_INF if hi is None else float(hi))
 
 
+def in_unit(q: Quantity, unit: str, gas: GasReference | None = None) -> Quantity | str:
+    """``q`` stored in ``unit`` instead, its ranges converted; or why it cannot be."""
+    if unit == q.unit or q.unit is None:
+        return replace(q, unit=unit)
+    conv = conversion(q.unit, replace(q, unit=unit), gas or GasReference())
+    if isinstance(conv, str):
+        return conv
+
+    def span(r: tuple[float | None, float | None] | None) -> tuple[float | None, float | None] | None:
+        if r is None:
+            return None
+        lo, hi = (None if x is None else round(x * conv.scale + conv.offset, 10) for x in r)
+        return (lo, hi) if conv.scale > 0 else (hi, lo)
+
+    return replace(q, unit=unit, possible=span(q.possible), plausible=span(q.plausible))
+
+
 def _show(x: float) -> str:
     return f"{x:g}"
 
@@ -84,17 +106,27 @@ class Catalog:
         self._exact: dict[str, str] = {}
         for q in quantities:
             self._add(q, take_over=False)
+        # An override's own aliases (not those it keeps from the quantity it overrides) take an
+        # alias over from any other quantity; two overrides may not claim one.
+        overrides = list(overrides)
         claimed: dict[str, str] = {}
         for q in overrides:
+            base = self.quantities.get(q.name)
+            kept = {normalize(a) for a in base.aliases} if base is not None else set()
             for a in (q.name, *q.aliases):
                 key = normalize(a)
+                if key in kept:
+                    continue
                 if claimed.get(key, q.name) != q.name:
                     raise CatalogError(f"[[metrics]] {claimed[key]!r} and {q.name!r} both claim the alias {a!r}")
                 claimed[key] = q.name
-            self._add(q, take_over=True)
+        for q in overrides:
+            self._add(q, take_over=True, claimed=claimed)
         self._bound: dict[str, _Bound | None] = {}
+        # Metrics whose stored history is in another unit than their quantity's (see pin()).
+        self._pinned: dict[str, Quantity | None] = {}
 
-    def _add(self, q: Quantity, *, take_over: bool) -> None:
+    def _add(self, q: Quantity, *, take_over: bool, claimed: dict[str, str] | None = None) -> None:
         old = self.quantities.get(q.name)
         if old is not None:  # an override: the old aliases of this name go with it
             for a in (old.name, *old.aliases):
@@ -117,6 +149,8 @@ class Catalog:
             owner = self._alias.get(key)
             if owner is not None and owner != q.name and not take_over:
                 raise CatalogError(f"quantities {owner!r} and {q.name!r} both claim the alias {a!r}")
+            if claimed is not None and claimed.get(key, q.name) != q.name:
+                continue  # kept from the overridden quantity, but another override claims it
             self._alias[key] = q.name
 
     # -- binding ----------------------------------------------------------------------------------
@@ -125,12 +159,14 @@ class Catalog:
         """The quantity ``metric`` is bound to: an exact name, else its whole name, else its longest
         dotted or slashed suffix, that the catalog lists; else the same without trailing index levels
         (``ENERGY.Power.0``, a channel of a list)."""
+        if metric in self._pinned:
+            return self._pinned[metric]
         name = self._exact.get(metric) or self._alias.get(normalize(metric))
         if name is None:
             parts = metric.replace("/", ".").split(".")
-            while len(parts) > 1 and parts[-1].isdigit() and not parts[-2][-1:].isdigit():
-                # A trailing index: first try the suffixes with it (SDS0X1.PM2.5 ends in "5"), then
-                # without it; PM2.5's "5" follows a digit, so it is never taken for an index.
+            while len(parts) > 1 and parts[-1].isdigit():
+                # A trailing index: first the suffixes with it (SDS0X1.PM2.5 ends in "5"), then
+                # without it (ENERGY.Power.0, pm10.1).
                 name = self._suffix(parts)
                 if name is not None:
                     break
@@ -156,8 +192,26 @@ class Catalog:
             lo, hi = _bounds(q.possible)
             plo, phi = _bounds(q.plausible)
             b = _Bound(q, lo, hi, plo, phi)
-        self._bound[metric] = b
+        if len(self._bound) < MAX_CACHED_METRICS:
+            self._bound[metric] = b
         return b
+
+    def pin(self, metric: str, unit: str | None) -> Quantity | None:
+        """``metric`` keeps ``unit``, the unit its stored history is in (its metrics row's), when that
+        is not its quantity's: its readings are converted to that unit instead, with the ranges
+        converted too; when they cannot be, it is unbound (stored as it comes). Returns what it is
+        bound to now. Run at start-up, before any reading (a stored series never changes unit)."""
+        q = self.quantity_of(metric)
+        if q is None or unit is None or unit == q.unit:
+            return q
+        conv = conversion(unit, q, self.gas)
+        if not isinstance(conv, str) and conv.identity:
+            return q  # C for degC: the same unit, spelled otherwise
+        moved = in_unit(q, unit, self.gas)
+        pinned = None if isinstance(moved, str) else moved
+        self._pinned[metric] = pinned
+        self._bound.pop(metric, None)
+        return pinned
 
     def row(self, metric: str, unit: str | None, kind: str) -> MetricRow:
         """The metrics-table row of ``metric``: its quantity's unit, kind and ranges when it is bound;
@@ -168,6 +222,12 @@ class Catalog:
         (lo, hi), (plo, phi) = (q.possible or (None, None)), (q.plausible or (None, None))
         return MetricRow(q.unit, q.kind, q.name, _finite(lo), _finite(hi), _finite(plo), _finite(phi),
                          q.source or None)
+
+    def warm(self) -> None:
+        """Load the units library now (the first conversion would, on the ingest path)."""
+        from ingest.catalog.units import warm
+
+        warm()
 
     # -- the per-reading check --------------------------------------------------------------------
 
@@ -198,13 +258,15 @@ class Catalog:
             else:
                 conv = b.units.get(unit)
                 if conv is None:
-                    conv = b.units[unit] = conversion(unit, q, self.gas)
+                    conv = conversion(unit, q, self.gas)
+                    if len(b.units) < MAX_UNITS_PER_METRIC:
+                        b.units[unit] = conv
                 if isinstance(conv, str):
                     problems.append(Rejection("bad_unit", f"{r.metric}: {conv}", r.device))
                     continue
-                # 10 decimals and 12 significant digits: a sensor is never more precise, and 300 K is
-                # then 26.85 degC, not 26.850000000000023 (the float arithmetic's noise).
-                x = float(f"{round(v * conv.scale + conv.offset, 10):.12g}")
+                # 10 decimals: a sensor is never more precise, and 300 K is then 26.85 degC, not
+                # 26.850000000000023 (the float arithmetic's noise), 32 degF 0, not 3.5e-15.
+                x = round(v * conv.scale + conv.offset, 10)
                 if not math.isfinite(x):
                     problems.append(Rejection("not_finite", f"{r.metric}: {v:g} {unit} is {x} in {q.unit}",
                                               r.device))

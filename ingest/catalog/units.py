@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ingest.catalog.model import Quantity
 
-__all__ = ["GAS_CONSTANT", "Conversion", "GasReference", "conversion", "normalize_unit"]
+__all__ = ["GAS_CONSTANT", "Conversion", "GasReference", "conversion", "normalize_unit", "warm"]
 
 GAS_CONSTANT = 8.314462618  # J/(mol K), CODATA 2018 (exact since the 2019 SI)
 
@@ -139,16 +139,22 @@ def _registry() -> pint.UnitRegistry[Any]:
     return pint.UnitRegistry()
 
 
-def _pint_units(unit: str) -> pint.Unit | None:
-    import pint
+def warm() -> None:
+    _registry()
 
+
+@functools.lru_cache(maxsize=4096)
+def _pint_units(unit: str) -> pint.Unit | None:
+    """The pint unit of a spelling in the table, else of what pint itself reads (l/s, m3/h, GJ),
+    unless pint calls it dimensionless: percentages, angles and counts are only the table's."""
     expr = _PINT.get(unit)
-    if expr is None:
-        return None
     try:
-        return _registry().parse_units(expr)
-    except (pint.errors.PintError, ValueError, AttributeError):
+        if expr is not None:
+            return _registry().parse_units(expr)
+        parsed = _registry().parse_units(unit)
+    except Exception:  # pint's parser meets payload text here: anything it raises means "not a unit"
         return None
+    return None if parsed.dimensionless else parsed
 
 
 def conversion(unit: str, quantity: Quantity, gas: GasReference) -> Conversion | str:
@@ -166,7 +172,7 @@ def conversion(unit: str, quantity: Quantity, gas: GasReference) -> Conversion |
         if factor is None:
             return f"{shown}; accepted: {', '.join(sorted(only))}"
         return Conversion(factor, 0.0)
-    goal = _pint_units(normalize_unit(target))
+    goal = _pint_units(normalize_unit(target)) or _pint_units(target)
     if goal is None:
         return f"{shown}: this service cannot convert into {target!r}; list it in [[metrics]] with a unit it knows"
     reg = _registry()
@@ -177,7 +183,7 @@ def conversion(unit: str, quantity: Quantity, gas: GasReference) -> Conversion |
             return f"{shown}: a mole fraction converts only to the mass concentration of a gas with a molar mass"
         grams_per_m3 = fraction * quantity.molar_mass / gas.molar_volume
         return Conversion(float(reg.Quantity(grams_per_m3, "gram/meter**3").to(goal).magnitude), 0.0)
-    source = _pint_units(spelled)
+    source = _pint_units(spelled) or _pint_units(unit.strip())  # as written: pint reads m**3/h
     if source is None:
         return f"{shown}: {unit!r} is not a unit this service knows"
     try:

@@ -97,16 +97,32 @@ def _columns(rows: dict[str, MetricRow], names: list[str]) -> list[list[object]]
     return [[getattr(rows[n], c) for n in names] for c in _METRIC_COLUMNS]
 
 
-async def sync_bindings(conn: Conn, catalog: Catalog | None) -> int:
+async def sync_bindings(conn: Conn, catalog: Catalog | None) -> tuple[int, list[str]]:
     """Bring every metrics row's binding up to the catalog (at start-up: the catalog or the config may
-    have changed since the row was made). Returns how many rows changed."""
+    have changed since the row was made). A metric whose row holds another unit than its quantity's
+    keeps it (Catalog.pin): its stored history is in that unit, and so are its new readings. A row the
+    catalog binds to nothing, now as before, is left as it is (its ranges may be an operator's).
+    Returns how many rows changed, and a line for each metric that kept its unit."""
     if catalog is None:
-        return 0
-    rows = {name: catalog.row(name, unit, kind)
-            for name, unit, kind in await conn.fetch("SELECT name, unit, kind FROM metrics")}
+        return 0, []
+    rows: dict[str, MetricRow] = {}
+    kept: list[str] = []
+    for name, unit, kind, quantity in await conn.fetch("SELECT name, unit, kind, quantity FROM metrics ORDER BY name"):
+        bound = catalog.quantity_of(name)
+        pinned = catalog.pin(name, unit)
+        if bound is not None and pinned is not bound:
+            kept.append(
+                f"{name!r} keeps its unit {unit!r}, the unit of its stored readings: new readings are converted to "
+                f"it (other metrics of {bound.name!r} are stored in {bound.unit!r})" if pinned is not None else
+                f"{name!r} stays unbound: its stored readings are in {unit!r}, which does not convert to "
+                f"{bound.unit!r} of {bound.name!r}")
+        row = catalog.row(name, unit, kind)
+        if row.quantity is None and quantity is None:
+            continue
+        rows[name] = row
     names = sorted(rows)
     if not names:
-        return 0
+        return 0, kept
     async with conn.transaction():
         status = await conn.execute(_UPDATE_BINDINGS, names, *_columns(rows, names))
-    return int(status.split()[-1])
+    return int(status.split()[-1]), kept

@@ -863,3 +863,115 @@ def test_the_catalog_is_on_by_default_in_the_processor(tmp_path: Path) -> None:
     assert out.rejection is not None
     assert out.rejection.reason == "out_of_range"
     assert out.unbound == 1
+
+
+# -- after the review of #13 ---------------------------------------------------------------------
+
+
+def _single(c: Catalog, metric: str, value: float, unit: str | None) -> Reading | str:
+    kept, problems, _ = c.check([Reading("d", metric, T, value, unit)])
+    return kept[0] if kept else f"{problems[0].reason}: {problems[0].detail}"
+
+
+def test_a_metric_pinned_to_its_stored_unit_is_converted_to_it_with_its_ranges() -> None:
+    c = Catalog()
+    q = c.pin("BME280_pressure", "Pa")  # the metrics row, made before the catalog, says Pa
+    assert q is not None
+    assert (q.name, q.unit, q.possible, q.plausible) == ("pressure", "Pa", (30000.0, 110000.0), (87000.0, 108500.0))
+    got = _single(c, "BME280_pressure", 1010.0, "hPa")  # a reading in hPa is stored in Pa, like its history
+    assert isinstance(got, Reading)
+    assert (got.value, got.unit) == (101000.0, "Pa")
+    assert _single(c, "BME280_pressure", 5.0, "Pa").startswith("out_of_range: BME280_pressure: 5 Pa is outside")
+    assert c.row("BME280_pressure", "Pa", "number").unit == "Pa"
+    # Another metric of the same quantity keeps the quantity's unit.
+    other = _single(c, "pressure", 101000.0, "Pa")
+    assert isinstance(other, Reading)
+    assert (other.value, other.unit) == (1010.0, "hPa")
+
+
+def test_a_pinned_unit_that_is_the_quantitys_spelled_otherwise_changes_nothing() -> None:
+    c = Catalog()
+    assert c.pin("BME280.Temperature", "C") is c.quantities["temperature"]
+    assert c.pin("temperature", None) is c.quantities["temperature"]
+
+
+def test_a_pinned_unit_that_cannot_be_converted_leaves_the_metric_unbound() -> None:
+    c = Catalog()
+    assert c.pin("Wifi.Signal", "%") is None
+    kept, problems, unbound = c.check([Reading("d", "Wifi.Signal", T, 70.0, "%")])
+    assert (kept, problems, unbound) == ([Reading("d", "Wifi.Signal", T, 70.0, "%")], [], 1)
+
+
+def test_the_binding_cache_is_bounded_and_a_metric_past_the_bound_is_still_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ingest.catalog as catalog
+
+    monkeypatch.setattr(catalog, "MAX_CACHED_METRICS", 3)
+    c = Catalog()
+    c.check([Reading("d", f"x{i}.temperature", T, 20.0, "degC") for i in range(10)])
+    assert len(c._bound) == 3
+    assert _single(c, "x9.temperature", 900.0, "degC").startswith("out_of_range")
+
+
+def test_the_conversion_cache_of_a_metric_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingest.catalog as catalog
+
+    monkeypatch.setattr(catalog, "MAX_UNITS_PER_METRIC", 2)
+    c = Catalog()
+    c.check([Reading("d", "temperature", T, 20.0, u) for u in ("C", "F", "K", f"junk{1}", "junk2")])
+    assert len(c._bound["temperature"].units) == 2  # type: ignore[union-attr]
+    assert _single(c, "temperature", 300.0, "K") == Reading("d", "temperature", T, 26.85, "degC")
+
+
+def test_a_unit_override_converts_the_ranges_it_keeps() -> None:
+    s = Settings.model_validate({"metrics": [{"name": "temperature", "unit": "degF"}]})
+    q = s.build_catalog().quantities["temperature"]  # type: ignore[union-attr]
+    # -60..70 degC and -10..50 degC, in degF: x * 9/5 + 32.
+    assert (q.unit, q.possible, q.plausible) == ("degF", (-76.0, 158.0), (14.0, 122.0))
+    c = s.build_catalog()
+    assert c is not None
+    got = _single(c, "temperature", 25.0, "degC")
+    assert isinstance(got, Reading)
+    assert (got.value, got.unit, got.flags) == (77.0, "degF", 0)
+
+
+def test_a_unit_override_whose_ranges_cannot_follow_must_give_both(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[metrics]]\nname = "no2"\nunit = "ppb"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert "'no2' stores no2 in 'ppb'" in text
+    assert "give both possible and plausible in ppb" in text
+    path.write_text('[[metrics]]\nname = "no2"\nunit = "ppb"\npossible = [0, 20000]\nplausible = [0, 500]\n',
+                    encoding="utf-8")
+    q = load_settings(path).build_catalog().quantities["no2"]  # type: ignore[union-attr]
+    assert (q.unit, q.possible, q.plausible) == ("ppb", (0.0, 20000.0), (0.0, 500.0))
+
+
+def test_an_alias_an_override_keeps_yields_to_one_another_entry_lists() -> None:
+    s = Settings.model_validate({"metrics": [{"name": "river", "unit": "m", "aliases": ["stage"]},
+                                             {"name": "water_level", "plausible": [0, 14.5]}]})
+    c = s.build_catalog()
+    assert c is not None
+    assert c.quantity_of("stage").name == "river"  # type: ignore[union-attr]
+    assert c.quantity_of("river_level").name == "water_level"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("metric", "quantity"), [
+    ("pm10.1", "pm10"), ("no2.1", "no2"), ("pm2_5.0", "pm2_5"), ("SDS011.PM10.2", "pm10"),
+    ("ENERGY.Power.0", "power"), ("SDS0X1.PM2.5", "pm2_5"), ("x.0", None)])
+def test_a_trailing_list_index_is_dropped_when_only_the_rest_binds(metric: str, quantity: str | None) -> None:
+    q = Catalog().quantity_of(metric)
+    assert (None if q is None else q.name) == quantity
+
+
+def test_units_pint_reads_beyond_the_table_convert_and_dimensionless_ones_do_not() -> None:
+    flow = Quantity("flow", "flow", "l/s", possible=(0, 1e6))
+    c = Catalog(overrides=[flow])
+    got = _single(c, "flow", 36.0, "m**3/hour")
+    assert isinstance(got, Reading)
+    assert (got.value, got.unit) == (10.0, "l/s")
+    assert _single(c, "flow", 1.0, "1/0").startswith("bad_unit")  # pint's parser raises: not a unit
+    assert _single(Catalog(), "temperature", 1.0, "radian").startswith("bad_unit")

@@ -285,3 +285,28 @@ def test_an_unknown_time_policy_is_a_config_error_naming_the_key(tmp_path: Path)
     for policy in ("'device'", "'receive'", "'device_or_receive'"):
         assert policy in p.message
     assert "'whenever'" in p.fix
+
+
+def test_retimed_readings_keep_their_spacing_so_a_buffered_series_stays_a_series() -> None:
+    t = datetime(1970, 1, 1, tzinfo=UTC)
+    samples = [Reading("aq-7", "temperature", t + timedelta(minutes=i), 20.0 + i) for i in range(3)]
+    kept, problems = validate(samples, RECEIVED, LIMITS, "device_or_receive")
+    assert problems == []
+    assert [(r.time, r.value, r.flags) for r in kept] == [
+        (RECEIVED - timedelta(minutes=2), 20.0, FLAG_RECEIVE_TIME),
+        (RECEIVED - timedelta(minutes=1), 21.0, FLAG_RECEIVE_TIME),
+        (RECEIVED, 22.0, FLAG_RECEIVE_TIME)]
+
+
+def test_under_receive_a_pack_keeps_its_spacing_too() -> None:
+    t = RECEIVED - timedelta(days=3)
+    kept, _ = validate([Reading("aq-7", "pm25", t, 1.0), Reading("aq-7", "pm25", t + timedelta(seconds=30), 2.0)],
+                       RECEIVED, LIMITS, "receive")
+    assert [r.time for r in kept] == [RECEIVED - timedelta(seconds=30), RECEIVED]
+
+
+def test_a_retimed_reading_that_would_fall_before_earliest_takes_the_receive_time() -> None:
+    old = Reading("aq-7", "pm25", datetime(1970, 1, 1, tzinfo=UTC), 1.0)
+    ahead = Reading("aq-7", "pm10", RECEIVED + timedelta(days=400), 2.0)
+    kept, _ = validate([old, ahead], RECEIVED, LIMITS, "device_or_receive")
+    assert [(r.metric, r.time) for r in kept] == [("pm25", RECEIVED), ("pm10", RECEIVED)]
