@@ -65,6 +65,13 @@ def cases(limit: int, max_readings: int) -> dict[str, tuple[str, bytes]]:
         "senml pack, max records": ("senml/hn-aq-0001", _fit(lambda k: json.dumps(
             [{"bn": "hn-aq-0001:", "bt": NOW.timestamp() - 60, "bu": "Cel"},
              *({"n": f"t{i}", "v": 20 + i * 0.01, "t": -i} for i in range(min(k, n) - 1))]).encode(), limit)),
+        # The metric catalog (issue #13): every record a temperature in a unit no table holds, each
+        # spelled differently, so that each is parsed by pint (the conversion cache keeps 16 per metric).
+        "senml pack, a different unknown unit per record (rejected, bad_unit)": (
+            "senml/hn-aq-0001", _fit(lambda k: json.dumps(
+                [{"bn": "hn-aq-0001:", "bt": NOW.timestamp() - 60},
+                 *({"n": "temperature", "u": f"zz{i:05d}/s", "v": 20, "t": -i} for i in range(min(k, n) - 1))]
+            ).encode(), limit)),
         "over max readings (rejected)": ("city/hk/hn-aq-0001/up", _fit(lambda k: json.dumps(
             {"time": T, "readings": {f"k{i}": 1 for i in range(k)}}).encode(), limit)),
         # SenML lets a record carry fields it does not define (skipped, counted): nesting just within
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = IngestSettings()
     limit = defaults.max_message_bytes
     processor = _processor(limit)
+    if processor.catalog is not None:
+        processor.catalog.warm()  # as the service does at start-up
     rows = []
     print(f"worst-case processing of one message (max_message_bytes {limit}, max_readings_per_message "
           f"{defaults.max_readings_per_message}, {args.repeat} runs each; batch_max_age "

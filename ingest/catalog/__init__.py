@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ingest.catalog.model import Quantity, normalize
 from ingest.catalog.quantities import BUILTIN
-from ingest.catalog.units import Conversion, GasReference, conversion
+from ingest.catalog.units import MAX_PARSED_PER_MESSAGE, Conversion, GasReference, conversion
 from ingest.model import FLAG_SUSPECT, Reading, Rejection
 
 __all__ = ["BUILTIN", "Catalog", "CatalogError", "GasReference", "MetricRow", "Quantity", "in_unit", "normalize"]
@@ -236,6 +236,7 @@ class Catalog:
         kept: list[Reading] = []
         problems: list[Rejection] = []
         unbound = 0
+        parsed = 0  # conversions computed for this message (see units.MAX_PARSED_PER_MESSAGE)
         cache = self._bound
         for r in readings:
             b = cache[r.metric] if r.metric in cache else self._bind(r.metric)
@@ -258,8 +259,10 @@ class Catalog:
             else:
                 conv = b.units.get(unit)
                 if conv is None:
-                    conv = conversion(unit, q, self.gas)
-                    if len(b.units) < MAX_UNITS_PER_METRIC:
+                    parse = parsed < MAX_PARSED_PER_MESSAGE
+                    parsed += 1
+                    conv = conversion(unit, q, self.gas, parse=parse)
+                    if parse and len(b.units) < MAX_UNITS_PER_METRIC:
                         b.units[unit] = conv
                 if isinstance(conv, str):
                     problems.append(Rejection("bad_unit", f"{r.metric}: {conv}", r.device))

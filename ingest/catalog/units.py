@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GAS_CONSTANT", "Conversion", "GasReference", "conversion", "normalize_unit", "warm"]
 
+# Units no table holds that one message may have parsed (a payload could name a new one per record).
+MAX_PARSED_PER_MESSAGE = 16
 GAS_CONSTANT = 8.314462618  # J/(mol K), CODATA 2018 (exact since the 2019 SI)
 
 # Stored units that are also the pint expressions of themselves, or that need one. SenML names (RFC 8428
@@ -157,8 +159,10 @@ def _pint_units(unit: str) -> pint.Unit | None:
     return None if parsed.dimensionless else parsed
 
 
-def conversion(unit: str, quantity: Quantity, gas: GasReference) -> Conversion | str:
-    """How a value in ``unit`` becomes one in the quantity's unit, or why it cannot (for bad_unit)."""
+def conversion(unit: str, quantity: Quantity, gas: GasReference, *, parse: bool = True) -> Conversion | str:
+    """How a value in ``unit`` becomes one in the quantity's unit, or why it cannot (for bad_unit).
+    ``parse``: a unit that no table holds may be read by pint's parser (about 40 us a string);
+    without it, such a unit is not known."""
     import pint
 
     target = quantity.unit
@@ -183,9 +187,12 @@ def conversion(unit: str, quantity: Quantity, gas: GasReference) -> Conversion |
             return f"{shown}: a mole fraction converts only to the mass concentration of a gas with a molar mass"
         grams_per_m3 = fraction * quantity.molar_mass / gas.molar_volume
         return Conversion(float(reg.Quantity(grams_per_m3, "gram/meter**3").to(goal).magnitude), 0.0)
-    source = _pint_units(spelled) or _pint_units(unit.strip())  # as written: pint reads m**3/h
+    source = _PINT.get(spelled) and _pint_units(spelled)
+    if source is None and parse:
+        source = _pint_units(spelled) or _pint_units(unit.strip())  # as written: pint reads m**3/h
     if source is None:
-        return f"{shown}: {unit!r} is not a unit this service knows"
+        return f"{shown}: {unit!r} is not a unit this service knows" + (
+            "" if parse else f" (more than {MAX_PARSED_PER_MESSAGE} units in one message needed pint's parser)")
     try:
         zero = float(reg.Quantity(0.0, source).to(goal).magnitude)
         far = float(reg.Quantity(1000.0, source).to(goal).magnitude)

@@ -111,5 +111,6 @@ def test_the_worst_case_payloads_fit_the_limit_and_meet_the_outcome_they_are_bui
     assert outcomes["64 KiB of binary (rejected, malformed)"][0] == "malformed"
     assert all(v[0] == "stored" for k, v in outcomes.items() if "rejected" not in k)
     assert outcomes["line, max lines, every one bad (rejected)"][0] == "malformed"
+    assert outcomes["senml pack, a different unknown unit per record (rejected, bad_unit)"] == ("bad_unit", 0)
     assert outcomes["json, nested, max leaves, time_field"] == ("stored", 1990)
     assert outcomes["lorawan, decoded payload of max leaves"] == ("stored", 2000)

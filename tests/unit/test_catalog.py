@@ -297,9 +297,9 @@ def test_a_conversion_is_computed_once_per_unit_not_per_reading(monkeypatch: pyt
     calls: list[tuple[str, str]] = []
     real = units.conversion
 
-    def counting(unit: str, quantity: Quantity, gas: object) -> object:
+    def counting(unit: str, quantity: Quantity, gas: object, parse: bool = True) -> object:
         calls.append((unit, quantity.name))
-        return real(unit, quantity, gas)  # type: ignore[arg-type]
+        return real(unit, quantity, gas, parse=parse)  # type: ignore[arg-type]
 
     monkeypatch.setattr("ingest.catalog.conversion", counting)
     catalog = Catalog()
@@ -315,9 +315,9 @@ def test_a_failed_conversion_is_cached_too(monkeypatch: pytest.MonkeyPatch) -> N
     calls: list[str] = []
     real = units.conversion
 
-    def counting(unit: str, quantity: Quantity, gas: object) -> object:
+    def counting(unit: str, quantity: Quantity, gas: object, parse: bool = True) -> object:
         calls.append(unit)
-        return real(unit, quantity, gas)  # type: ignore[arg-type]
+        return real(unit, quantity, gas, parse=parse)  # type: ignore[arg-type]
 
     monkeypatch.setattr("ingest.catalog.conversion", counting)
     catalog = Catalog()
@@ -333,9 +333,9 @@ def test_the_quantitys_own_unit_needs_no_conversion(monkeypatch: pytest.MonkeyPa
     calls: list[str] = []
     real = units.conversion
 
-    def counting(unit: str, quantity: Quantity, gas: object) -> object:
+    def counting(unit: str, quantity: Quantity, gas: object, parse: bool = True) -> object:
         calls.append(unit)
-        return real(unit, quantity, gas)  # type: ignore[arg-type]
+        return real(unit, quantity, gas, parse=parse)  # type: ignore[arg-type]
 
     monkeypatch.setattr("ingest.catalog.conversion", counting)
 
@@ -975,3 +975,17 @@ def test_units_pint_reads_beyond_the_table_convert_and_dimensionless_ones_do_not
     assert (got.value, got.unit) == (10.0, "l/s")
     assert _single(c, "flow", 1.0, "1/0").startswith("bad_unit")  # pint's parser raises: not a unit
     assert _single(Catalog(), "temperature", 1.0, "radian").startswith("bad_unit")
+
+
+def test_one_message_has_at_most_a_bound_of_units_parsed_by_pint_and_the_rest_are_not_cached() -> None:
+    c = Catalog()
+    n = units.MAX_PARSED_PER_MESSAGE
+    readings = [Reading("d", "temperature", T, 20.0, f"zz{i}/s") for i in range(n + 3)]
+    _, problems, _ = c.check(readings)
+    assert [p.reason for p in problems] == ["bad_unit"] * (n + 3)
+    assert all("needed pint's parser" not in p.detail for p in problems[:n])
+    assert all(f"more than {n} units in one message needed pint's parser" in p.detail for p in problems[n:])
+    assert len(c._bound["temperature"].units) == min(n, 16)  # type: ignore[union-attr]
+    # A unit of the tables is never refused for that reason, and the next message parses afresh.
+    kept, _, _ = c.check([*readings[: n + 1], Reading("d", "temperature", T, 68.0, "F")])
+    assert [r.value for r in kept] == [20.0]
