@@ -10,9 +10,16 @@ Runs, on one broker and one database, with the same load generator:
    publish time; the commit time is PostgreSQL's own commit timestamp, track_commit_timestamp = on).
 3. baseline-drain: the same kind of backlog through bench/baseline.py, the straightforward approach
    (paho on_message -> one INSERT per reading, autocommit), for the ratio.
+4. ingest-alerts: the live load again (by default at ingest-live's rate), with the service holding 20
+   threshold rules on `temperature` (above 11, 12, ... 30 degC, each clearing 0.5 below) over a few
+   devices and one webhook: a receiver run here (http.server in a thread on 127.0.0.1) checks each
+   request's Standard Webhooks signature and records when it arrived. Publish-to-webhook latency is
+   that arrival minus the body's event_time (the reading's time, i.e. its publish time), beside the
+   publish-to-commit latency of the same run.
 
 After each, the stored set is checked against what the broker acknowledged: a missing or doubled
-message fails the run (exit 1). The figures are printed as a table and written as JSON.
+message fails the run (exit 1); after ingest-alerts, so is an event recorded (and notified) that the
+receiver did not get exactly once. The figures are printed as tables and written as JSON.
 
 By default private services are started on free ports (Mosquitto with deploy/mosquitto/mosquitto.conf,
 PostgreSQL + TimescaleDB with deploy/postgres/postgresql.conf, durable: fsync and synchronous_commit
@@ -22,6 +29,7 @@ on). --database-url and --mqtt-url use running ones instead (a database is creat
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -31,25 +39,34 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
+from pydantic import ValidationError
 
 from bench.loadgen import LoadResult, PublisherSpec, publish, readings_per_message
 from bench.procstat import Usage, Watch
+from ingest.alerts.body import StandardBody
+from ingest.alerts.sign import SignatureError
+from ingest.alerts.sign import verify as verify_signature
 from tests.services import REPO, Mosquitto, Postgres, free_port, wait_until
 
 RESULTS = REPO / "bench" / "results"
 PREFIX = "bench"
+# In this order by default (`make bench`): ingest-alerts last, so the others run as they did before it.
+SCENARIOS = ("ingest-drain", "ingest-live", "baseline-drain", "ingest-alerts")
 
 
 @dataclass(frozen=True)
@@ -61,12 +78,15 @@ class Plan:
     baseline_messages: int
     publishers: int
     payload_bytes: int
+    alerts_rate: float | None = None  # offered messages/s of ingest-alerts; None: live_rate (resolved in main)
+    alert_devices: int = 2  # devices per publisher process that the alert rules select (1 to 5)
 
 
 QUICK = Plan(drain_messages=100_000, live_rate=3_000, live_seconds=20, warmup_seconds=5,
              baseline_messages=10_000, publishers=2, payload_bytes=0)
 FULL = Plan(drain_messages=1_000_000, live_rate=5_000, live_seconds=60, warmup_seconds=10,
             baseline_messages=30_000, publishers=3, payload_bytes=0)
+DEVICES = 500  # per publisher process
 
 
 @dataclass
@@ -188,14 +208,16 @@ def versions(database_url: str) -> dict[str, str]:
 
 
 class Consumer:
-    """The ingest service (or the baseline) as a child process."""
+    """The ingest service (or the baseline) as a child process. Its environment is the bench's without
+    any SENSOR_INGEST_* variable (the config file is the whole config), plus ``env``."""
 
-    def __init__(self, argv: list[str], log: Path, ready: Any) -> None:
+    def __init__(self, argv: list[str], log: Path, ready: Any, env: dict[str, str] | None = None) -> None:
         self.argv, self.log, self._ready = argv, log, ready
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")} | self.env
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self.ready, 60, f"{self.argv[2]} to be ready (log: {self.log})", interval=0.05)
@@ -216,10 +238,11 @@ class Consumer:
 
 def ingest_consumer(
     work: Path, svc: Services, name: str, *, database_url: str | None = None, database_extra: str = "",
-    mqtt_extra: str = "", log_level: str = "warning",
+    mqtt_extra: str = "", log_level: str = "warning", extra: str = "", env: dict[str, str] | None = None,
 ) -> tuple[Consumer, str]:
     """The service on svc's broker and database (or ``database_url``, e.g. through a fault proxy);
-    ``database_extra`` and ``mqtt_extra`` are lines added inside [database] and [mqtt]."""
+    ``database_extra`` and ``mqtt_extra`` are lines added inside [database] and [mqtt], ``extra`` is
+    TOML appended to the file (e.g. [[webhooks]] and [[rules]]), ``env`` the service's environment."""
     http = f"127.0.0.1:{free_port()}"
     config = work / f"{name}.toml"
     config.write_text(f"""
@@ -238,7 +261,7 @@ level = "{log_level}"
 name = "bench"
 topic = "{PREFIX}/{{device}}/up"
 format = "native"
-""")
+{extra}""")
 
     def ready() -> bool:
         try:
@@ -247,7 +270,7 @@ format = "native"
             return False
 
     argv = [sys.executable, "-m", "ingest", "run", "--config", str(config)]
-    return Consumer(argv, work / f"{name}.log", ready), http
+    return Consumer(argv, work / f"{name}.log", ready, env), http
 
 
 def baseline_consumer(work: Path, svc: Services) -> Consumer:
@@ -310,7 +333,11 @@ def _span(rows: list[tuple[str, float, datetime, datetime]]) -> float:
 
 
 def _latency(rows: list[tuple[str, float, datetime, datetime]], after: datetime) -> dict[str, float]:
-    lat = sorted((c - t).total_seconds() * 1000 for _u, _v, c, t in rows if t >= after)
+    return _percentiles([(c - t).total_seconds() * 1000 for _u, _v, c, t in rows if t >= after])
+
+
+def _percentiles(values_ms: list[float]) -> dict[str, float]:
+    lat = sorted(values_ms)
     if not lat:
         return {}
 
@@ -360,7 +387,7 @@ def _watch(pid: int | None, tree: bool = False) -> Watch | None:
 
 def _spec(svc: Services, plan: Plan, run: str, messages: int, rate: float = 0, duration: float = 0) -> PublisherSpec:
     per_proc = -(-messages // plan.publishers) if messages else 0
-    return PublisherSpec(mqtt_url=svc.mqtt_url, prefix=PREFIX, run=run, devices=500, messages=per_proc,
+    return PublisherSpec(mqtt_url=svc.mqtt_url, prefix=PREFIX, run=run, devices=DEVICES, messages=per_proc,
                          rate=rate / plan.publishers, duration=duration, payload_bytes=plan.payload_bytes)
 
 
@@ -467,6 +494,253 @@ def live(svc: Services, plan: Plan, work: Path) -> Result:
                   {"offered_per_s": plan.live_rate, "warmup_s": plan.warmup_seconds})
 
 
+# --- ingest-alerts: the rules, the webhook receiver, and the check that each event arrived once -----------
+
+ALERT_SECRET_ENV = "SENSOR_INGEST_WEBHOOK_BENCH_SECRET"
+ALERT_THRESHOLDS = tuple(float(t) for t in range(11, 31))  # degC: 20 levels inside the loadgen's 10.0-32.2 degC
+ALERT_HYSTERESIS = 0.5  # degC: each rule's episode ends this far below its threshold
+
+_ALERT_EVENTS = """
+SELECT e.id, e.notified, o.id
+FROM alert_events e JOIN devices d ON d.id = e.device_id LEFT JOIN alert_outbox o ON o.event_id = e.id
+WHERE d.uid LIKE %s
+"""
+_OUTBOX_SETTLED = """
+SELECT count(*) FILTER (WHERE o.status <> 'pending'), count(*)
+FROM alert_outbox o JOIN alert_events e ON e.id = o.event_id JOIN devices d ON d.id = e.device_id
+WHERE d.uid LIKE %s
+"""
+
+
+def alert_devices(run: str, per_process: int) -> str:
+    """The glob of the devices the rules select: d0000, d0100, ... of each publisher process.
+
+    A device's temperature steps through 4 values 5.6 degC apart, one per message it gets (device d
+    gets seq d + 500 k, and seq % 400 sets the value, so it moves by 100 / 10 degF a message), and
+    wraps; devices 100 apart are one step apart, so their events do not all come at once."""
+    if not 1 <= per_process <= 5:
+        raise ValueError(f"alert devices per publisher process: 1 to 5, not {per_process}")
+    return f"{run}-p*-d0[0-{per_process - 1}]00"
+
+
+def alert_config(run: str, url: str, per_process: int) -> str:
+    """One [[webhooks]] entry (``url``, its secret from ALERT_SECRET_ENV) and a [[rules]] entry per
+    threshold T of ALERT_THRESHOLDS: `temperature` above T, clear T - ALERT_HYSTERESIS, on the
+    devices of alert_devices()."""
+    glob = alert_devices(run, per_process)
+    parts = [f"""
+[[webhooks]]
+name = "bench"
+url = "{url}"
+secret_env = "{ALERT_SECRET_ENV}"
+timeout = 5.0
+"""]
+    for t in ALERT_THRESHOLDS:
+        parts.append(f"""
+[[rules]]
+name = "temperature-above-{t:g}"
+metric = "temperature"
+devices = ["{glob}"]
+above = {t}
+clear = {t - ALERT_HYSTERESIS}
+webhooks = ["bench"]
+summary = "{{device}}: temperature {{value}} {{unit}} (threshold {{threshold}})"
+""")
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A request the receiver took: its signature verified, its body a StandardBody."""
+
+    webhook_id: str
+    event: str  # the body's id: evt_<alert_events.id>
+    status: str  # firing, resolved
+    event_time: datetime  # the reading's time, which the loadgen set to its publish time
+    arrived: datetime  # the receiver's clock once the whole body was read
+
+
+class Receiver:
+    """The webhook receiver: http.server on 127.0.0.1 in a thread of the bench process, HTTP/1.1 with
+    keep-alive as a real receiver would be. Each request is checked as a receiver must check it
+    (ingest.alerts.sign.verify on the raw bytes, then the body against StandardBody) and answered 200;
+    one that fails either is answered 400 and kept in ``refused``."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self._deliveries: list[Delivery] = []
+        self._refused: list[str] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    def take(self, headers: Any, body: bytes, arrived: datetime) -> bool:
+        try:
+            webhook_id = verify_signature(self.secret, headers, body)
+            event = StandardBody.model_validate_json(body)
+        except (SignatureError, ValidationError) as exc:
+            with self._lock:
+                self._refused.append(f"{headers.get('webhook-id')}: {type(exc).__name__}: {str(exc)[:200]}")
+            return False
+        with self._lock:
+            self._deliveries.append(Delivery(webhook_id, event.id, event.status, event.event_time, arrived))
+        return True
+
+    def taken(self) -> tuple[list[Delivery], list[str]]:
+        """(the deliveries, the refused requests), so far."""
+        with self._lock:
+            return list(self._deliveries), list(self._refused)
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                ok = receiver.take(self.headers, body, datetime.now(UTC))
+                self.send_response(200 if ok else 400)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="webhook-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join(5)
+            self._server = None
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def verify_alerts(events: list[tuple[int, bool, int | None]], deliveries: list[Delivery], refused: list[str],
+                  run: str) -> str:
+    """Every notified event's delivery arrived exactly once (by webhook-id, with that event's body),
+    nothing else arrived, and every request verified. Raises VerificationError, loudly, otherwise.
+
+    ``events``: (alert_events.id, notified, alert_outbox.id or None) of this run, a row per outbox row."""
+    expected: dict[str, str] = {}  # webhook-id -> the body's id
+    unsent: list[int] = []
+    quiet = 0
+    for event, notified, outbox in events:
+        if outbox is not None:
+            expected[f"msg_{outbox}"] = f"evt_{event}"
+        elif notified:
+            unsent.append(event)
+        else:
+            quiet += 1
+    got = Counter(d.webhook_id for d in deliveries)
+    missing = sorted(expected.keys() - got.keys())
+    doubled = sorted((k, n) for k, n in got.items() if n > 1)
+    unknown = sorted(got.keys() - expected.keys())
+    wrong = sorted({d.webhook_id for d in deliveries if d.webhook_id in expected and d.event != expected[d.webhook_id]})
+    problems = []
+    if not expected and not unsent:
+        problems.append("no alert event was notified, so nothing was measured")
+    if unsent:
+        problems.append(f"{len(unsent)} notified events have no outbox row (e.g. {sorted(unsent)[:5]})")
+    if missing:
+        problems.append(f"{len(missing)} of {len(expected)} deliveries never arrived (e.g. {missing[:5]})")
+    if doubled:
+        problems.append(f"{len(doubled)} arrived more than once (e.g. {doubled[:5]})")
+    if unknown:
+        problems.append(f"{len(unknown)} arrived that no outbox row of this run sent (e.g. {unknown[:5]})")
+    if wrong:
+        problems.append(f"{len(wrong)} arrived with another event's body (e.g. {wrong[:5]})")
+    if refused:
+        problems.append(f"{len(refused)} requests were refused by the receiver (e.g. {refused[:3]})")
+    if problems:
+        raise VerificationError(f"{run} alerts: " + "; ".join(problems))
+    return (f"ok: {len(expected)} events notified, {len(expected)} delivered once each (by webhook-id, "
+            f"signature verified), {quiet} recorded not notified")
+
+
+def _webhook_latency(deliveries: list[Delivery], after: datetime) -> dict[str, float]:
+    return _percentiles([(d.arrived - d.event_time).total_seconds() * 1000 for d in deliveries
+                         if d.event_time >= after])
+
+
+def _outbox_settled(url: str, run: str) -> tuple[int, int]:
+    """(this run's outbox rows delivered or failed, all of them)."""
+    with psycopg.connect(url) as c:
+        row = c.execute(_OUTBOX_SETTLED, (run + "-%",)).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def alerts(svc: Services, plan: Plan, work: Path) -> Result:
+    name, run = "ingest-alerts", "al" + uuid.uuid4().hex[:6]
+    rate = plan.alerts_rate or plan.live_rate
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    with Receiver(secret) as receiver:
+        consumer, http = ingest_consumer(work, svc, name, extra=alert_config(run, receiver.url, plan.alert_devices),
+                                         env={ALERT_SECRET_ENV: secret})
+        pid = consumer.start()
+        try:
+            before = acked_by_ingest(http)
+            me, brk, db = Watch(pid), _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
+            started = datetime.now(UTC)
+            t0 = time.monotonic()
+            load = publish(_spec(svc, plan, run, 0, rate, plan.warmup_seconds + plan.live_seconds), plan.publishers)
+            _wait_stored(lambda: acked_by_ingest(http) - before, load.total_acked, name)
+            wall = time.monotonic() - t0
+            # The events were committed with their readings: the outbox is complete once all is stored.
+            outbox = _outbox_settled(svc.database_url, run)[1]
+            _wait_stored(lambda: _outbox_settled(svc.database_url, run)[0], outbox, f"{name} deliveries")
+            delivered_wall = time.monotonic() - t0
+            usage = _usage(consumer=me, broker=brk, database=db)
+        finally:
+            consumer.stop()
+        deliveries, refused = receiver.taken()
+    rows = _rows(svc.database_url, False, run)
+    verified = verify(rows, load, run)
+    with psycopg.connect(svc.database_url) as c:
+        events = c.execute(_ALERT_EVENTS, (run + "-%",)).fetchall()
+    alerts_verified = verify_alerts(events, deliveries, refused, run)
+    after = datetime.fromtimestamp(started.timestamp() + plan.warmup_seconds, UTC)
+    lat = _latency(rows, after)
+    hook = _webhook_latency(deliveries, after)
+    span = _span(rows)
+    per_msg = readings_per_message(plan.payload_bytes)
+    n = load.total_acked
+    status = Counter(d.status for d in deliveries)
+    # The warm-up is counted from before the publisher processes start, as in ingest-live; the rate of
+    # events is over what was published after it.
+    first, last = min(t for *_, t in rows), max(t for *_, t in rows)
+    window = (last - after).total_seconds()
+    return Result(name, n, n * per_msg, round(span, 2), round(wall, 2), round(n / span, 1),
+                  round(n * per_msg / span, 1), lat, usage, verified, {
+                      "offered_per_s": rate, "warmup_s": plan.warmup_seconds, "measured_s": plan.live_seconds,
+                      "rules": len(ALERT_THRESHOLDS),
+                      "thresholds_degc": [ALERT_THRESHOLDS[0], ALERT_THRESHOLDS[-1]], "clear_below": ALERT_HYSTERESIS,
+                      "alert_devices": plan.alert_devices * plan.publishers,
+                      "devices_glob": alert_devices(run, plan.alert_devices), "webhooks": 1,
+                      "events_delivered": len(deliveries), "firing": status["firing"], "resolved": status["resolved"],
+                      "events_per_s": round(hook.get("n", 0) / window, 1) if window > 0 else 0.0,
+                      "warmup_after_first_publish_s": round((after - first).total_seconds(), 2),
+                      "webhook_latency_ms": hook, "alerts_verified": alerts_verified,
+                      "delivered_wall_s": round(delivered_wall, 2)})
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -496,6 +770,31 @@ def table(results: list[Result], ratio: float | None) -> None:
     if ratio is not None:
         console.print(f"ingest-drain / baseline-drain: [bold]{ratio:.1f} x[/bold] the straightforward approach "
                       "(messages/s, same broker, database and backlog shape)")
+    for r in results:
+        if "webhook_latency_ms" in r.extra:
+            console.print(*alerts_table(r), sep="\n")
+
+
+def alerts_table(r: Result) -> list[Any]:
+    """What ingest-alerts states: its load, its rules and webhook, its events, then the two latencies."""
+    from rich.table import Table
+
+    x = r.extra
+    t = Table()
+    for col in ("latency ms", "n", "p50", "p95", "p99", "max"):
+        t.add_column(col, justify="left" if col == "latency ms" else "right")
+    for label, lat in (("publish-to-commit", r.latency_ms or {}), ("publish-to-webhook", x["webhook_latency_ms"])):
+        t.add_row(label, f"{lat.get('n', 0):,.0f}",
+                  *(f"{lat[p]:,.1f}" if p in lat else "—" for p in ("p50", "p95", "p99", "max")))
+    return [
+        f"[bold]{r.name}[/bold]: {x['offered_per_s']:,.0f} msg/s offered for {x['warmup_s']:g} s of warm-up and "
+        f"{x['measured_s']:g} s measured",
+        f"{x['rules']} threshold rules (temperature above {x['thresholds_degc'][0]:g} to {x['thresholds_degc'][1]:g} "
+        f"degC, clear {x['clear_below']:g} below) on {x['alert_devices']} devices, {x['webhooks']} webhook",
+        f"{x['events_delivered']:,} events delivered ({x['firing']:,} firing, {x['resolved']:,} resolved), each "
+        f"exactly once; {x['events_per_s']:,.1f} events/s after the warm-up",
+        t,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,12 +804,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain-messages", type=int, help="backlog size of ingest-drain")
     ap.add_argument("--baseline-messages", type=int, help="backlog size of baseline-drain")
     ap.add_argument("--live-rate", type=float, help="offered messages/s in ingest-live (all publishers)")
-    ap.add_argument("--live-seconds", type=float, help="measured seconds of ingest-live, after the warm-up")
-    ap.add_argument("--warmup-seconds", type=float, help="seconds of ingest-live left out of the latency figures")
+    ap.add_argument("--live-seconds", type=float,
+                    help="measured seconds of ingest-live and ingest-alerts, after the warm-up")
+    ap.add_argument("--warmup-seconds", type=float,
+                    help="seconds of ingest-live and ingest-alerts left out of the latency figures")
     ap.add_argument("--publishers", type=int, help="publisher processes")
     ap.add_argument("--payload-bytes", type=int, help="pad each message with more readings to about this size")
-    ap.add_argument("--only", choices=["ingest-drain", "ingest-live", "baseline-drain"], action="append",
-                    help="run only these scenarios (repeatable)")
+    ap.add_argument("--alerts-rate", type=float,
+                    help="offered messages/s in ingest-alerts (all publishers; default: the --live-rate)")
+    ap.add_argument("--alert-devices", type=int, choices=range(1, 6), metavar="1-5",
+                    help="devices per publisher process that ingest-alerts' 20 rules select (default 2)")
+    ap.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--database-url", help="use this running PostgreSQL (a bench_* database is created)")
     ap.add_argument("--mqtt-url", help="use this running broker")
     ap.add_argument("--profile", nargs="?", const="py-spy", metavar="PY_SPY",
@@ -522,13 +826,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--database-url and --mqtt-url go together (or neither: private services are started)")
     plan = FULL if args.full else QUICK
     names = ("drain_messages", "baseline_messages", "live_rate", "live_seconds", "warmup_seconds", "publishers",
-             "payload_bytes")
+             "payload_bytes", "alerts_rate", "alert_devices")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     plan = Plan(**{**asdict(plan), **overrides})
+    if plan.alerts_rate is None:
+        plan = replace(plan, alerts_rate=plan.live_rate)
     py_spy = shutil.which(args.profile) if args.profile else None
     if args.profile and not py_spy:
         ap.error(f"--profile: {args.profile} not found (pip install py-spy)")
-    scenarios = args.only or ["ingest-drain", "ingest-live", "baseline-drain"]
+    scenarios = args.only or list(SCENARIOS)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS))
@@ -547,9 +853,13 @@ def main(argv: list[str] | None = None) -> int:
                 _say(f"--- {s}")
                 if s == "ingest-live":
                     r = live(svc, plan, work)
+                elif s == "ingest-alerts":
+                    r = alerts(svc, plan, work)
                 else:
                     r = drain(svc, plan, work, s == "baseline-drain", None if s == "baseline-drain" else py_spy)
                 _say(f"{s}: {r.verified}")
+                if "alerts_verified" in r.extra:
+                    _say(f"{s}: alerts {r.extra['alerts_verified']}")
                 results.append(r)
         except VerificationError as exc:
             _say(f"FAILED: {exc}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest import __version__
+from ingest.alerts.cli import add_alerts_parsers, cmd_alerts, cmd_rules
 from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import is_secret_name, mask_secrets, setup_logging
 from ingest.model import RawMessage
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     add_simulate_parser(sub)
+    add_alerts_parsers(sub)
     return parser
 
 
@@ -186,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     setup_logging(settings.log.level, settings.log.format)
-    return asyncio.run(run_service(settings))
+    return asyncio.run(run_service(settings, args.config))
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -321,6 +323,8 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "presets": cmd_presets,
     "catalog": cmd_catalog,
+    "rules": cmd_rules,
+    "alerts": cmd_alerts,
 }
 
 

@@ -45,6 +45,8 @@ class Metrics:
         self.conflict_batches = Counter(p + "conflict_batches",
                                         "batches written through INSERT ON CONFLICT (duplicates/redelivery)",
                                         registry=r)
+        self.alert_events = Counter(p + "alert_events", "alert events recorded (firing, resolved), notified or not",
+                                    ["rule", "status"], registry=r)
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
         self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)
         self.backpressure = Counter(p + "backpressure_seconds",
@@ -60,6 +62,15 @@ class Metrics:
         self.stale_dropped = Counter(p + "stale_messages_released",
                                      "unwritten messages of a lost connection left to the broker's redelivery",
                                      registry=r)
+        self.webhook_deliveries = Counter(p + "webhook_deliveries",
+                                          "webhook delivery attempts by outcome: delivered (2xx), retry (408, 429, "
+                                          "5xx, network, timeout), failed (other 4xx, 3xx, max_age), gone (410: the "
+                                          "webhook is disabled until a reload)", ["webhook", "outcome"], registry=r)
+        self.webhook_delivery_seconds = Histogram(p + "webhook_delivery_seconds",
+                                                  "from an alert event's outbox row to its delivery (retries "
+                                                  "included)",
+                                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                                           300, 900, 3600, 21600, 86400), registry=r)
 
 
 class HoldTimer:

@@ -286,6 +286,9 @@ class Pipeline:
             m.readings_written.inc(result.readings + result.states)
             if result.duplicates:
                 m.duplicates.inc(result.duplicates)
+            if result.alerts is not None:
+                for (rule, status), n in result.alerts.events.items():
+                    m.alert_events.labels(rule, status).inc(n)
             unbound = sum(o.unbound for o in outcomes)
             if unbound:
                 m.unbound_readings.inc(unbound)

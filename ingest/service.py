@@ -8,10 +8,14 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import uvicorn
 
+from ingest.alerts.dispatch import Dispatcher
+from ingest.alerts.runtime import AlertRuntime, RuleSet
+from ingest.alerts.stage import AlertStage
 from ingest.http import create_app
 from ingest.metrics import Metrics
 from ingest.mqtt import MqttBridge
@@ -127,11 +131,14 @@ async def _check_schema(pool: asyncpg.Pool) -> str | None:
     return None
 
 
-async def run_service(settings: Settings) -> int:
+async def run_service(settings: Settings, config: Path | None = None) -> int:
+    """``config``: the file the settings came from, read again by a reload of the alert rules."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until the rules are loaded a SIGHUP has nothing to reload, but must not end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP before start-up finished: nothing to reload"))
 
     metrics = Metrics()
     processor = Processor.from_settings(settings)
@@ -165,12 +172,34 @@ async def run_service(settings: Settings) -> int:
     if processor.catalog is not None:
         processor.catalog.warm()  # pint's registry (about 0.2 s) now, not on the first reading
 
+    rules, hooks = settings.compiled_alerts()
+    runtime = AlertRuntime(RuleSet(rules, hooks, settings.alerts.max_notify_age, settings.alerts.retry_max), config)
+    stage = AlertStage(runtime)
+    dispatcher: Dispatcher | None = None
+    dispatch_pool: asyncpg.Pool | None = None
+    if settings.alerts.dispatcher:
+        try:
+            dispatch_pool = await create_pool(settings.database.model_copy(update={"pool_size": 2}),
+                                              "sensor-ingest-dispatch")
+        except Exception as failure:
+            log.error("alerts: the dispatcher's connections could not be made (%s); not starting", failure)
+            await pool.close()
+            return 1
+        dispatcher = Dispatcher(dispatch_pool, hooks, metrics, retry_max=settings.alerts.retry_max)
+        runtime.on_change(lambda active: dispatcher.set_webhooks(active.webhooks, retry_max=active.retry_max)
+                          if dispatcher else None)
+    loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    if rules:
+        log.info("alerts: %d rule(s), %d webhook(s)%s", len(rules), len(hooks),
+                 "" if dispatcher else "; this process does not deliver (alerts.dispatcher = false)")
+
     writer = Writer(pool, timeout=settings.database.command_timeout,
                     renew_pool=lambda: create_pool(settings.database),
                     new_devices_per_minute=settings.ingest.max_new_devices_per_minute,
                     new_metrics_per_minute=settings.ingest.max_new_metrics_per_minute,
                     catalog=processor.catalog,
-                    known_only=[s.name for s in settings.all_sources() if s.device_policy == "known"])
+                    known_only=[s.name for s in settings.all_sources() if s.device_policy == "known"],
+                    alerts=stage)
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch),
@@ -211,7 +240,7 @@ async def run_service(settings: Settings) -> int:
             await asyncio.sleep(0.25)
 
     server = _HttpServer(uvicorn.Config(
-        create_app(metrics, readiness), host=settings.http.host, port=settings.http.port,
+        create_app(metrics, readiness, alerts=runtime), host=settings.http.host, port=settings.http.port,
         log_level="warning", access_log=False, lifespan="off", log_config=None,
     ))
 
@@ -233,6 +262,9 @@ async def run_service(settings: Settings) -> int:
         "guard": asyncio.create_task(guard(), name="guard"),
         "probe": asyncio.create_task(probe.run(), name="probe"),
     }
+    dispatch_stop = asyncio.Event()
+    if dispatcher is not None:
+        tasks["dispatch"] = asyncio.create_task(dispatcher.run(dispatch_stop), name="dispatch")
     log.info("sensor-ingest running: %d source(s), database %s, broker %s, http %s",
              len(processor.sources), mask_url(settings.database.url), mask_url(settings.mqtt.url), settings.http.addr)
     stopper = asyncio.create_task(stop.wait())
@@ -260,6 +292,7 @@ async def run_service(settings: Settings) -> int:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(tasks["consume"], tasks["write"]), 2.0)
     await bridge.stop()
+    dispatch_stop.set()  # committed events stay in the outbox: the next start delivers them
     server.should_exit = True
     for name in ("mqtt", "gauges", "guard", "probe"):
         tasks[name].cancel()
@@ -269,5 +302,17 @@ async def run_service(settings: Settings) -> int:
         writer.pool.terminate()  # a graceful close would wait on connections stuck in a dead network
     else:
         await writer.pool.close()
+    if dispatcher is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(dispatcher.aclose(), 5.0)
+    if dispatch_pool is not None:
+        # Its connections may have lived through an outage (a blackhole): never wait on them for long.
+        # Nothing is lost: a delivery in flight is retried after its lease.
+        try:
+            if aborted:
+                raise TimeoutError
+            await asyncio.wait_for(dispatch_pool.close(), 2.0)
+        except TimeoutError:
+            dispatch_pool.terminate()
     log.info("stopped: %d message(s) committed and acknowledged", pipeline.committed_messages)
     return 1 if crashed else 0

@@ -44,10 +44,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from ingest.alerts.settings import AlertSettings, RuleSettings, WebhookSettings, compile_alerts
 from ingest.errors import ConfigError, ConfigProblem
 from ingest.logs import is_secret_name, mask_secrets
 
 if TYPE_CHECKING:
+    from ingest.alerts.model import Rule, Webhook
     from ingest.catalog import Catalog, Quantity
     from ingest.decoders.mapping import SourceMapping
 
@@ -706,8 +708,25 @@ class Settings(BaseSettings):
     sources: list[Annotated[SourceSettings, AfterValidator(_device_ids_bounded)]] = Field(default_factory=list)
     presets: PresetSettings = PresetSettings()
     catalog: CatalogSettings = CatalogSettings()
+    webhooks: list[WebhookSettings] = Field(default_factory=list, description="[[webhooks]]: where alerts go")
+    rules: list[RuleSettings] = Field(default_factory=list, description="[[rules]]: threshold alert rules")
+    alerts: AlertSettings = AlertSettings()
     metrics: list[QuantitySettings] = Field(default_factory=list, description="[[metrics]]: catalog quantities "
                                             "to override or add")
+
+    def compiled_alerts(self) -> tuple[tuple[Rule, ...], dict[str, Webhook]]:
+        """The rules and webhooks, compiled (secrets read from the environment)."""
+        rules, hooks, problems = compile_alerts(self.rules, self.webhooks)
+        assert not problems, problems  # _alerts_fit refused them at load
+        return rules, hooks
+
+    @model_validator(mode="after")
+    def _alerts_fit(self) -> Settings:
+        _, _, problems = compile_alerts(self.rules, self.webhooks)
+        if problems:
+            raise _fix_error("; ".join(p.split(" (fix: ")[0] for p in problems),
+                             "; ".join(p.split(" (fix: ", 1)[1].rstrip(")") for p in problems if " (fix: " in p))
+        return self
 
     def build_catalog(self) -> Catalog | None:
         """The metric catalog these settings describe (None when [catalog] enabled = false)."""

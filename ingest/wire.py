@@ -281,8 +281,11 @@ class _OptionalMeansAbsent(GenerateJsonSchema):
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """File name -> JSON Schema of each wire format defined here."""
+    """File name -> JSON Schema of each wire format: the payloads defined here, the webhook body."""
+    from ingest.alerts.body import StandardBody  # the body is ingest.alerts'; only its file is written here
     native = TypeAdapter(NativePayload).json_schema(mode="validation", schema_generator=_OptionalMeansAbsent)
+    # What the dispatcher sends (serialization): an optional key may come as null.
+    webhook = StandardBody.model_json_schema(mode="serialization")
     return {
         "native.schema.json": {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -290,7 +293,16 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             "description": "One message, or a non-empty array of messages (a gateway's batch), "
             "published by a sensor or gateway in sensor-ingest's own JSON format.",
             **native,
-        }
+        },
+        "webhook.schema.json": {
+            **webhook,
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "sensor-ingest webhook body (body = \"standard\")",
+            "description": "One alert event, POSTed as the JSON body of a webhook delivery with the Standard "
+            "Webhooks headers webhook-id (\"msg_<delivery id>\", the same in every retry: an idempotency key), "
+            "webhook-timestamp and webhook-signature (v1, HMAC-SHA256 over id.timestamp.body). Verify the "
+            "signature over the raw bytes before parsing them.",
+        },
     }
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from ingest.alerts.stage import AlertStage, NewReading, StageResult
 from ingest.budget import NewKeyBudget
 from ingest.catalog import Catalog, MetricRow
 from ingest.model import Reading, Rejection
@@ -102,12 +103,13 @@ def _rejection_row(o: Outcome) -> tuple[object, ...]:
 
 
 class WriteResult:
-    __slots__ = ("conflict_path", "duplicates", "readings", "reasons", "rejections", "states")
+    __slots__ = ("alerts", "conflict_path", "duplicates", "readings", "reasons", "rejections", "states")
 
     def __init__(self) -> None:
         self.readings = 0  # new rows of readings (a duplicate is not new)
         self.states = 0
         self.duplicates = 0  # readings and states identical to a stored one (redelivery, a repeat)
+        self.alerts: StageResult | None = None  # what the alert stage recorded in this transaction
         self.rejections = 0
         self.reasons: Counter[str] = Counter()  # rejection rows written, by reason
         self.conflict_path = False
@@ -126,6 +128,7 @@ class Writer:
         clock: Callable[[], float] = time.monotonic,
         catalog: Catalog | None = None,
         known_only: Iterable[str] = (),
+        alerts: AlertStage | None = None,
     ) -> None:
         """``timeout``: the statement timeout; it bounds acquiring a connection, and four times it
         bounds a whole write attempt, whatever the driver waits on.
@@ -152,6 +155,7 @@ class Writer:
         self._clock = clock
         self._catalog = catalog
         self._known_only = frozenset(known_only)
+        self._alerts = alerts
         self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
         self._attributes: dict[int, dict[str, str]] = {}  # committed attributes from topic captures
 
@@ -233,10 +237,20 @@ class Writer:
             clashes: dict[int, list[tuple[Reading, Rejection]]] = {}
             new_rows = new_texts = 0
             if rows:
-                result.conflict_path, new_rows = await self._store(
+                result.conflict_path, fresh = await self._store(
                     conn, "readings", rows, row_of, redelivered, result, clashes)
+                new_rows = len(rows) if fresh is None else len(fresh)
+                if self._alerts is not None:
+                    # Only readings new in this transaction are evaluated: a redelivered duplicate
+                    # must not fire again.
+                    wanted = [NewReading(row_of[n][1], rows[n][1], rows[n][2])
+                              for n in (range(len(rows)) if fresh is None else fresh)
+                              if self._alerts.wants(row_of[n][1].metric)]
+                    if wanted:
+                        result.alerts = await self._alerts.run(conn, wanted)
             if texts:
-                _, new_texts = await self._store(conn, "states", texts, text_of, True, result, clashes)
+                _, fresh = await self._store(conn, "states", texts, text_of, True, result, clashes)
+                new_texts = len(texts) if fresh is None else len(fresh)
             if clashes:
                 outcomes = [o if i not in clashes else _with_conflicts(o, clashes[i]) for i, o in enumerate(outcomes)]
             rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
@@ -256,27 +270,30 @@ class Writer:
 
     async def _store(self, conn: PoolConnectionProxy[asyncpg.Record], table: str, rows: list[tuple[Any, ...]],
                      owners: list[tuple[int, Reading]], conflict_path: bool, result: WriteResult,
-                     clashes: dict[int, list[tuple[Reading, Rejection]]]) -> tuple[bool, int]:
-        """Insert ``rows``; returns (whether the conflict path ran, how many rows were new). A row whose
+                     clashes: dict[int, list[tuple[Reading, Rejection]]]) -> tuple[bool, list[int] | None]:
+        """Insert ``rows``; returns (whether the conflict path ran, the indexes of the rows that were new,
+        None when all were). A row whose
         key is stored already (or earlier in the batch) with the same value is a duplicate, counted;
         with another value, a conflict: a problem of its message (the stored value is kept)."""
         if not conflict_path:
             try:
                 async with conn.transaction():  # a SAVEPOINT inside the batch transaction
                     await conn.copy_records_to_table(table, records=rows, columns=_READING_COLUMNS)
-                return False, len(rows)
+                return False, None
             except asyncpg.UniqueViolationError:
                 pass
         sql = _INSERT_READINGS if table == "readings" else _INSERT_STATES
         inserted = {(d, m, t) for d, m, t in await conn.fetch(sql, *map(list, zip(*rows, strict=True)))}
         if len(inserted) == len(rows):
-            return True, len(rows)
+            return True, None
         taken: set[tuple[int, int, datetime]] = set()
         again: list[int] = []
+        fresh: list[int] = []
         for n, (t, d, m, _, _) in enumerate(rows):
             key = (d, m, t)
             if key in inserted and key not in taken:
                 taken.add(key)
+                fresh.append(n)
             else:
                 again.append(n)
         keys = sorted({(rows[n][1], rows[n][2], rows[n][0]) for n in again})
@@ -287,7 +304,6 @@ class Writer:
             # Stored a moment ago, gone now (a retention job dropped its chunk): not a conflict. Raised
             # as a failure of the batch, which the pipeline narrows and stores, never drops.
             raise RuntimeError(f"{len(gone)} {table} row(s) conflicted on insert but are no longer stored")
-        new = len(inserted)
         for n in again:
             t, d, m, v, _ = rows[n]
             old = stored[(d, m, t)]
@@ -298,7 +314,7 @@ class Writer:
             clashes.setdefault(i, []).append((r, Rejection(
                 "conflict", f"{r.metric} at {r.time.isoformat()}: the value {_shown(r.value)} differs from the "
                 f"stored {_shown(old)}; the stored (first) value is kept", r.device)))
-        return True, new
+        return True, fresh
 
     def _changed_attributes(self, outcomes: Sequence[Outcome]) -> dict[int, dict[str, str]]:
         """Topic-capture attributes that differ from what this writer last committed, per device id

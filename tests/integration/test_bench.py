@@ -1,8 +1,9 @@
-"""`make bench` end to end, at a tiny size: the three scenarios run, verify and report.
+"""`make bench` end to end, at a tiny size: the four scenarios run, verify and report.
 
 The figures themselves belong in BENCHMARKS.md, not here: this only proves the harness works on a
-clean machine, that each scenario's stored set was checked against the acknowledged one, and that
-the ratio to the baseline is computed from the same run.
+clean machine, that each scenario's stored set was checked against the acknowledged one, that every
+alert event of ingest-alerts reached the bench's webhook receiver once, signed, and that the ratio
+to the baseline is computed from the same run.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from tests.services import REPO
 
 def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    # ingest-alerts at 1,500 msg/s for 3 s: each of its 4 devices gets 4 or 5 messages, a whole cycle of
+    # its temperature (tests/unit/test_bench.py), so rules fire and resolve after the warm-up.
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--drain-messages", "3000", "--baseline-messages", "300",
-         "--live-rate", "300", "--live-seconds", "2", "--warmup-seconds", "1", "--json", str(out)],
+         "--live-rate", "300", "--live-seconds", "2", "--warmup-seconds", "1", "--alerts-rate", "1500",
+         "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = {r["name"]: r for r in report["results"]}
-    assert set(results) == {"ingest-drain", "ingest-live", "baseline-drain"}
+    assert set(results) == {"ingest-drain", "ingest-live", "baseline-drain", "ingest-alerts"}
     assert results["ingest-drain"]["messages"] == 3000
     assert results["baseline-drain"]["messages"] == 300
     assert results["ingest-live"]["messages"] > 0
@@ -39,6 +43,19 @@ def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(t
         "messages_per_s"]
     assert {"postgresql", "timescaledb", "mosquitto", "cpu", "memory"} <= set(report["machine"])
     assert "the straightforward approach" in proc.stdout
+
+    alerts = results["ingest-alerts"]
+    x = alerts["extra"]
+    assert (report["plan"]["alerts_rate"], x["offered_per_s"], x["rules"], x["alert_devices"]) == (1500, 1500, 20, 4)
+    assert x["firing"] > 0
+    assert x["resolved"] > 0
+    assert x["events_delivered"] == x["firing"] + x["resolved"]
+    assert x["alerts_verified"] == (f"ok: {x['events_delivered']} events notified, {x['events_delivered']} delivered "
+                                    "once each (by webhook-id, signature verified), 0 recorded not notified")
+    for lat in (alerts["latency_ms"], x["webhook_latency_ms"]):
+        assert lat["n"] > 0
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert "publish-to-webhook" in proc.stdout
 
 
 def test_bench_fault_run_blackholes_the_database_under_a_backlog_and_verifies(tmp_path: Path) -> None:

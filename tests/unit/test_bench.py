@@ -1,14 +1,41 @@
-"""The benchmark's own checks: a missing or doubled message must fail the run, loudly."""
+"""The benchmark's own checks: a missing or doubled message, or an alert event not delivered exactly
+once, must fail the run, loudly."""
 
 from __future__ import annotations
 
+import base64
+import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench.loadgen import LoadResult, _payload, device_uid, readings_per_message
-from bench.run import VerificationError, _latency, profile_summary, verify
+from bench.run import (
+    ALERT_SECRET_ENV,
+    Delivery,
+    Receiver,
+    Services,
+    VerificationError,
+    _latency,
+    _webhook_latency,
+    alert_config,
+    alert_devices,
+    ingest_consumer,
+    profile_summary,
+    verify,
+    verify_alerts,
+)
+from ingest.alerts.body import Annotations, StandardBody
+from ingest.alerts.evaluate import State, evaluate
+from ingest.alerts.model import decode_secret
+from ingest.alerts.sign import headers as sign_headers
+from ingest.model import RawMessage
+from ingest.process import Processor
+from ingest.settings import Settings, load_settings
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 RUN = "dr1234"
@@ -114,3 +141,137 @@ def test_the_worst_case_payloads_fit_the_limit_and_meet_the_outcome_they_are_bui
     assert outcomes["senml pack, a different unknown unit per record (rejected, bad_unit)"] == ("bad_unit", 0)
     assert outcomes["json, nested, max leaves, time_field"] == ("stored", 1990)
     assert outcomes["lorawan, decoded payload of max leaves"] == ("stored", 2000)
+
+
+# --- ingest-alerts ------------------------------------------------------------------------------------
+
+SECRET = "whsec_" + base64.b64encode(b"bench-unit-test-key-32-bytes-long").decode()
+
+
+def _services() -> Services:
+    return Services("postgresql://bench@127.0.0.1:9/bench", "mqtt://127.0.0.1:9", None, None, {})
+
+
+def _alert_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_process: int = 2) -> Settings:
+    """The config ingest-alerts starts the service with, read as the service reads it."""
+    monkeypatch.setenv(ALERT_SECRET_ENV, SECRET)
+    ingest_consumer(tmp_path, _services(), "ingest-alerts",
+                    extra=alert_config(RUN, "http://127.0.0.1:9/hook", per_process), env={ALERT_SECRET_ENV: SECRET})
+    return load_settings(tmp_path / "ingest-alerts.toml")
+
+
+def test_the_alert_config_holds_one_webhook_and_20_threshold_rules_inside_the_loadgens_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules, hooks = _alert_settings(tmp_path, monkeypatch).compiled_alerts()
+    assert list(hooks) == ["bench"]
+    assert hooks["bench"].url == "http://127.0.0.1:9/hook"
+    assert len(rules) == 20
+    assert [r.threshold for r in rules] == [float(t) for t in range(11, 31)]
+    low, high = 10.0, (50 + 399 / 10 - 32) * 5 / 9  # the loadgen's temperature, in degC
+    for r in rules:
+        assert (r.metric, r.kind, r.webhooks) == ("temperature", "above", ("bench",))
+        assert r.clear == r.threshold - 0.5
+        assert low < r.clear < r.threshold < high
+
+
+def test_the_rules_select_devices_a_step_apart_of_every_publisher_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules, _ = _alert_settings(tmp_path, monkeypatch, per_process=2).compiled_alerts()
+    uids = [device_uid(RUN, p, d) for p in range(3) for d in range(500)]
+    chosen = {uid for uid in uids if rules[0].selects(uid, {})}
+    assert chosen == {device_uid(RUN, p, d) for p in range(3) for d in (0, 100)}
+    assert all(r.devices == rules[0].devices for r in rules)
+    five = alert_devices(RUN, 5)
+    assert sorted(d for d in range(500) if fnmatchcase(device_uid(RUN, 0, d), five)) == [0, 100, 200, 300, 400]
+    assert not fnmatchcase(device_uid("other", 0, 0), five)
+    for wrong in (0, 6):
+        with pytest.raises(ValueError, match="1 to 5"):
+            alert_devices(RUN, wrong)
+
+
+def test_each_selected_device_fires_and_resolves_16_rules_per_cycle_of_4_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event rate the scenario states: device d gets seq d + 500 k, so its temperature (through the
+    real catalog: degF to degC) steps 10.0 -> 15.6 -> 21.1 -> 26.7 -> 10.0 ...: on the way up it fires
+    the rules it passes, then one reading resolves them all (11 to 26 degC: 16 rules)."""
+    settings = _alert_settings(tmp_path, monkeypatch)
+    rules, _ = settings.compiled_alerts()
+    processor = Processor.from_settings(settings)
+    uid = device_uid(RUN, 0, 0)
+    points = []
+    for k in range(9):
+        seq = 500 * k
+        out = processor.process(RawMessage(f"bench/{uid}/up", _payload(uid, T0 + timedelta(seconds=k), seq, 0), T0))
+        (temperature,) = [r for r in out.readings if r.metric == "temperature"]
+        assert temperature.unit == "degC"
+        points.append((temperature.time, float(temperature.value)))
+    assert [round(v, 1) for _, v in points[:5]] == [10.0, 15.6, 21.1, 26.7, 10.0]
+    events = [e for r in rules for e in evaluate(r, State(), points)[1]]
+    # Two whole cycles (readings 1 to 8), each 16 firing and 16 resolved.
+    assert Counter(e.status for e in events) == {"firing": 32, "resolved": 32}
+    fired = {r.name for r in rules if evaluate(r, State(), points)[1]}
+    assert fired == {f"temperature-above-{t}" for t in range(11, 27)}
+
+
+def _delivery(msg: int, event: int, *, after_ms: float = 100.0, at: datetime = T0) -> Delivery:
+    return Delivery(f"msg_{msg}", f"evt_{event}", "firing", at, at + timedelta(milliseconds=after_ms))
+
+
+def test_verify_alerts_accepts_every_notified_event_delivered_once() -> None:
+    events = [(1, True, 11), (2, True, 12), (3, False, None)]
+    out = verify_alerts(events, [_delivery(12, 2), _delivery(11, 1)], [], RUN)
+    assert out == "ok: 2 events notified, 2 delivered once each (by webhook-id, signature verified), 1 recorded not " \
+        "notified"
+
+
+@pytest.mark.parametrize(("events", "deliveries", "refused", "message"), [
+    ([(1, True, 11), (2, True, 12)], [_delivery(11, 1)], [], r"1 of 2 deliveries never arrived \(e.g. \['msg_12'\]\)"),
+    ([(1, True, 11)], [_delivery(11, 1), _delivery(11, 1)], [], r"1 arrived more than once \(e.g. \[\('msg_11', 2\)\]"),
+    ([(1, True, 11)], [_delivery(11, 1), _delivery(99, 9)], [], r"1 arrived that no outbox row of this run sent"),
+    ([(1, True, 11), (2, True, 12)], [_delivery(11, 2), _delivery(12, 1)], [], r"2 arrived with another event's body"),
+    ([(1, True, 11)], [_delivery(11, 1)], ["msg_11: SignatureError: no_match"], r"1 requests were refused"),
+    ([(1, True, None)], [], [], r"1 notified events have no outbox row \(e.g. \[1\]\)"),
+    ([(1, False, None)], [], [], r"no alert event was notified, so nothing was measured"),
+    ([], [], [], r"no alert event was notified"),
+])
+def test_verify_alerts_fails_loudly(events: list[tuple[int, bool, int | None]], deliveries: list[Delivery],
+                                    refused: list[str], message: str) -> None:
+    with pytest.raises(VerificationError, match=f"^{RUN} alerts: .*{message}"):
+        verify_alerts(events, deliveries, refused, RUN)
+
+
+def test_webhook_latency_runs_from_the_event_time_to_the_arrival_and_leaves_out_the_warm_up() -> None:
+    deliveries = [_delivery(s, s, after_ms=5000.0 if s < 10 else float(s), at=T0 + timedelta(milliseconds=s))
+                  for s in range(110)]
+    lat = _webhook_latency(deliveries, after=T0 + timedelta(milliseconds=10))
+    assert (lat["n"], lat["p50"], lat["max"]) == (100, 60.0, 109.0)
+
+
+def _body(event: int, at: datetime) -> bytes:
+    return StandardBody(id=f"evt_{event}", status="resolved", rule="temperature-above-11", severity="warning",
+                        device="d", metric="temperature", value=10.0, unit="degC", threshold=11.0, starts_at=at,
+                        ends_at=at, event_time=at, annotations=Annotations(summary="s")).model_dump_json().encode()
+
+
+def test_the_receiver_verifies_each_signature_records_the_arrival_and_refuses_a_forgery() -> None:
+    key = decode_secret(SECRET)
+    now = datetime.now(UTC)
+    with Receiver(SECRET) as receiver, httpx.Client() as client:
+        body = _body(7, now)
+        ok = client.post(receiver.url, content=body, headers=sign_headers(key, "msg_70", int(time.time()), body))
+        forged = client.post(receiver.url, content=body,
+                             headers=sign_headers(b"another-key-of-24-bytes!", "msg_71", int(time.time()), body))
+        tampered = client.post(receiver.url, content=_body(8, now),
+                               headers=sign_headers(key, "msg_72", int(time.time()), body))
+        deliveries, refused = receiver.taken()
+    assert (ok.status_code, forged.status_code, tampered.status_code) == (200, 400, 400)
+    assert (ok.http_version, ok.headers.get("connection")) == ("HTTP/1.1", None)  # kept alive
+    (d,) = deliveries
+    assert (d.webhook_id, d.event, d.status) == ("msg_70", "evt_7", "resolved")
+    assert d.event_time == now
+    assert now <= d.arrived <= datetime.now(UTC)
+    assert [r.split(":")[0] for r in refused] == ["msg_71", "msg_72"]
+    assert all("no_match" in r for r in refused)

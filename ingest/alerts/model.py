@@ -1,0 +1,114 @@
+"""Compiled alert rules and webhooks: frozen values built once from the settings (no I/O)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+__all__ = ["Rule", "Webhook", "decode_secret", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds of "90s", "2m", "1.5h", "24h", "7d" (a bare number is seconds)."""
+    if isinstance(text, bool):
+        raise ValueError("a duration is a number of seconds or a string such as \"2m\"")
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError(f"a duration cannot be negative ({text})")
+        return float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write e.g. \"30s\", \"2m\", \"1h\" or \"7d\"")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def decode_secret(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret "whsec_<base64>" (the prefix is optional)."""
+    raw = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except ValueError as exc:
+        raise ValueError("not a Standard Webhooks secret: expected whsec_ followed by base64") from exc
+    if len(key) < 16:
+        raise ValueError(f"the secret's key is {len(key)} bytes; use at least 16 (24 to 64 is usual)")
+    return key
+
+
+def _text(value: object) -> str | None:
+    """An attribute as the config's ``where`` writes it (a JSON true is "true"; null matches nothing)."""
+    if value is None:
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    name: str
+    url: str
+    secret: bytes = field(repr=False)
+    body: Literal["standard"] = "standard"
+    timeout: float = 5.0
+    max_age: float = 86400.0  # seconds after which an undelivered event is marked failed
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A threshold rule. ``kind``: above (value > threshold), below (value < threshold) or outside
+    (value < low or value > high). The episode ends when the value is back past ``clear`` (for
+    outside: inside [clear_low, clear_high]); ``for_seconds``: the condition must hold this long in
+    event time before the rule fires."""
+
+    name: str
+    metric: str
+    kind: Literal["above", "below", "outside"]
+    threshold: float  # above/below: the level; outside: low
+    high: float | None = None  # outside: high
+    clear: float | None = None  # above/below: the level that ends the episode; outside: clear low
+    clear_high: float | None = None  # outside: clear high
+    for_seconds: float = 0.0
+    severity: str = "warning"
+    webhooks: tuple[str, ...] = ()
+    summary: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    devices: tuple[str, ...] = ()  # globs; empty: every device
+    where: tuple[tuple[str, str], ...] = ()  # device attributes that must equal these
+
+    def selects(self, device: str, attributes: dict[str, object] | None) -> bool:
+        if self.devices and not any(fnmatchcase(device, g) for g in self.devices):
+            return False
+        if self.where:
+            attrs = attributes or {}
+            return all(k in attrs and _text(attrs[k]) == v for k, v in self.where)
+        return True
+
+    def breached(self, v: float) -> bool:
+        if self.kind == "above":
+            return v > self.threshold
+        if self.kind == "below":
+            return v < self.threshold
+        assert self.high is not None
+        return v < self.threshold or v > self.high
+
+    def cleared(self, v: float) -> bool:
+        """The value ends an episode: back past the clear level (default: the threshold itself)."""
+        if self.kind == "above":
+            return v <= (self.threshold if self.clear is None else self.clear)
+        if self.kind == "below":
+            return v >= (self.threshold if self.clear is None else self.clear)
+        assert self.high is not None
+        low = self.threshold if self.clear is None else self.clear
+        high = self.high if self.clear_high is None else self.clear_high
+        return low <= v <= high
+
+    def threshold_of(self, v: float) -> float:
+        """The bound a value is judged against (outside: the nearer one)."""
+        if self.kind != "outside":
+            return self.threshold
+        assert self.high is not None
+        return self.threshold if v < self.threshold or abs(v - self.threshold) <= abs(v - self.high) else self.high

@@ -1,0 +1,250 @@
+"""The running set of rules and webhooks, swapped whole on a reload (SIGHUP, `sensor-ingest rules
+reload`): the writer's alert stage and the dispatcher read it at the start of each batch or claim.
+
+A reload reads the whole config file again, as at start-up, and replaces the set only when every
+rule and webhook is valid; otherwise the old set stays and every problem is logged. ``view`` is the
+set as GET /v1/rules shows it: webhooks by name and URL, never their secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ingest.alerts.model import Rule, Webhook
+from ingest.alerts.settings import RuleSettings, WebhookSettings, compile_alerts
+from ingest.errors import ConfigError
+from ingest.settings import load_settings, mask_url
+
+__all__ = ["AlertRuntime", "RuleSet", "RuleSetView", "RuleView", "WebhookView", "load_rules"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    webhooks: dict[str, Webhook] = field(default_factory=dict)
+    max_notify_age: float = 3600.0
+    retry_max: float = 300.0
+
+    def for_metric(self, metric: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.metric == metric)
+
+
+class AlertRuntime:
+    """Holds the active RuleSet. ``config``: the file a reload reads again (None: nothing to reload)."""
+
+    def __init__(self, active: RuleSet, config: Path | None = None) -> None:
+        self.active = active
+        self.config = config
+        self._on_change: list[Callable[[RuleSet], None]] = []
+        self._by_metric: dict[str, tuple[Rule, ...]] = {}
+        self._index()
+
+    def _index(self) -> None:
+        by: dict[str, list[Rule]] = {}
+        for r in self.active.rules:
+            by.setdefault(r.metric, []).append(r)
+        self._by_metric = {m: tuple(rs) for m, rs in by.items()}
+
+    def rules_for(self, metric: str) -> tuple[Rule, ...]:
+        return self._by_metric.get(metric, ())
+
+    @property
+    def metrics(self) -> frozenset[str]:
+        return frozenset(self._by_metric)
+
+    def on_change(self, callback: Callable[[RuleSet], None]) -> None:
+        self._on_change.append(callback)
+
+    def replace(self, new: RuleSet) -> None:
+        self.active = new
+        self._index()
+        for callback in self._on_change:
+            callback(new)
+
+    def reload(self) -> tuple[bool, str]:
+        """Read ``config`` again and swap the set if every rule and webhook is valid: (True, what
+        changed), or (False, every problem) with the old set kept. Called on the event loop (the
+        SIGHUP handler, POST /-/reload), so two reloads never interleave."""
+        if self.config is None:
+            text = "rules not reloaded: the service was started without --config, so there is no file to read again"
+            log.error("%s", text)
+            return False, text
+        new, problems = load_rules(self.config)
+        if new is None:
+            kept = f"{len(self.active.rules)} rule(s), {len(self.active.webhooks)} webhook(s)"
+            head = f"rules not reloaded from {self.config}: {len(problems)} problem(s); the active set stays ({kept})"
+            log.error("%s", head)
+            for problem in problems:
+                log.error("rules reload: %s", problem)
+            return False, "\n".join([head, *(f"  - {p}" for p in problems)])
+        changes = _changes(self.active, new)
+        self.replace(new)
+        count = f"{len(new.rules)} rule(s), {len(new.webhooks)} webhook(s)"
+        if not changes:
+            summary = f"rules reloaded from {self.config}: no change ({count})"
+            log.info("%s", summary)
+            return True, summary
+        summary = f"rules reloaded from {self.config}: {count}; " + "; ".join(changes)
+        log.info("rules reloaded from %s: %s", self.config, count)
+        for change in changes:
+            log.info("rules reload: %s", change)
+        return True, summary
+
+    def view(self) -> RuleSetView:
+        return view_of(self.active, self.config)
+
+
+def load_rules(path: Path) -> tuple[RuleSet | None, list[str]]:
+    """The rule set FILE describes (read with the environment, as the service reads it), or None and
+    every problem, each naming the rule or webhook, the key and the fix. The whole file must be valid:
+    a file the service would refuse at its next start is not taken at a reload either."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        return None, _problems(exc, path)
+    rules, hooks, problems = compile_alerts(settings.rules, settings.webhooks)
+    if problems:  # load_settings checks these already; kept for a file that changed in between
+        return None, problems
+    return RuleSet(rules, hooks, settings.alerts.max_notify_age, settings.alerts.retry_max), []
+
+
+_ENTRY = re.compile(r"^(rules|webhooks)\[(\d+)\](?! \()")
+
+
+def _problems(exc: ConfigError, path: Path) -> list[str]:
+    """The ConfigError's problems, one line each, with each rule or webhook named as well as numbered.
+
+    Settings joins the problems compile_alerts finds (unknown webhook, duplicate name, secret) into
+    one; they are split again here so that each problem stands next to its own fix."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data = {}
+    out: list[str] = []
+    for problem in exc.problems:
+        text = str(problem)
+        if not problem.key and re.match(r"(rules|webhooks)\[\d+\]", problem.message):
+            separate = _compile_problems(data)
+            if separate:
+                out.extend(separate)
+                continue
+        out.append(_ENTRY.sub(lambda m: _named(m, data), text, count=1))
+    return out
+
+
+def _compile_problems(data: dict[str, Any]) -> list[str]:
+    try:
+        rules = TypeAdapter(list[RuleSettings]).validate_python(data.get("rules", []))
+        hooks = TypeAdapter(list[WebhookSettings]).validate_python(data.get("webhooks", []))
+    except ValidationError:
+        return []
+    return compile_alerts(rules, hooks)[2]
+
+
+def _named(m: re.Match[str], data: dict[str, Any]) -> str:
+    entries = data.get(m.group(1))
+    i = int(m.group(2))
+    if isinstance(entries, list) and i < len(entries) and isinstance(entries[i], dict):
+        name = entries[i].get("name")
+        if isinstance(name, str):
+            return f"{m.group(0)} ({name})"
+    return m.group(0)
+
+
+def _differences(old: object, new: object, names: tuple[str, ...]) -> str:
+    return ", ".join(n for n in names if getattr(old, n) != getattr(new, n))
+
+
+_RULE_FIELDS = tuple(f.name for f in fields(Rule))
+# A changed secret is named as changed; its value never is (Webhook.secret has no repr either).
+_WEBHOOK_FIELDS = tuple(f.name for f in fields(Webhook))
+
+
+def _changes(old: RuleSet, new: RuleSet) -> list[str]:
+    """What a reload changes, in words: rules and webhooks added, removed, changed (and which keys)."""
+    out: list[str] = []
+    before = {r.name: r for r in old.rules}
+    after = {r.name: r for r in new.rules}
+    for kind, a, b, names in (("rule", before, after, _RULE_FIELDS),
+                              ("webhook", old.webhooks, new.webhooks, _WEBHOOK_FIELDS)):
+        added = [n for n in b if n not in a]
+        removed = [n for n in a if n not in b]
+        changed = [f"{n} ({_differences(a[n], b[n], names)})" for n in b if n in a and a[n] != b[n]]
+        if added:
+            out.append(f"{kind}(s) added: {', '.join(added)}")
+        if removed:
+            out.append(f"{kind}(s) removed: {', '.join(removed)}")
+        if changed:
+            out.append(f"{kind}(s) changed: {', '.join(changed)}")
+    for key in ("max_notify_age", "retry_max"):
+        if getattr(old, key) != getattr(new, key):
+            out.append(f"alerts.{key}: {getattr(old, key):g}s -> {getattr(new, key):g}s")
+    return out
+
+
+class _View(BaseModel):
+    # ignore: `rules list` of this release still reads the answer of a newer service
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class WebhookView(_View):
+    name: str
+    url: str = Field(description="passwords and secret query parameters masked")
+
+
+class RuleView(_View):
+    name: str
+    metric: str
+    kind: Literal["above", "below", "outside"]
+    threshold: float | tuple[float, float] = Field(description="above, below: the level; outside: [low, high]")
+    clear: float | tuple[float, float] = Field(description="the level that ends an episode (the threshold "
+                                               "unless the rule sets clear)")
+    for_: float = Field(alias="for", description="seconds the condition must hold in event time before firing")
+    severity: str
+    webhooks: list[WebhookView]
+    devices: list[str] = Field(description="globs on device ids; empty: every device")
+    where: dict[str, str] = Field(description="device attributes that must equal these")
+    labels: dict[str, str]
+    summary: str
+
+
+class RuleSetView(_View):
+    """GET /v1/rules: the active set."""
+
+    config: str | None = Field(description="the file a reload reads again")
+    rules: list[RuleView]
+    webhooks: list[WebhookView]
+    max_notify_age: float
+    retry_max: float
+
+
+def view_of(active: RuleSet, config: Path | None = None) -> RuleSetView:
+    hooks = {name: WebhookView(name=name, url=mask_url(w.url)) for name, w in active.webhooks.items()}
+    rules = []
+    for r in active.rules:
+        threshold: float | tuple[float, float]
+        clear: float | tuple[float, float]
+        if r.kind == "outside":
+            assert r.high is not None
+            threshold = (r.threshold, r.high)
+            clear = (r.threshold if r.clear is None else r.clear, r.high if r.clear_high is None else r.clear_high)
+        else:
+            threshold = r.threshold
+            clear = r.threshold if r.clear is None else r.clear
+        rules.append(RuleView(
+            name=r.name, metric=r.metric, kind=r.kind, threshold=threshold, clear=clear, for_=r.for_seconds,
+            severity=r.severity, webhooks=[hooks.get(h) or WebhookView(name=h, url="") for h in r.webhooks],
+            devices=list(r.devices), where=dict(r.where), labels=dict(r.labels), summary=r.summary,
+        ))
+    return RuleSetView(config=None if config is None else str(config), rules=rules, webhooks=list(hooks.values()),
+                       max_notify_age=active.max_notify_age, retry_max=active.retry_max)
