@@ -14,9 +14,13 @@ from typing import Any
 
 from ingest import __version__
 from ingest.alerts.cli import add_alerts_parsers, cmd_alerts, cmd_rules
+from ingest.clikit import DatabaseUnavailable
 from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import is_secret_name, mask_secrets, setup_logging
 from ingest.model import RawMessage
+from ingest.quality import add_quality_parser, cmd_quality
+from ingest.quarantine import add_quarantine_parsers, cmd_rejected, cmd_replay
+from ingest.register.cli import add_devices_parsers, cmd_devices
 from ingest.settings import ENV_SHORT_NAMES, Settings, SourceSettings, load_settings, mask_url
 from ingest.simulate.options import add_simulate_parser, cmd_simulate
 
@@ -126,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     add_alerts_parsers(sub)
+    add_devices_parsers(sub)
+    add_quarantine_parsers(sub)
+    add_quality_parser(sub)
     return parser
 
 
@@ -325,6 +332,10 @@ COMMANDS = {
     "catalog": cmd_catalog,
     "rules": cmd_rules,
     "alerts": cmd_alerts,
+    "devices": cmd_devices,
+    "rejected": cmd_rejected,
+    "replay": cmd_replay,
+    "quality": cmd_quality,
 }
 
 
@@ -342,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         _error(f"invalid configuration: {exc}")
+        return 2
+    except DatabaseUnavailable as exc:
+        _error(str(exc))
         return 2
     except MigrationError as exc:
         _error(f"migrate failed: {exc}")

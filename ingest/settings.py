@@ -61,6 +61,8 @@ __all__ = [
     "LogSettings",
     "MetricSettings",
     "MqttSettings",
+    "QualitySettings",
+    "RetentionSettings",
     "Settings",
     "SourceSettings",
     "load_settings",
@@ -407,6 +409,10 @@ class SourceSettings(_Section):
         "register", description="register: a new device id is added to the devices table; known: only devices "
         "already there are stored, others are unknown_device rejections")
     device_prefix: str = Field("", description="prepended to every device id of this source")
+    expected_interval: float | None = Field(
+        None, gt=0, description="seconds (or \"5m\") between a device's readings of each metric, for data "
+        "quality (completeness, staleness); a device's own, from the register, comes first. Default: learned "
+        "from the median gap of its last readings")
     allow_devices: list[str] | None = Field(
         None,
         description="globs (fnmatch, case-sensitive) of the device ids this source may write, matched against "
@@ -429,6 +435,11 @@ class SourceSettings(_Section):
         default_factory=dict, description="per decoded metric name or glob: rename, ignore, state, scale, offset, "
         "unit, value_map")
     options: dict[str, Any] = Field(default_factory=dict, description="format options (see the README per format)")
+
+    @field_validator("expected_interval", mode="before")
+    @classmethod
+    def _interval(cls, v: object) -> object:
+        return _duration_of(v, "expected_interval") if v is not None else v
 
     @field_validator("allow_devices")
     @classmethod
@@ -586,6 +597,52 @@ class CatalogSettings(_Section):
                                       description="hPa of that conversion")
 
 
+def _duration_of(v: object, key: str) -> float:
+    from ingest.alerts.model import parse_duration
+
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise _fix_error(f"{key}: {v!r} is not a duration", 'write seconds or a duration such as "30s", "5m", "24h"')
+    try:
+        return parse_duration(v)
+    except ValueError as exc:
+        raise _fix_error(f"{key}: {exc}", 'write seconds or a duration such as "30s", "5m", "24h"') from exc
+
+
+class RetentionSettings(_Section):
+    """[retention]: how long rejected_messages keeps its rows (ingest.store.retention)."""
+
+    rejected_messages: float = Field(
+        30 * 86400.0, gt=0, description="seconds (or \"30d\") a rejection row is kept for inspection and replay; "
+        "older chunks (one per day) are dropped")
+    every: float = Field(3600.0, gt=0, description="seconds (or \"1h\") between two runs of the retention job; "
+                         "one worker runs it at a time (a PostgreSQL advisory lock)")
+    enabled: bool = Field(True, description="false: this process never drops rejection rows (another may)")
+
+    @field_validator("rejected_messages", "every", mode="before")
+    @classmethod
+    def _durations(cls, v: object, info: ValidationInfo) -> object:
+        return _duration_of(v, str(info.field_name))
+
+
+class QualitySettings(_Section):
+    """[quality]: data quality per device (ingest.quality; `sensor-ingest quality`) and its fleet gauges."""
+
+    window: float = Field(86400.0, gt=0, description="seconds (or \"24h\") over which completeness is computed")
+    stale_after: float = Field(3.0, gt=0, description="a series is stale after this many expected intervals "
+                               "without a reading")
+    below: float = Field(90.0, gt=0, le=100, description="percent: a device with a series less complete than this "
+                         "counts in the sensor_ingest_devices_incomplete gauge")
+    learn_from: int = Field(20, ge=3, le=1000, description="readings whose median gap is the expected interval "
+                            "of a series that none is declared for")
+    every: float = Field(300.0, ge=0, description="seconds (or \"5m\") between two computations of the fleet "
+                         "gauges; 0: not computed by this process")
+
+    @field_validator("window", "every", mode="before")
+    @classmethod
+    def _durations(cls, v: object, info: ValidationInfo) -> object:
+        return _duration_of(v, str(info.field_name))
+
+
 _RANGE = tuple[float | None, float | None]
 
 
@@ -708,6 +765,8 @@ class Settings(BaseSettings):
     sources: list[Annotated[SourceSettings, AfterValidator(_device_ids_bounded)]] = Field(default_factory=list)
     presets: PresetSettings = PresetSettings()
     catalog: CatalogSettings = CatalogSettings()
+    retention: RetentionSettings = RetentionSettings()
+    quality: QualitySettings = QualitySettings()
     webhooks: list[WebhookSettings] = Field(default_factory=list, description="[[webhooks]]: where alerts go")
     rules: list[RuleSettings] = Field(default_factory=list, description="[[rules]]: threshold alert rules")
     alerts: AlertSettings = AlertSettings()

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
 import textwrap
-import tomllib
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.errors import ConfigError
+from ingest.clikit import cell, client_settings, fail, json_value, like, positive, since, table
 from ingest.logs import mask_secrets
 
 if TYPE_CHECKING:
-    from ingest.settings import Settings
+    pass
 
 __all__ = ["add_alerts_parsers", "cmd_alerts", "cmd_rules"]
 
@@ -130,7 +126,7 @@ def add_alerts_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     which.add_argument("--firing", action="store_true", help="only the firing ones")
     which.add_argument("--all", action="store_true", help="every series a rule has evaluated, ok ones too")
     p.add_argument("--rule", metavar="R", help="only this rule")
-    p.add_argument("--limit", type=_positive, default=1000, metavar="N", help="at most N rows (default: %(default)s)")
+    p.add_argument("--limit", type=positive, default=1000, metavar="N", help="at most N rows (default: %(default)s)")
 
     p = actions.add_parser(
         "history", help="firing and resolved events, newest first",
@@ -141,10 +137,10 @@ def add_alerts_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _client_args(p, _DB_ENV)
     p.add_argument("--rule", metavar="R", help="only this rule")
     p.add_argument("--device", metavar="D", help="only this device id; * and ? are wildcards, e.g. 'hn-aq-*'")
-    p.add_argument("--since", metavar="T", type=_since,
+    p.add_argument("--since", metavar="T", type=since,
                    help="only events whose event time is at or after T: RFC 3339 with an offset "
                    "(2026-11-25T03:00:00Z) or a duration back from now (30m, 2h, 7d)")
-    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N events (default: %(default)s)")
+    p.add_argument("--limit", type=positive, default=50, metavar="N", help="at most N events (default: %(default)s)")
 
     p = actions.add_parser(
         "deliveries", help="webhook deliveries: status, attempts, the receiver's last answer",
@@ -157,56 +153,7 @@ def add_alerts_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--failed", action="store_true", help="failed deliveries (with --pending: both)")
     p.add_argument("--pending", action="store_true", help="deliveries not yet made (with --failed: both)")
     p.add_argument("--webhook", metavar="W", help="only this webhook")
-    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="at most N rows (default: %(default)s)")
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} is not positive")
-    return n
-
-
-def _since(text: str) -> datetime:
-    from ingest.alerts.model import parse_duration
-
-    try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an RFC 3339 time (2026-11-25T03:00:00Z) nor a "
-                                         "duration (30m, 2h, 7d)") from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    return when.astimezone(UTC)
-
-
-def _fail(text: str) -> None:
-    print(f"sensor-ingest: {mask_secrets(text)}", file=sys.stderr)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Piped or captured output keeps whole rows: rich would otherwise wrap them at 80 columns.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-
-
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    _console().print(table)
+    p.add_argument("--limit", type=positive, default=50, metavar="N", help="at most N rows (default: %(default)s)")
 
 
 # -- rules ------------------------------------------------------------------------------------------------
@@ -226,7 +173,7 @@ def _rules_check(args: argparse.Namespace) -> int:
 
     rules, problems = load_rules(args.file)
     if rules is None:
-        _fail(f"{args.file}: {len(problems)} problem(s)" + "".join(f"\n  - {p}" for p in problems))
+        fail(f"{args.file}: {len(problems)} problem(s)" + "".join(f"\n  - {p}" for p in problems))
         return 1
     view = view_of(rules, args.file)
     if args.json:
@@ -245,7 +192,7 @@ def _rules_list(args: argparse.Namespace) -> int:
         return answer
     status, body = answer
     if status != 200:
-        _fail(f"GET /v1/rules answered {status}: {body}")
+        fail(f"GET /v1/rules answered {status}: {body}")
         return 2
     view = RuleSetView.model_validate(body).model_dump(mode="json", by_alias=True)
     if args.json:
@@ -267,9 +214,9 @@ def _rules_reload(args: argparse.Namespace) -> int:
         print(mask_secrets(message))
         return 0
     if status == 422 and isinstance(message, str):
-        _fail(message)
+        fail(message)
         return 1
-    _fail(f"POST /-/reload answered {status}: {body}")
+    fail(f"POST /-/reload answered {status}: {body}")
     return 2
 
 
@@ -302,60 +249,35 @@ def _print_rules(view: dict[str, Any]) -> None:
                          _number(r["clear"]), _seconds(r["for"]) if r["for"] else "-", r["severity"],
                          ", ".join(w["name"] for w in r["webhooks"]) or "-", scope,
                          ", ".join(f"{k}={v}" for k, v in r["labels"].items())])
-        _table("rules", ["rule", "metric", "fires when", "clear", "for", "severity", "webhooks", "devices",
+        table("rules", ["rule", "metric", "fires when", "clear", "for", "severity", "webhooks", "devices",
                          "labels"], rows)
     if view["webhooks"]:
-        _table("webhooks", ["webhook", "url"], [[w["name"], w["url"]] for w in view["webhooks"]])
+        table("webhooks", ["webhook", "url"], [[w["name"], w["url"]] for w in view["webhooks"]])
 
 
 # -- asking the service -----------------------------------------------------------------------------------
-
-
-_ALERTING = re.compile(r"^(rules|webhooks|alerts)(\[|\.|$)")
-
-
-def _client_settings(path: Path | None) -> Settings:
-    """The settings of FILE and the environment, for a command that only needs http.addr or [database].
-
-    When the only problems are in [[rules]], [[webhooks]] or [alerts] (a rule being fixed, a secret
-    that only the service's environment holds), the rest of the file is used without them."""
-    from pydantic import ValidationError
-
-    from ingest.settings import Settings, load_settings
-
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        alerting = ("rules", "webhooks", "alerts")
-        if path is None or not all(_ALERTING.match(p.key or p.message) for p in exc.problems):
-            raise
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-            return Settings(**{k: v for k, v in data.items() if k not in alerting})
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValidationError):
-            raise exc from None
 
 
 def _ask(config: Path | None, method: str, path: str) -> tuple[int, Any] | int:
     """(status, JSON body) of the service's answer; or the exit status, 2, after saying why there is none."""
     import httpx
 
-    http = _client_settings(config).http
+    http = client_settings(config).http
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(http.host, http.host)
     base = f"http://{f'[{host}]' if ':' in host else host}:{http.port}"
     where = f"http.addr in {config}" if config else "http.addr: the default, or SENSOR_INGEST_HTTP_ADDR"
     try:
         response = httpx.request(method, base + path, timeout=30)
     except httpx.TimeoutException:
-        _fail(f"the service at {base} did not answer {method} {path} within 30 s; is it stuck? "
+        fail(f"the service at {base} did not answer {method} {path} within 30 s; is it stuck? "
               f"Check `curl {base}/healthz` and its log")
         return 2
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the service at {base} ({exc}): is it running, and is this its address ({where})? "
+        fail(f"cannot reach the service at {base} ({exc}): is it running, and is this its address ({where})? "
               f"Check with `curl {base}/healthz`")
         return 2
     if response.status_code == 404:
-        _fail(f"the service at {base} does not serve {path}: it runs without alert rules (a version before them), "
+        fail(f"the service at {base} does not serve {path}: it runs without alert rules (a version before them), "
               f"or another program listens at {where}")
         return 2
     try:
@@ -374,7 +296,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     from ingest.settings import mask_url
     from ingest.store.pool import dsn_of
 
-    settings = _client_settings(args.config)
+    settings = client_settings(args.config)
     command: str = args.alerts_command
     query, params, columns = (_list_query if command == "list" else
                               _history_query if command == "history" else _deliveries_query)(args)
@@ -387,24 +309,24 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             names = [d.name for d in cursor.description or ()]
             rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     except psycopg.errors.UndefinedTable:
-        _fail(f"the database at {mask_url(settings.database.url)} has no alert tables (its schema is older than "
+        fail(f"the database at {mask_url(settings.database.url)} has no alert tables (its schema is older than "
               "this release): run `sensor-ingest migrate`")
         return 2
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _fail(f"cannot read the database at {mask_url(settings.database.url)}: {reason}")
+        fail(f"cannot read the database at {mask_url(settings.database.url)}: {reason}")
         return 2
     for row in rows:  # a receiver's error may quote a URL with its password
         if row.get("last_error"):
             row["last_error"] = mask_secrets(str(row["last_error"]))
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False, default=_json_value))
+        print(json.dumps(rows, indent=2, ensure_ascii=False, default=json_value))
         return 0
     if not rows:
         print(_nothing(args) + _filters(args))
         return 0
-    _table(f"{command}{_filters(args)}", [title for title, _ in columns],
-           [[_cell(row[key], key) for _, key in columns] for row in rows])
+    table(f"{command}{_filters(args)}", [title for title, _ in columns],
+           [[cell(row[key], key) for _, key in columns] for row in rows])
     if len(rows) == args.limit:
         print(f"(the first {args.limit}; --limit N shows more)")
     return 0
@@ -419,34 +341,11 @@ def _nothing(args: argparse.Namespace) -> str:
     return f"no {' or '.join(kinds)} deliveries" if kinds else "no deliveries"
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, datetime):
-        return v.astimezone(UTC).isoformat()
-    return str(v)
-
-
-def _cell(v: Any, key: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, datetime):
-        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
 def _filters(args: argparse.Namespace) -> str:
     shown = [f"{k} {getattr(args, k)}" for k in ("rule", "device", "webhook") if getattr(args, k, None)]
     if getattr(args, "since", None):
         shown.append(f"since {args.since.strftime('%Y-%m-%d %H:%M:%SZ')}")
     return f" ({', '.join(shown)})" if shown else ""
-
-
-def _like(glob: str) -> str:
-    escaped = re.sub(r"([\\%_])", r"\\\1", glob)
-    return escaped.replace("*", "%").replace("?", "_")
 
 
 _SERIES = ("JOIN devices d ON d.id = {t}.device_id JOIN metrics m ON m.id = {t}.metric_id")
@@ -486,7 +385,7 @@ def _history_query(args: argparse.Namespace) -> Query:
         params["rule"] = args.rule
     if args.device:
         where.append("d.uid LIKE %(device)s")
-        params["device"] = _like(args.device)
+        params["device"] = like(args.device)
     if args.since:
         where.append("e.event_time >= %(since)s")
         params["since"] = args.since

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["IdCache", "sync_bindings"]
 
 _INSERT_DEVICES = """
-INSERT INTO devices (uid, last_seen)
-SELECT u, now() FROM unnest($1::text[]) AS t(u) ORDER BY u
+INSERT INTO devices (uid, source, last_seen)
+SELECT u, s, now() FROM unnest($1::text[], $2::text[]) AS t(u, s) ORDER BY u
 ON CONFLICT (uid) DO NOTHING
 """
 _SELECT_DEVICES = "SELECT uid, id FROM devices WHERE uid = ANY($1::text[])"
@@ -64,12 +64,15 @@ class IdCache:
             self.devices[uid] = id_
         return {u for u in missing if u not in self.devices}
 
-    async def create_devices(self, conn: Conn, uids: Iterable[str]) -> None:
+    async def create_devices(self, conn: Conn, uids: Iterable[str],
+                             sources: dict[str, str | None] | None = None) -> None:
+        """``sources``: the source that first wrote each new device (devices.source)."""
         new = sorted(set(uids))
         if not new:
             return
+        of = sources or {}
         async with conn.transaction():
-            await conn.execute(_INSERT_DEVICES, new)
+            await conn.execute(_INSERT_DEVICES, new, [of.get(u) for u in new])
         for uid, id_ in await conn.fetch(_SELECT_DEVICES, new):
             self.devices[uid] = id_
 

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -40,11 +40,14 @@ from ingest.budget import NewKeyBudget
 from ingest.catalog import Catalog, MetricRow
 from ingest.model import Reading, Rejection
 from ingest.process import MAX_DETAIL, Outcome, summarize
+from ingest.store.calibration import EPOCH_SQL, Calibrations, load_calibrations
 from ingest.store.classify import describe, is_connection_failure
 from ingest.store.ids import IdCache
 from ingest.validate import MAX_NAME, escape
 
 __all__ = ["WriteResult", "Writer"]
+
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +106,12 @@ def _rejection_row(o: Outcome) -> tuple[object, ...]:
 
 
 class WriteResult:
-    __slots__ = ("alerts", "conflict_path", "duplicates", "readings", "reasons", "rejections", "states")
+    __slots__ = ("alerts", "calibrated", "conflict_path", "duplicates", "outcomes", "readings", "reasons", "rejections",
+                 "states")
 
     def __init__(self) -> None:
+        self.outcomes: Sequence[Outcome] = ()  # as written: admitted, calibrated, conflicts made problems
+        self.calibrated = 0  # readings a calibration changed
         self.readings = 0  # new rows of readings (a duplicate is not new)
         self.states = 0
         self.duplicates = 0  # readings and states identical to a stored one (redelivery, a repeat)
@@ -156,6 +162,8 @@ class Writer:
         self._catalog = catalog
         self._known_only = frozenset(known_only)
         self._alerts = alerts
+        self._calibrations = Calibrations()
+        self._calibration_epoch: int | None = None
         self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
         self._attributes: dict[int, dict[str, str]] = {}  # committed attributes from topic captures
 
@@ -192,6 +200,21 @@ class Writer:
         except Exception as exc:
             log.debug("devices.last_seen not updated: %s", describe(exc))
 
+    async def write_in(self, conn: Conn,
+                       outcomes: Sequence[Outcome], *, record_rejections: bool = True) -> WriteResult:
+        """Write ``outcomes`` inside the caller's transaction on ``conn`` (`sensor-ingest replay`: the
+        readings and the mark on the replayed rows commit together). ``record_rejections`` false: no
+        rejection row is written; ``WriteResult.outcomes`` tells what was refused and why.
+
+        New devices and metrics are created in savepoints of the caller's transaction here, so their
+        cached ids are forgotten if the write fails: the caller rolls back."""
+        try:
+            return await self._write(conn, outcomes, record_rejections)
+        except BaseException:
+            self.ids = IdCache()
+            self._attributes.clear()
+            raise
+
     async def _write_once(self, outcomes: Sequence[Outcome]) -> WriteResult:
         async with self.pool.acquire(timeout=self.timeout) as conn:
             try:
@@ -204,7 +227,8 @@ class Writer:
                         conn.terminate()
                 raise
 
-    async def _write(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> WriteResult:
+    async def _write(self, conn: Conn,
+                     outcomes: Sequence[Outcome], record_rejections: bool = True) -> WriteResult:
         result = WriteResult()
         if any(o.readings for o in outcomes):
             outcomes = await self._admit(conn, outcomes)
@@ -237,6 +261,13 @@ class Writer:
             clashes: dict[int, list[tuple[Reading, Rejection]]] = {}
             new_rows = new_texts = 0
             if rows:
+                # Under the calibration lock's shared side until commit (ingest.store.calibration).
+                epoch = await conn.fetchval(EPOCH_SQL)
+                if epoch != self._calibration_epoch:
+                    self._calibrations = await load_calibrations(conn)
+                    self._calibration_epoch = epoch
+                if self._calibrations:
+                    result.calibrated = self._calibrate(rows, row_of)
                 result.conflict_path, fresh = await self._store(
                     conn, "readings", rows, row_of, redelivered, result, clashes)
                 new_rows = len(rows) if fresh is None else len(fresh)
@@ -253,13 +284,16 @@ class Writer:
                 new_texts = len(texts) if fresh is None else len(fresh)
             if clashes:
                 outcomes = [o if i not in clashes else _with_conflicts(o, clashes[i]) for i, o in enumerate(outcomes)]
-            rejections = [_rejection_row(o) for o in outcomes if o.rejection is not None]
+            rejections = ([_rejection_row(o) for o in outcomes if o.rejection is not None] if record_rejections
+                          else [])
             if rejections:
                 await conn.copy_records_to_table(
                     "rejected_messages", records=rejections, columns=_REJECTION_COLUMNS_DETAILS
                 )
         result.readings, result.states, result.rejections = new_rows, new_texts, len(rejections)
-        result.reasons.update(o.rejection.reason for o in outcomes if o.rejection is not None)
+        result.outcomes = outcomes
+        if record_rejections:
+            result.reasons.update(o.rejection.reason for o in outcomes if o.rejection is not None)
         for d, attrs in attributes.items():
             self._attributes[d] = {**self._attributes.get(d, {}), **attrs}
         pending = self._last_seen
@@ -268,7 +302,27 @@ class Writer:
                 pending[d] = ts
         return result
 
-    async def _store(self, conn: PoolConnectionProxy[asyncpg.Record], table: str, rows: list[tuple[Any, ...]],
+    def _calibrate(self, rows: list[tuple[datetime, int, int, float, int]], owners: list[tuple[int, Reading]]) -> int:
+        """Apply the calibrations to the numeric rows in place (and to their readings, which the alert
+        stage and conflict details read); booleans are never calibrated. Returns how many changed."""
+        cal = self._calibrations
+        changed = 0
+        for n, (t, d, m, v, f) in enumerate(rows):
+            factor = cal.factor(d, m, t)
+            if factor is None:
+                continue
+            i, r = owners[n]
+            if isinstance(r.value, bool):
+                continue
+            scale, offset = factor
+            value = v * scale + offset
+            if value != v:
+                rows[n] = (t, d, m, value, f)
+                owners[n] = (i, replace(r, value=value))
+                changed += 1
+        return changed
+
+    async def _store(self, conn: Conn, table: str, rows: list[tuple[Any, ...]],
                      owners: list[tuple[int, Reading]], conflict_path: bool, result: WriteResult,
                      clashes: dict[int, list[tuple[Reading, Rejection]]]) -> tuple[bool, list[int] | None]:
         """Insert ``rows``; returns (whether the conflict path ran, the indexes of the rows that were new,
@@ -331,7 +385,7 @@ class Writer:
                     changed.setdefault(d, {}).update(diff)
         return changed
 
-    async def _admit(self, conn: PoolConnectionProxy[asyncpg.Record], outcomes: Sequence[Outcome]) -> list[Outcome]:
+    async def _admit(self, conn: Conn, outcomes: Sequence[Outcome]) -> list[Outcome]:
         """Create the ids of new devices and metrics within each source's budget; the readings of
         keys beyond it become rejections of their message."""
         new = await self.ids.new_devices(conn, (r.device for o in outcomes for r in o.readings))
@@ -340,7 +394,11 @@ class Writer:
             new = {r.device for o in outcomes for r in o.readings if r.device in new}
         if new:
             denied = self._spend(new, outcomes, lambda r: r.device, self._device_budget)
-            await self.ids.create_devices(conn, new - denied)
+            first_source: dict[str, str | None] = {}
+            for o in outcomes:
+                for r in o.readings:
+                    first_source.setdefault(r.device, o.source)
+            await self.ids.create_devices(conn, new - denied, first_source)
             if denied:
                 outcomes = [_without(o, lambda r: r.device in denied, "device", "ingest.max_new_devices_per_minute",
                                      self._device_budget.limit) for o in outcomes]
@@ -401,8 +459,10 @@ def _shown(v: object) -> str:
 def _with_conflicts(o: Outcome, conflicts: list[tuple[Reading, Rejection]]) -> Outcome:
     """``o`` with its readings that conflict with stored values turned into problems of its row."""
     problems = [*o.problems, *(p for _, p in conflicts)]
-    clashed = {id(r) for r, _ in conflicts}
-    return replace(o, readings=[r for r in o.readings if id(r) not in clashed], rejection=summarize(problems),
+    # By key: the reading of a conflict may be its calibrated copy (Writer._calibrate).
+    clashed = {(r.device, r.metric, r.time) for r, _ in conflicts}
+    return replace(o, readings=[r for r in o.readings if (r.device, r.metric, r.time) not in clashed],
+                   rejection=summarize(problems),
                    problems=problems)
 
 

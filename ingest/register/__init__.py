@@ -1,0 +1,1 @@
+"""The device register (make, model, source, attributes, expected interval) and calibrations."""

@@ -1,0 +1,201 @@
+"""Calibrations: an affine correction per device and metric from an effective time on.
+
+Stored value = value x scale + offset, applied by the writer to numeric readings (after the catalog's
+unit conversion; its range checks judge the value as measured). A calibration's span runs from its
+effective time to the next calibration of the series.
+
+Adding or correcting a calibration for a past time changes the readings of its span that are stored
+already. They are rewritten from the calibration they were stored with (``from_scale``,
+``from_offset``) to the new one in bounded transactions (``rewrite_step``), each moving the row's
+``rewrite_cursor`` forward; the last takes all that is left and clears it. The rule for a reading at t
+of a calibration whose cursor is set: before the cursor, the new calibration; at or after it, the
+previous one (it will be rewritten). The writer applies the same rule to new readings.
+
+Why each reading is rewritten exactly once, whatever ingest does meanwhile: every change to the table
+(``set_calibration``, each ``rewrite_step``) holds an advisory lock exclusively and bumps
+``calibration_epoch``; each write transaction of the writer takes the same lock shared and reads the
+epoch after it is granted (``sensor_ingest_calibration_epoch()``), so it either commits before a step
+(its readings then lie at or after the cursor the step starts from, with the previous calibration,
+and the step rewrites them) or starts after it and applies the cursor the step left.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+__all__ = ["LOCK_KEY", "Calibration", "CalibrationError", "Calibrations", "load_calibrations", "rewrite_step",
+           "set_calibration"]
+
+LOCK_KEY = 7215150001  # the advisory lock of schemas/migrations/0004_register.sql
+EPOCH_SQL = "SELECT sensor_ingest_calibration_epoch()"
+_COLUMNS = ("id, device_id, metric_id, effective_from, scale, offset_value, from_scale, from_offset, rewrite_cursor,"
+            " rewritten, comment")
+_BUMP = "UPDATE calibration_epoch SET epoch = epoch + 1"
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot be set now; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    id: int
+    device_id: int
+    metric_id: int
+    effective_from: datetime
+    scale: float
+    offset: float
+    from_scale: float = 1.0
+    from_offset: float = 0.0
+    rewrite_cursor: datetime | None = None  # None: every reading of its span carries this calibration
+    rewritten: int = 0
+    comment: str | None = None
+
+    def factor_at(self, t: datetime) -> tuple[float, float]:
+        """(scale, offset) a reading of this calibration's span at ``t`` is stored with."""
+        if self.rewrite_cursor is not None and t >= self.rewrite_cursor:
+            return self.from_scale, self.from_offset
+        return self.scale, self.offset
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Calibration:
+        return cls(row["id"], row["device_id"], row["metric_id"], row["effective_from"], row["scale"],
+                   row["offset_value"], row["from_scale"], row["from_offset"], row["rewrite_cursor"],
+                   row["rewritten"], row["comment"])
+
+
+class Calibrations:
+    """Every calibration, by series, for the writer's lookups."""
+
+    __slots__ = ("_series",)
+
+    def __init__(self, calibrations: list[Calibration] = ()) -> None:  # type: ignore[assignment]
+        series: dict[tuple[int, int], list[Calibration]] = {}
+        for c in sorted(calibrations, key=lambda c: (c.device_id, c.metric_id, c.effective_from)):
+            series.setdefault((c.device_id, c.metric_id), []).append(c)
+        self._series = {k: ([c.effective_from for c in v], v) for k, v in series.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._series)
+
+    def factor(self, device_id: int, metric_id: int, t: datetime) -> tuple[float, float] | None:
+        """(scale, offset) for a new reading, or None (no calibration applies: stored as it is)."""
+        found = self._series.get((device_id, metric_id))
+        if found is None:
+            return None
+        times, cals = found
+        i = bisect_right(times, t) - 1
+        return None if i < 0 else cals[i].factor_at(t)
+
+
+async def load_calibrations(conn: Conn) -> Calibrations:
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM calibrations")
+    return Calibrations([Calibration.of(r) for r in rows])
+
+
+def _span_end(rows: list[asyncpg.Record], effective_from: datetime) -> datetime | None:
+    later = [r["effective_from"] for r in rows if r["effective_from"] > effective_from]
+    return min(later) if later else None
+
+
+async def set_calibration(conn: Conn, device_id: int, metric_id: int, effective_from: datetime, scale: float,
+                          offset: float, comment: str | None = None) -> tuple[Calibration, bool]:
+    """Add the calibration of (device, metric) from ``effective_from``, or correct the one from that time.
+
+    Returns it and whether it changed anything. When stored readings of its span carry another
+    calibration, its ``rewrite_cursor`` is set to ``effective_from``: ``rewrite_step`` then rewrites
+    them. Refused (CalibrationError) while another calibration of the series is still being rewritten,
+    and for a metric whose readings are not numbers."""
+    if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
+        raise CalibrationError(f"scale {scale!r} and offset {offset!r}: both must be finite numbers, scale not 0")
+    if effective_from.tzinfo is None:
+        raise CalibrationError("the effective time needs a UTC offset")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        kind = await conn.fetchval("SELECT kind FROM metrics WHERE id = $1", metric_id)
+        if kind is None:
+            raise CalibrationError(f"no metric with id {metric_id}")
+        if kind != "number":
+            raise CalibrationError(f"the metric's readings are of kind {kind!r}: only numbers are calibrated")
+        rows = await conn.fetch(f"SELECT {_COLUMNS} FROM calibrations WHERE device_id = $1 AND metric_id = $2 "
+                                "ORDER BY effective_from FOR UPDATE", device_id, metric_id)
+        busy = [r for r in rows if r["rewrite_cursor"] is not None]
+        same = next((r for r in rows if r["effective_from"] == effective_from), None)
+        if same is not None and same["scale"] == scale and same["offset_value"] == offset and not busy:
+            if comment is not None and comment != same["comment"]:
+                await conn.execute("UPDATE calibrations SET comment = $2, updated_at = now() WHERE id = $1",
+                                   same["id"], comment)
+                await conn.execute(_BUMP)
+            return Calibration.of(same), False
+        if busy:
+            b = busy[0]
+            raise CalibrationError(
+                f"the calibration from {b['effective_from'].isoformat()} of this series is still being applied to "
+                f"its stored readings (from {b['rewrite_cursor'].isoformat()} on): finish it first with "
+                "`sensor-ingest devices recalibrate DEVICE METRIC`")
+        if same is not None:
+            was = (same["scale"], same["offset_value"])
+        else:
+            before = [r for r in rows if r["effective_from"] < effective_from]
+            was = (before[-1]["scale"], before[-1]["offset_value"]) if before else (1.0, 0.0)
+        end = _span_end(rows, effective_from)
+        stored = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM readings WHERE device_id = $1 AND metric_id = $2 AND time >= $3 "
+            "AND ($4::timestamptz IS NULL OR time < $4))", device_id, metric_id, effective_from, end)
+        cursor = effective_from if stored and was != (scale, offset) else None
+        row = await conn.fetchrow(
+            f"""INSERT INTO calibrations (device_id, metric_id, effective_from, scale, offset_value, comment,
+                                          from_scale, from_offset, rewrite_cursor)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                ON CONFLICT (device_id, metric_id, effective_from) DO UPDATE SET
+                    scale = EXCLUDED.scale, offset_value = EXCLUDED.offset_value,
+                    comment = coalesce(EXCLUDED.comment, calibrations.comment),
+                    from_scale = EXCLUDED.from_scale, from_offset = EXCLUDED.from_offset,
+                    rewrite_cursor = EXCLUDED.rewrite_cursor, rewritten = 0, updated_at = now()
+                RETURNING {_COLUMNS}""",
+            device_id, metric_id, effective_from, scale, offset, comment, was[0], was[1], cursor)
+        await conn.execute(_BUMP)
+        assert row is not None
+        return Calibration.of(row), True
+
+
+async def rewrite_step(conn: Conn, calibration_id: int, max_rows: int) -> tuple[int, bool]:
+    """Rewrite at most about ``max_rows`` stored readings of a calibration's span from the calibration
+    they carry to it, in one transaction. Returns (readings rewritten, whether it is now done). Running
+    it on a calibration that is done rewrites nothing."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM calibrations WHERE id = $1 FOR UPDATE", calibration_id)
+        if row is None:
+            raise CalibrationError(f"no calibration with id {calibration_id}")
+        c = Calibration.of(row)
+        if c.rewrite_cursor is None:
+            return 0, True
+        end = await conn.fetchval(
+            "SELECT min(effective_from) FROM calibrations WHERE device_id = $1 AND metric_id = $2 "
+            "AND effective_from > $3", c.device_id, c.metric_id, c.effective_from)
+        # The time of the first reading past this step's share; none: this step takes all that is left.
+        stop = await conn.fetchval(
+            "SELECT time FROM readings WHERE device_id = $1 AND metric_id = $2 AND time >= $3 "
+            "AND ($4::timestamptz IS NULL OR time < $4) ORDER BY time OFFSET $5 LIMIT 1",
+            c.device_id, c.metric_id, c.rewrite_cursor, end, max_rows)
+        status = await conn.execute(
+            "UPDATE readings SET value = (value - $6) / $5 * $7 + $8 WHERE device_id = $1 AND metric_id = $2 "
+            "AND time >= $3 AND ($4::timestamptz IS NULL OR time < $4)",
+            c.device_id, c.metric_id, c.rewrite_cursor, stop if stop is not None else end,
+            c.from_scale, c.from_offset, c.scale, c.offset)
+        n = int(status.split()[-1])
+        await conn.execute("UPDATE calibrations SET rewrite_cursor = $2, rewritten = rewritten + $3, "
+                           "updated_at = now() WHERE id = $1", c.id, stop, n)
+        await conn.execute(_BUMP)
+        return n, stop is None
