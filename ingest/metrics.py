@@ -71,6 +71,17 @@ class Metrics:
                                                   "included)",
                                                   buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                                                            300, 900, 3600, 21600, 86400), registry=r)
+        # Data quality of the fleet ([quality]; no per-device label: the cardinality of a city's fleet).
+        self.devices_reporting = Gauge(p + "devices_reporting", "devices with a reading in the last quality.window "
+                                       "(as of the last computation)", registry=r)
+        self.devices_stale = Gauge(p + "devices_stale", "devices with a series silent for quality.stale_after "
+                                   "expected intervals", registry=r)
+        self.devices_incomplete = Gauge(p + "devices_incomplete", "devices with a series less complete than "
+                                        "quality.below percent over quality.window", registry=r)
+        self.quality_computed = Gauge(p + "quality_computed_timestamp_seconds", "when the fleet quality gauges were "
+                                      "last computed (Unix time; 0: never)", registry=r)
+        self.retention_dropped_chunks = Counter(p + "retention_dropped_chunks", "chunks of rejected_messages "
+                                                "dropped as older than retention.rejected_messages", registry=r)
 
 
 class HoldTimer:

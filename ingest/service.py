@@ -26,6 +26,7 @@ from ingest.store.classify import describe, is_retryable
 from ingest.store.ids import sync_bindings
 from ingest.store.migrate import discover
 from ingest.store.pool import create_pool, dsn_of
+from ingest.store.retention import retention_loop
 from ingest.store.writer import Writer
 
 __all__ = ["run_service"]
@@ -253,6 +254,31 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
             metrics.held.flush()
             await asyncio.sleep(1.0)
 
+    async def quality() -> None:
+        """The fleet quality gauges, every quality.every seconds (on the writer's pool: one short query)."""
+        from datetime import UTC, datetime
+
+        intervals = {s.name: s.expected_interval for s in settings.all_sources() if s.expected_interval}
+        while True:
+            try:
+                from ingest.quality import fleet_quality
+
+                p = writer.pool
+                if not p.is_closing():
+                    async with p.acquire(timeout=30) as conn:
+                        fleet = await asyncio.wait_for(
+                            fleet_quality(conn, settings.quality, intervals, datetime.now(UTC)), 120)
+                    metrics.devices_reporting.set(fleet.devices_reporting)
+                    metrics.devices_stale.set(fleet.devices_stale)
+                    metrics.devices_incomplete.set(fleet.devices_incomplete)
+                    metrics.quality_computed.set(time.time())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("quality: the fleet gauges were not computed (%s); next try in %.0fs", describe(exc),
+                            settings.quality.every)
+            await asyncio.sleep(settings.quality.every)
+
     tasks = {
         "mqtt": asyncio.create_task(bridge.run(), name="mqtt"),
         "consume": asyncio.create_task(pipeline.consume(), name="consume"),
@@ -262,6 +288,11 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
         "guard": asyncio.create_task(guard(), name="guard"),
         "probe": asyncio.create_task(probe.run(), name="probe"),
     }
+    if settings.retention.enabled:
+        tasks["retention"] = asyncio.create_task(retention_loop(lambda: writer.pool, settings.retention, metrics),
+                                                 name="retention")
+    if settings.quality.every > 0:
+        tasks["quality"] = asyncio.create_task(quality(), name="quality")
     dispatch_stop = asyncio.Event()
     if dispatcher is not None:
         tasks["dispatch"] = asyncio.create_task(dispatcher.run(dispatch_stop), name="dispatch")
@@ -294,8 +325,9 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     await bridge.stop()
     dispatch_stop.set()  # committed events stay in the outbox: the next start delivers them
     server.should_exit = True
-    for name in ("mqtt", "gauges", "guard", "probe"):
-        tasks[name].cancel()
+    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality"):
+        if name in tasks:
+            tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
     if aborted:

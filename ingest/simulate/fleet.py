@@ -151,6 +151,7 @@ class SimMessage:
     device: str = ""
     time: datetime | None = None  # the timestamp written in the payload
     values: dict[str, SampleValue] = field(default_factory=dict)  # as meant, before any spoiling
+    at: datetime | None = None  # the device's own time of the message: ``time`` before a bad-clock fault
 
 
 @dataclass(slots=True)
@@ -199,13 +200,22 @@ class Simulator:
         for _ in range(len(self._order)):
             device = self.devices[self._order[self._next]]
             self._next = (self._next + 1) % len(self._order)
-            state = self._state[device.uid]
-            if state.silent_after is not None and state.sent >= state.silent_after:
-                if device.uid not in self.silenced:
-                    self.silenced.append(device.uid)
+            if self._gone_silent(device):
                 continue
             return self.message(device, wall, fleet_time)
         return None
+
+    def message_at(self, device: Device, t: datetime) -> SimMessage | None:
+        """``device``'s message timed ``t``, its values as at ``t`` (a backfill); None once it went silent."""
+        return None if self._gone_silent(device) else self.message(device, t, t)
+
+    def _gone_silent(self, device: Device) -> bool:
+        state = self._state[device.uid]
+        if state.silent_after is None or state.sent < state.silent_after:
+            return False
+        if device.uid not in self.silenced:
+            self.silenced.append(device.uid)
+        return True
 
     def message(self, device: Device, wall: datetime, fleet_time: datetime | None = None) -> SimMessage:
         """``device``'s message sent at ``wall``, its values as at ``fleet_time`` (default: ``wall``)."""
@@ -236,7 +246,7 @@ class Simulator:
         return SimMessage(
             topic=topic(self.prefix, device.district.slug, device.uid, device.family),
             payload=payload, family=device.family, kind=device.kind, fault=fault, variant=variant,
-            device=device.uid, time=sample.time, values=values,
+            device=device.uid, time=sample.time, values=values, at=when,
         )
 
     def _values_at(self, device: Device, state: _DeviceState, t: datetime) -> dict[str, SampleValue]:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -34,10 +34,11 @@ from ingest.errors import ConfigError, ConfigProblem
 from ingest.model import Clock, utc_now
 from ingest.settings import mask_url
 from ingest.simulate.faults import FaultConfig
-from ingest.simulate.fleet import FleetClock, Simulator, build_fleet
+from ingest.simulate.fleet import FleetClock, SimMessage, Simulator, build_fleet
+from ingest.simulate.gaps import GapSpec, Script, Window
 from ingest.simulate.tally import Meta, Tally
 
-__all__ = ["DEFAULT_MQTT_URL", "Broker", "SimulateOptions", "broker_from", "simulate"]
+__all__ = ["DEFAULT_MQTT_URL", "Broker", "SimulateOptions", "broker_from", "check_gaps", "simulate"]
 
 log = logging.getLogger("ingest.simulate")
 
@@ -103,6 +104,13 @@ class SimulateOptions:
     speed: float
     quiet: bool = False
     json: bool = False
+    backfill: Window | None = None  # publish this past window as fast as --rate allows, then exit
+    gaps: tuple[GapSpec, ...] = ()
+    drop: float = 0.0
+
+    @property
+    def scripted(self) -> bool:
+        return bool(self.gaps) or self.drop > 0
 
 
 class _Publisher:
@@ -174,13 +182,38 @@ class _Publisher:
             self._answer(meta, early)
 
 
+def check_gaps(options: SimulateOptions, devices: list[str], origin: datetime) -> Script:
+    """The run's script, its gaps resolved from ``origin``; ConfigError naming what to fix."""
+    known = set(devices)
+    problems = []
+    for spec in options.gaps:
+        if spec.device not in known:
+            problems.append(ConfigProblem("--gap", f"{spec.text!r}: no device {spec.device!r} in this fleet of "
+                                          f"{len(devices)} ({', '.join(devices[:4])}, ...)",
+                                          "name a device of the fleet, or raise --devices"))
+    gaps = []
+    for spec in options.gaps:
+        try:
+            gaps.append(spec.resolve(origin))
+        except ValueError as exc:
+            problems.append(ConfigProblem("--gap", str(exc), "give FROM before TO"))
+    if problems:
+        raise ConfigError("simulate", problems)
+    return Script(gaps, drop=options.drop, seed=options.seed)
+
+
 def simulate(options: SimulateOptions, *, clock: Clock = utc_now, out: TextIO | None = None) -> int:
-    """Run the fleet until the duration is over or SIGINT/SIGTERM; print the summary. Exit code."""
+    """Run the fleet until the duration (or the backfill) is over or SIGINT/SIGTERM; print the summary.
+
+    Returns the exit code.
+    """
     out = out or sys.stdout
     devices = build_fleet(options.seed, options.devices)
     sim = Simulator(devices, seed=options.seed, prefix=options.prefix, faults=options.faults)
     tally = Tally(devices)
     pub = _Publisher(options.broker, tally)
+    uids = [d.uid for d in devices]
+    check_gaps(options, uids, options.backfill.start if options.backfill else clock())  # before connecting
 
     stop = threading.Event()
 
@@ -206,14 +239,22 @@ def simulate(options: SimulateOptions, *, clock: Clock = utc_now, out: TextIO | 
                       file=sys.stderr)
                 return 1
             wall0 = clock()
-            fleet_clock = FleetClock(options.start or wall0, wall0, options.speed)
-            started = time.monotonic()
-            show = out.isatty() and not options.quiet
-            if show:
-                _publish_with_display(options, sim, pub, fleet_clock, clock, stop, started, out)
+            if options.backfill is not None:
+                script = check_gaps(options, uids, options.backfill.start)
+                messages = _backfill(sim, options.backfill, tally)
+                loop = _Loop(options, pub, script, stop, options.backfill.start)
+                label, shown = "message time", lambda: loop.latest
             else:
-                _publish_loop(options, sim, pub, fleet_clock, clock, stop, started)
-            elapsed = time.monotonic() - started
+                script = check_gaps(options, uids, wall0)  # live gaps count from the first message
+                fleet_clock = FleetClock(options.start or wall0, wall0, options.speed)
+                messages = _live(sim, fleet_clock, clock)
+                loop = _Loop(options, pub, script, stop, wall0)
+                label, shown = "fleet clock", lambda: fleet_clock.at(clock())
+            if out.isatty() and not options.quiet:
+                _publish_with_display(options, loop, messages, sim, (label, shown), out)
+            else:
+                loop.run(messages)
+            elapsed = time.monotonic() - loop.started
             _drain(tally, DRAIN_TIMEOUT)
         finally:
             pub.stopping = True
@@ -223,7 +264,8 @@ def simulate(options: SimulateOptions, *, clock: Clock = utc_now, out: TextIO | 
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    summary = tally.summary(seed=options.seed, prefix=options.prefix, elapsed=elapsed, silenced=sim.silenced)
+    summary = tally.summary(seed=options.seed, prefix=options.prefix, elapsed=elapsed, silenced=sim.silenced,
+                            scripted=options.scripted, backfill=options.backfill)
     if options.json:
         out.write(json.dumps(summary, sort_keys=False) + "\n")
     else:
@@ -238,51 +280,93 @@ def simulate(options: SimulateOptions, *, clock: Clock = utc_now, out: TextIO | 
     return 0
 
 
-def _publish_with_display(options: SimulateOptions, sim: Simulator, pub: _Publisher, fleet_clock: FleetClock,
-                          clock: Clock, stop: threading.Event, started: float, out: TextIO) -> None:
+def _live(sim: Simulator, fleet_clock: FleetClock, clock: Clock) -> Iterator[SimMessage]:
+    """The live fleet: each message timed by the wall clock when it is taken, valued by the fleet clock."""
+    while True:
+        wall = clock()
+        msg = sim.next_message(wall, fleet_clock.at(wall))
+        if msg is None:
+            log.warning("every device has gone silent; stopping")
+            return
+        yield msg
+
+
+def _backfill(sim: Simulator, window: Window, tally: Tally) -> Iterator[SimMessage]:
+    """The window's messages in time order; a silent device's slots are counted, not sent."""
+    by_uid = {d.uid: d for d in sim.devices}
+    for uid, t in window.slots(sim.seed, list(by_uid)):
+        msg = sim.message_at(by_uid[uid], t)
+        if msg is None:
+            tally.on_skipped(uid, "silent")
+            continue
+        yield msg
+
+
+def _publish_with_display(options: SimulateOptions, loop: _Loop, messages: Iterator[SimMessage], sim: Simulator,
+                          shown: tuple[str, Callable[[], datetime]], out: TextIO) -> None:
     from rich.console import Console
     from rich.live import Live
 
     from ingest.simulate.display import progress_renderable
 
     render = progress_renderable(
-        pub.tally, elapsed=lambda: time.monotonic() - started, fleet_time=lambda: fleet_clock.at(clock()),
-        rate=options.rate, broker=options.broker.display, silenced=lambda: list(sim.silenced),
+        loop.pub.tally, elapsed=lambda: time.monotonic() - loop.started, fleet_time=shown[1],
+        rate=options.rate, broker=options.broker.display, silenced=lambda: list(sim.silenced), clock_label=shown[0],
     )
     with Live(get_renderable=render, console=Console(file=out), refresh_per_second=4, transient=True):
-        _publish_loop(options, sim, pub, fleet_clock, clock, stop, started)
+        loop.run(messages)
 
 
-def _publish_loop(options: SimulateOptions, sim: Simulator, pub: _Publisher, fleet_clock: FleetClock,
-                  clock: Clock, stop: threading.Event, started: float) -> None:
-    """Publish at ``options.rate`` messages per second, whole fleet, on a fixed schedule.
+class _Loop:
+    """Publishes ``messages`` at ``options.rate`` per second, whole fleet, on a fixed schedule.
 
-    Message k is due at started + k / rate: the simulator hands the slots to the devices in turn,
-    so each device publishes every devices / rate seconds, and the fleet never fires at once.
+    Message k is due at started + k / rate: live, the simulator hands the slots to the devices in turn,
+    so each device publishes every devices / rate seconds and the fleet never fires at once. A message
+    the script skips (gap, drop) keeps its slot empty when live, so the other devices keep their cadence;
+    in a backfill, where the rate is only the pace, it takes no slot.
     """
-    interval = 1.0 / options.rate
-    base = started
-    k = 0
-    while not stop.is_set():
-        now = time.monotonic()
-        if options.duration and now - started >= options.duration:
-            return
-        due = base + k * interval
-        if due > now:
-            stop.wait(min(due - now, 0.25))
-            continue
-        if now - due > CATCH_UP_LIMIT:
-            base = now - k * interval  # we fell behind (a slow broker): skip the slots, do not burst
-        if pub.tally.in_flight >= MAX_IN_FLIGHT:
-            stop.wait(0.05)  # the broker is not answering: wait rather than queue without bound
-            continue
-        wall = clock()
-        msg = sim.next_message(wall, fleet_clock.at(wall))
-        if msg is None:
-            log.warning("every device has gone silent; stopping")
-            return
-        pub.publish(msg.topic, msg.payload, Meta.of(msg, options.qos))
-        k += 1
+
+    def __init__(self, options: SimulateOptions, pub: _Publisher, script: Script, stop: threading.Event,
+                 first: datetime) -> None:
+        self.options = options
+        self.pub = pub
+        self.script = script
+        self.stop = stop
+        self.latest = first  # the own time of the last message taken, for the display
+        self.started = time.monotonic()
+
+    def run(self, messages: Iterator[SimMessage]) -> None:
+        options, tally, stop = self.options, self.pub.tally, self.stop
+        live = options.backfill is None
+        interval = 1.0 / options.rate
+        self.started = base = time.monotonic()
+        k = 0
+        while not stop.is_set():
+            now = time.monotonic()
+            if options.duration and now - self.started >= options.duration:
+                return
+            due = base + k * interval
+            if due > now:
+                stop.wait(min(due - now, 0.25))
+                continue
+            if now - due > CATCH_UP_LIMIT:
+                base = now - k * interval  # we fell behind (a slow broker): skip the slots, do not burst
+            if tally.in_flight >= MAX_IN_FLIGHT:
+                stop.wait(0.05)  # the broker is not answering: wait rather than queue without bound
+                continue
+            msg = next(messages, None)
+            if msg is None:
+                return
+            assert msg.at is not None
+            self.latest = msg.at
+            why = self.script.verdict(msg.device, msg.at)
+            if why is not None:
+                tally.on_skipped(msg.device, why)
+                if live:
+                    k += 1
+                continue
+            self.pub.publish(msg.topic, msg.payload, Meta.of(msg, options.qos))
+            k += 1
 
 
 def _drain(tally: Tally, timeout: float) -> None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 if TYPE_CHECKING:
     import asyncpg
@@ -33,18 +34,28 @@ if TYPE_CHECKING:
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["LOCK_KEY", "Calibration", "CalibrationError", "Calibrations", "load_calibrations", "rewrite_step",
-           "set_calibration"]
+__all__ = ["LOCK_KEY", "Calibration", "CalibrationError", "Calibrations", "Change", "load_calibrations",
+           "pending_readings", "rewrite_step", "series_calibrations", "set_calibration"]
+
+Change: TypeAlias = Literal["added", "corrected", "unchanged"]  # what set_calibration did
 
 LOCK_KEY = 7215150001  # the advisory lock of schemas/migrations/0004_register.sql
 EPOCH_SQL = "SELECT sensor_ingest_calibration_epoch()"
 _COLUMNS = ("id, device_id, metric_id, effective_from, scale, offset_value, from_scale, from_offset, rewrite_cursor,"
             " rewritten, comment")
 _BUMP = "UPDATE calibration_epoch SET epoch = epoch + 1"
+# Where a calibration's span ends: the next calibration of its series; NULL: open-ended.
+_NEXT = ("SELECT min(effective_from) FROM calibrations WHERE device_id = $1 AND metric_id = $2 "
+         "AND effective_from > $3")
 
 
 class CalibrationError(ValueError):
-    """A calibration that cannot be set now; the message says why and what to do."""
+    """A calibration that cannot be set now; the message says why and what to do. ``pending``: the
+    calibration of the series whose rewrite must be finished first, when that is the reason."""
+
+    def __init__(self, message: str, pending: Calibration | None = None) -> None:
+        super().__init__(message)
+        self.pending = pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,7 @@ class Calibrations:
 
     __slots__ = ("_series",)
 
-    def __init__(self, calibrations: list[Calibration] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, calibrations: Iterable[Calibration] = ()) -> None:
         series: dict[tuple[int, int], list[Calibration]] = {}
         for c in sorted(calibrations, key=lambda c: (c.device_id, c.metric_id, c.effective_from)):
             series.setdefault((c.device_id, c.metric_id), []).append(c)
@@ -103,19 +114,39 @@ async def load_calibrations(conn: Conn) -> Calibrations:
     return Calibrations([Calibration.of(r) for r in rows])
 
 
+async def series_calibrations(conn: Conn, device_id: int, metric_id: int) -> list[Calibration]:
+    """The calibrations of one series, in effective_from order."""
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM calibrations WHERE device_id = $1 AND metric_id = $2 "
+                            "ORDER BY effective_from", device_id, metric_id)
+    return [Calibration.of(r) for r in rows]
+
+
+async def pending_readings(conn: Conn, c: Calibration) -> int:
+    """How many stored readings of ``c``'s span still carry the calibration they were stored with (at
+    or after its cursor); 0 when it is applied. A count of a moment: live ingest may add some."""
+    if c.rewrite_cursor is None:
+        return 0
+    end = await conn.fetchval(_NEXT, c.device_id, c.metric_id, c.effective_from)
+    n = await conn.fetchval(
+        "SELECT count(*) FROM readings WHERE device_id = $1 AND metric_id = $2 AND time >= $3 "
+        "AND ($4::timestamptz IS NULL OR time < $4)", c.device_id, c.metric_id, c.rewrite_cursor, end)
+    return int(n)
+
+
 def _span_end(rows: list[asyncpg.Record], effective_from: datetime) -> datetime | None:
     later = [r["effective_from"] for r in rows if r["effective_from"] > effective_from]
     return min(later) if later else None
 
 
 async def set_calibration(conn: Conn, device_id: int, metric_id: int, effective_from: datetime, scale: float,
-                          offset: float, comment: str | None = None) -> tuple[Calibration, bool]:
+                          offset: float, comment: str | None = None) -> tuple[Calibration, Change]:
     """Add the calibration of (device, metric) from ``effective_from``, or correct the one from that time.
 
-    Returns it and whether it changed anything. When stored readings of its span carry another
-    calibration, its ``rewrite_cursor`` is set to ``effective_from``: ``rewrite_step`` then rewrites
-    them. Refused (CalibrationError) while another calibration of the series is still being rewritten,
-    and for a metric whose readings are not numbers."""
+    Returns it and what was done ("unchanged": the same scale and offset were there, also while their
+    rewrite is under way; a new comment is still recorded). When stored readings of its span carry
+    another calibration, its ``rewrite_cursor`` is set to ``effective_from``: ``rewrite_step`` then
+    rewrites them. Refused (CalibrationError) while another calibration of the series is still being
+    rewritten (``pending`` names it), and for a metric whose readings are not numbers."""
     if not (math.isfinite(scale) and math.isfinite(offset)) or scale == 0:
         raise CalibrationError(f"scale {scale!r} and offset {offset!r}: both must be finite numbers, scale not 0")
     if effective_from.tzinfo is None:
@@ -131,18 +162,23 @@ async def set_calibration(conn: Conn, device_id: int, metric_id: int, effective_
                                 "ORDER BY effective_from FOR UPDATE", device_id, metric_id)
         busy = [r for r in rows if r["rewrite_cursor"] is not None]
         same = next((r for r in rows if r["effective_from"] == effective_from), None)
-        if same is not None and same["scale"] == scale and same["offset_value"] == offset and not busy:
+        if same is not None and same["scale"] == scale and same["offset_value"] == offset:
+            # Nothing to change, also while a rewrite is under way: the same command run again after an
+            # interruption is then a no-op here and its caller's rewrite resumes.
             if comment is not None and comment != same["comment"]:
-                await conn.execute("UPDATE calibrations SET comment = $2, updated_at = now() WHERE id = $1",
-                                   same["id"], comment)
+                same = await conn.fetchrow(
+                    f"UPDATE calibrations SET comment = $2, updated_at = now() WHERE id = $1 RETURNING {_COLUMNS}",
+                    same["id"], comment)
+                assert same is not None
                 await conn.execute(_BUMP)
-            return Calibration.of(same), False
+            return Calibration.of(same), "unchanged"
         if busy:
-            b = busy[0]
+            b = Calibration.of(busy[0])
+            assert b.rewrite_cursor is not None
             raise CalibrationError(
-                f"the calibration from {b['effective_from'].isoformat()} of this series is still being applied to "
-                f"its stored readings (from {b['rewrite_cursor'].isoformat()} on): finish it first with "
-                "`sensor-ingest devices recalibrate DEVICE METRIC`")
+                f"the calibration from {b.effective_from.isoformat()} of this series is still being applied to "
+                f"its stored readings (from {b.rewrite_cursor.isoformat()} on): finish it first with "
+                "`sensor-ingest devices recalibrate DEVICE METRIC`", pending=b)
         if same is not None:
             was = (same["scale"], same["offset_value"])
         else:
@@ -166,13 +202,15 @@ async def set_calibration(conn: Conn, device_id: int, metric_id: int, effective_
             device_id, metric_id, effective_from, scale, offset, comment, was[0], was[1], cursor)
         await conn.execute(_BUMP)
         assert row is not None
-        return Calibration.of(row), True
+        return Calibration.of(row), "added" if same is None else "corrected"
 
 
 async def rewrite_step(conn: Conn, calibration_id: int, max_rows: int) -> tuple[int, bool]:
-    """Rewrite at most about ``max_rows`` stored readings of a calibration's span from the calibration
+    """Rewrite at most ``max_rows`` stored readings of a calibration's span from the calibration
     they carry to it, in one transaction. Returns (readings rewritten, whether it is now done). Running
     it on a calibration that is done rewrites nothing."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows {max_rows}: at least 1, or the cursor would never move")
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM calibrations WHERE id = $1 FOR UPDATE", calibration_id)
@@ -181,9 +219,7 @@ async def rewrite_step(conn: Conn, calibration_id: int, max_rows: int) -> tuple[
         c = Calibration.of(row)
         if c.rewrite_cursor is None:
             return 0, True
-        end = await conn.fetchval(
-            "SELECT min(effective_from) FROM calibrations WHERE device_id = $1 AND metric_id = $2 "
-            "AND effective_from > $3", c.device_id, c.metric_id, c.effective_from)
+        end = await conn.fetchval(_NEXT, c.device_id, c.metric_id, c.effective_from)
         # The time of the first reading past this step's share; none: this step takes all that is left.
         stop = await conn.fetchval(
             "SELECT time FROM readings WHERE device_id = $1 AND metric_id = $2 AND time >= $3 "
