@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -93,7 +93,7 @@ def summary_renderable(summary: dict[str, Any]) -> Group:
     if "per_device" in summary:
         head.add_row("not sent", f"gap {summary['gap']:,}, dropped {summary['dropped']:,}")
     faults = {k: v for k, v in summary["faults"].items() if "published" in v}
-    parts = [
+    parts: list[RenderableType] = [
         Text("sensor-ingest simulate: summary", style="bold"), head, Text(""),
         _counts("Families", "family", summary["families"], extra="devices"), Text(""),
         _counts("Kinds", "kind", summary["kinds"], extra="devices"), Text(""),

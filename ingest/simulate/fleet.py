@@ -10,6 +10,8 @@ Two clocks, on purpose:
 - a message's *timestamp* is the wall-clock time it is sent. The service rejects readings timed
   more than ingest.max_future (600 s) ahead of their receive time or before ingest.earliest_time,
   so timestamps that followed a sped-up fleet clock would turn into rejections within seconds.
+A backfill (``Simulator.message_at``) is the exception: it publishes a past window, so both clocks
+are the message's own time there (gaps.Window says which times).
 A device's timestamps are in whole milliseconds and strictly increasing, so no two of its messages
 share the service's unique key (device, metric, time).
 """

@@ -79,7 +79,8 @@ class GapSpec:
         start = origin + self.start if isinstance(self.start, timedelta) else self.start
         end = origin + self.end if isinstance(self.end, timedelta) else self.end
         if end <= start:
-            raise ValueError(f"{self.text!r}: the gap ends ({end.isoformat()}) before it starts ({start.isoformat()})")
+            raise ValueError(f"{self.text!r}: the gap would end ({end.isoformat()}) before it starts "
+                             f"({start.isoformat()})")
         return Gap(self.device, start, end)
 
 
@@ -101,8 +102,12 @@ def parse_gap(text: str) -> GapSpec:
     else:
         raise ValueError(f"{text!r}: separate the bounds with '..' (FROM-TO is for durations only, e.g. 10m-40m)")
     spec = GapSpec(device, _bound(first), _bound(last), text)
-    if type(spec.start) is type(spec.end):
-        spec.resolve(_EPOCH)  # bounds of one kind: their order does not depend on when the run starts
+    # Bounds of one kind can be checked now; a duration against a time only once the run's start is known.
+    if isinstance(spec.start, timedelta) == isinstance(spec.end, timedelta):
+        try:
+            spec.resolve(_EPOCH)
+        except ValueError:
+            raise ValueError(f"{text!r}: TO must come after FROM") from None
     return spec
 
 

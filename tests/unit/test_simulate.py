@@ -331,7 +331,8 @@ def test_help_explains_every_option() -> None:
     parser = _simulate_parser()
     text = parser.format_help()
     wanted = {"--mqtt-url", "--username", "--devices", "--rate", "--duration", "--seed", "--prefix", "--qos",
-              "--faults", "--fault-rate", "--start", "--speed", "--print-sources", "--quiet", "--json"}
+              "--faults", "--fault-rate", "--start", "--speed", "--print-sources", "--quiet", "--json",
+              "--backfill", "--interval", "--end", "--gap", "--drop"}
     options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert options == wanted
     for action in parser._actions:
