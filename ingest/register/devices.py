@@ -107,13 +107,13 @@ def _bad_text(text: str, limit: int, controls: bool = False) -> str | None:
 def _number(text: str, column: str) -> tuple[float | int | None, str | None]:
     if not _NUMBER.match(text):
         hint = f" with a decimal point ({text.replace(',', '.')})" if re.fullmatch(r"[+-]?\d+,\d+", text) else ""
-        return None, f"{column} {_quote(text)} is not a number: write it{hint} like 21.0285"
+        return None, f"{column} {_quote(text)} is not a number: write a plain number{hint}, e.g. 21.0285"
     value = float(text)
     low, high = _NUMBERS[column]
     if not math.isfinite(value):
         return None, f"{column} {_quote(text)} is too large"
     if not low <= value <= high:
-        return None, f"{column} {text} is out of range: it lies between {low:g} and {high:g}"
+        return None, f"{column} {text} is out of range: {column} lies between {low:g} and {high:g}"
     # 3 and 3.0 are both stored as 3, so that --where installation_height=3 finds either.
     return (int(value) if value.is_integer() and abs(value) < 2**53 else value), None
 
@@ -194,7 +194,8 @@ def _entry(names: list[str], cells: list[str], line: int) -> tuple[Entry | None,
             why = f"{name} {_quote(text)} {why}" if why else None
         if why:
             problems.append(Problem(line, why))
-    uid = cells[names.index("device")].strip() if names.index("device") < len(cells) else ""
+    device = names.index("device")
+    uid = cells[device].strip() if device < len(cells) else ""
     if not uid:
         problems.append(Problem(line, "no device id: fill the device column, or delete the row"))
     elif why := _bad_text(uid, MAX_NAME):
@@ -214,6 +215,7 @@ def parse_register(text: str, delimiter: str = ",") -> tuple[list[Entry], list[P
     entries: list[Entry] = []
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
+    device = 0  # the device column's index
     start = 1
     while True:
         try:
@@ -221,8 +223,12 @@ def parse_register(text: str, delimiter: str = ",") -> tuple[list[Entry], list[P
         except StopIteration:
             break
         except csv.Error as exc:
-            why = ("a quoted cell is never closed: close it with \"" if "end of data" in str(exc) else
-                   f"{exc}: a cell that holds a quote must be quoted whole, its quotes doubled (\"12\"\" pipe\")")
+            if "end of data" in str(exc):
+                why = "a quoted cell is never closed (it runs to the end of the file): close it with \""
+            elif "field larger" in str(exc):
+                why = f"a cell is longer than {csv.field_size_limit()} characters: is a quote never closed?"
+            else:
+                why = f"{exc}: a cell that holds a quote must be quoted whole, its quotes doubled (\"12\"\" pipe\")"
             problems.append(Problem(start, why))
             break
         line, start = start, reader.line_num + 1
@@ -232,17 +238,18 @@ def parse_register(text: str, delimiter: str = ",") -> tuple[list[Entry], list[P
             names, header_problems = _header(cells, line, delimiter)
             if header_problems:
                 return [], header_problems
+            device = names.index("device")
             continue
         entry, row_problems = _entry(names, cells, line)
         problems.extend(row_problems)
-        if entry is None:
-            continue
-        if entry.uid in first_line:
-            problems.append(Problem(line, f"device {_quote(entry.uid)} is also on line {first_line[entry.uid]}: keep "
-                                          "one row per device"))
-            continue
-        first_line[entry.uid] = line
-        entries.append(entry)
+        uid = cells[device].strip() if device < len(cells) else ""
+        if uid in first_line:
+            problems.append(Problem(line, f"device {_quote(uid)} is also on line {first_line[uid]}: keep one row per "
+                                          "device"))
+        elif uid:
+            first_line[uid] = line
+        if entry is not None:
+            entries.append(entry)
     if names is None and not problems:
         problems.append(Problem(1, "the file is empty: its first line must name the columns, e.g. device,make,model"))
     return entries, problems
@@ -256,7 +263,7 @@ def _changes(entry: Entry, stored: Stored) -> dict[str, Change]:
             out[name] = (getattr(stored, name), new)
     for key, value in entry.attributes.items():
         old = stored.attributes.get(key)
-        if old != value or type(old) is str is not type(value):  # "3" and 3 differ to --where
+        if old != value or isinstance(old, bool):  # JSON true is not the number 1
             out[key] = (old, value)
     return out
 
@@ -292,7 +299,7 @@ its source. The other columns:
   installation_height            metres, a number
   district, any other column     an attribute of that name (lat, lon, installation_height: numbers)
 
-An EMPTY CELL LEAVES THAT FIELD OR ATTRIBUTE AS IT IS: a new device gets nothing for it, an existing
+An empty cell leaves that field or attribute as it is: a new device gets nothing for it, an existing
 one keeps what it has. Attributes are merged into the device's, never removed. A device that is not
 in the register yet is added as never seen (last seen empty) until its first reading. Rows whose
 cells are all empty are skipped.
@@ -475,17 +482,13 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _shown(v: Any) -> str:
-    return "-" if v is None else v if isinstance(v, str) else _duration(v) if False else json.dumps(v)
-
-
 def _print_plan(plan: Plan) -> None:
     def value(name: str, v: Any) -> str:
-        return _duration(v) if name == "expected_interval" and v is not None else _shown(v)
+        return _duration(v) if name == "expected_interval" and v is not None else _attribute(v)
 
     for e in plan.added:
         fields = [f"{n}={value(n, getattr(e, n))}" for n in _FIELDS if getattr(e, n) is not None]
-        fields += [f"{k}={_shown(v)}" for k, v in e.attributes.items()]
+        fields += [f"{k}={_attribute(v)}" for k, v in e.attributes.items()]
         print(f"+ {e.uid} (line {e.line}, new)" + (": " + ", ".join(fields) if fields else ""))
     for e, changes in plan.updated:
         print(f"~ {e.uid} (line {e.line}): " + ", ".join(f"{k} {value(k, old)} -> {value(k, new)}"
@@ -499,11 +502,12 @@ def _duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+    return f"{seconds:.12g}s"
 
 
 def _attribute(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    """An attribute's value as --where compares it (a JSON number or true as its JSON text)."""
+    return "-" if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
 def _device_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -547,7 +551,7 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
     table(f"devices ({len(rows)})", ["device", "make", "model", "source", "district", "expected interval",
                                      "first seen", "last seen", "other attributes"],
           [[r["device"], cell(r["make"], ""), cell(r["model"], ""), cell(r["source"], ""),
-            _attribute(r["attributes"].get("district", "-")),
+            _attribute(r["attributes"].get("district")),
             _duration(r["expected_interval"]) if r["expected_interval"] else "-",
             cell(r["first_seen"], ""), cell(r["last_seen"], "") if r["last_seen"] else "never",
             ", ".join(f"{k}={_attribute(v)}" for k, v in sorted(r["attributes"].items()) if k != "district")]
@@ -559,12 +563,19 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
 
 # -- show ---------------------------------------------------------------------------------------------------
 
-# The device's metrics come from the (device_id, metric_id, time) index (a SkipScan on TimescaleDB), and the
-# last reading of each from the same index, newest chunk first: no count over the series.
+# The device's metrics come from the (device_id, metric_id, time) index, one probe per metric (a loose index
+# scan: TimescaleDB's SkipScan is not in every build), and the last reading of each from the same index,
+# newest chunk first: no count, no scan of the series.
 _SERIES = """
+WITH RECURSIVE s(metric_id) AS (
+    (SELECT metric_id FROM {table} WHERE device_id = %(id)s ORDER BY metric_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.metric_id FROM {table} r WHERE r.device_id = %(id)s AND r.metric_id > s.metric_id
+            ORDER BY r.metric_id LIMIT 1)
+    FROM s WHERE s.metric_id IS NOT NULL
+)
 SELECT m.name AS metric, m.unit, m.kind, last.time AS last_time, last.value AS last_value, last.flags
-FROM (SELECT DISTINCT metric_id FROM {table} WHERE device_id = %(id)s) s
-JOIN metrics m ON m.id = s.metric_id
+FROM s JOIN metrics m ON m.id = s.metric_id
 CROSS JOIN LATERAL (SELECT time, value, flags FROM {table} r WHERE r.device_id = %(id)s AND r.metric_id = s.metric_id
                     ORDER BY time DESC LIMIT 1) last
 """
@@ -593,8 +604,8 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
             near = [r["uid"] for r in _fetch(conn, "SELECT uid FROM devices WHERE uid ILIKE %(p)s ORDER BY uid LIMIT 5",
                                              {"p": f"%{like(args.device)}%"})]
             fail(f"no device {args.device!r} in the register" +
-                 (f"; did you mean {', '.join(map(repr, near))}?" if near else "") +
-                 f" Find it with `sensor-ingest devices list --device '{args.device[:6]}*'`")
+                 (f" (did you mean {', '.join(map(repr, near))}?)" if near else "") +
+                 f"; find it with `sensor-ingest devices list --device '{args.device[:6]}*'`")
             return 1
         params = {"id": found[0]["id"], "uid": args.device}
         series = sorted(_fetch(conn, _SERIES.format(table="readings"), params)
@@ -615,12 +626,14 @@ def _show(args: argparse.Namespace, settings: Any) -> int:
     else:
         print("series: none (no reading stored)")
     if calibrations:
-        table("calibrations", ["metric", "effective from", "scale", "offset", "stored readings", "rewritten",
+        # rewrite_cursor NULL: every stored reading of the calibration's span carries it.
+        table("calibrations", ["metric", "effective from", "scale", "offset", "status", "readings rewritten",
                                "comment"],
               [[c["metric"], cell(c["effective_from"], ""), repr(c["scale"]), repr(c["offset_value"]),
-                "rewritten" if c["rewrite_cursor"] is None else
-                f"from {cell(c['rewrite_cursor'], '')} not yet: run `sensor-ingest devices recalibrate`",
-                str(c["rewritten"]), cell(c["comment"], "")] for c in calibrations])
+                "applied" if c["rewrite_cursor"] is None else
+                f"readings from {cell(c['rewrite_cursor'], '')} on not yet rewritten: run `sensor-ingest devices "
+                f"recalibrate {args.device} {c['metric']}`", str(c["rewritten"]), cell(c["comment"], "")]
+               for c in calibrations])
     else:
         print("calibrations: none")
     if rejections:

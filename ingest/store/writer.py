@@ -79,10 +79,15 @@ UPDATE devices SET attributes = devices.attributes || t.a::jsonb
 FROM unnest($1::int[], $2::text[]) AS t(id, a)
 WHERE devices.id = t.id
 """
+# A device imported into the register has last_seen NULL until its first reading (first_seen then
+# becomes that moment), and may have no source: the first source that writes it fills it in.
 _TOUCH_DEVICES = """
-UPDATE devices SET last_seen = t.ts
-FROM unnest($1::int[], $2::timestamptz[]) AS t(id, ts)
-WHERE devices.id = t.id AND (devices.last_seen IS NULL OR devices.last_seen < t.ts)
+UPDATE devices SET last_seen = GREATEST(devices.last_seen, t.ts),
+    first_seen = CASE WHEN devices.last_seen IS NULL THEN now() ELSE devices.first_seen END,
+    source = coalesce(devices.source, t.src)
+FROM unnest($1::int[], $2::timestamptz[], $3::text[]) AS t(id, ts, src)
+WHERE devices.id = t.id
+  AND (devices.last_seen IS NULL OR devices.last_seen < t.ts OR (devices.source IS NULL AND t.src IS NOT NULL))
 """
 
 
@@ -165,6 +170,8 @@ class Writer:
         self._calibrations = Calibrations()
         self._calibration_epoch: int | None = None
         self._last_seen: dict[int, datetime] = {}  # committed, not yet in devices.last_seen
+        self._new_sources: dict[int, str | None] = {}  # source of devices first seen by this writer, not yet touched
+        self._sourced: set[int] = set()  # devices whose source this writer has passed to the database
         self._attributes: dict[int, dict[str, str]] = {}  # committed attributes from topic captures
 
     async def write(self, outcomes: Sequence[Outcome]) -> WriteResult:
@@ -187,17 +194,21 @@ class Writer:
         if not self._last_seen or self._stale or self.pool.is_closing():
             return
         pending, self._last_seen = self._last_seen, {}
+        sources, self._new_sources = self._new_sources, {}
         ids = sorted(pending)
         try:
             bound = min(self.timeout or _TOUCH_TIMEOUT, _TOUCH_TIMEOUT)
             async with asyncio.timeout(bound), self.pool.acquire(timeout=bound) as conn:
                 try:
-                    await conn.execute(_TOUCH_DEVICES, ids, [pending[i] for i in ids])
+                    await conn.execute(_TOUCH_DEVICES, ids, [pending[i] for i in ids], [sources.get(i) for i in ids])
+                    self._sourced.update(sources)
                 except Exception as exc:
                     if is_connection_failure(exc):
                         conn.terminate()  # see the module docstring
                     raise
         except Exception as exc:
+            for d, src in sources.items():  # the source is filled in once: try again next time
+                self._new_sources.setdefault(d, src)
             log.debug("devices.last_seen not updated: %s", describe(exc))
 
     async def write_in(self, conn: Conn,
@@ -238,6 +249,8 @@ class Writer:
         row_of: list[tuple[int, Reading]] = []  # (outcome index, reading) of each row, for conflicts
         text_of: list[tuple[int, Reading]] = []
         last_seen: dict[int, datetime] = {}
+        first_source: dict[int, str | None] = {}
+        sourced = self._sourced
         for i, o in enumerate(outcomes):
             for r in o.readings:
                 d = dev[r.device]
@@ -249,7 +262,11 @@ class Writer:
                     rows.append((r.time, d, met[r.metric], float(v), r.flags))
                     row_of.append((i, r))
                 seen = last_seen.get(d)
-                if seen is None or seen < r.time:
+                if seen is None:
+                    last_seen[d] = r.time
+                    if d not in sourced:
+                        first_source.setdefault(d, o.source)
+                elif seen < r.time:
                     last_seen[d] = r.time
         redelivered = any(o.message.redelivered for o in outcomes)
         attributes = self._changed_attributes(outcomes)
@@ -300,6 +317,8 @@ class Writer:
         for d, ts in last_seen.items():
             if d not in pending or pending[d] < ts:
                 pending[d] = ts
+        for d, src in first_source.items():
+            self._new_sources.setdefault(d, src)
         return result
 
     def _calibrate(self, rows: list[tuple[datetime, int, int, float, int]], owners: list[tuple[int, Reading]]) -> int:
