@@ -258,10 +258,11 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
         """The fleet quality gauges, every quality.every seconds (on the writer's pool: one short query)."""
         from datetime import UTC, datetime
 
-        intervals = {s.name: s.expected_interval for s in settings.all_sources() if s.expected_interval}
+        from ingest.quality import fleet_quality, source_intervals
+
+        intervals = source_intervals(settings)
         while True:
             try:
-                from ingest.quality import fleet_quality
 
                 p = writer.pool
                 if not p.is_closing():

@@ -15,8 +15,15 @@ Why each reading is rewritten exactly once, whatever ingest does meanwhile: ever
 (``set_calibration``, each ``rewrite_step``) holds an advisory lock exclusively and bumps
 ``calibration_epoch``; each write transaction of the writer takes the same lock shared and reads the
 epoch after it is granted (``sensor_ingest_calibration_epoch()``), so it either commits before a step
-(its readings then lie at or after the cursor the step starts from, with the previous calibration,
-and the step rewrites them) or starts after it and applies the cursor the step left.
+starts, having applied the rule with the cursor that step starts from (its readings before the cursor
+carry the new calibration and no step touches them; those at or after it carry the previous one and
+this step or a later one rewrites them), or it starts after the step has committed and applies the
+cursor the step left. Readings are unique per (device, metric, time), so a span's readings at or after
+the cursor are a well-ordered set that the steps cut into consecutive, disjoint pieces.
+
+The rewrite computes ``(value - from_offset) / from_scale * scale + offset``: from the identity (a first
+calibration) this is exactly ``raw * scale + offset``, what the writer stores; from another calibration
+(a correction) it may differ from it in the last bits of the double.
 """
 
 from __future__ import annotations

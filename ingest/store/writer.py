@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -284,7 +285,8 @@ class Writer:
                     self._calibrations = await load_calibrations(conn)
                     self._calibration_epoch = epoch
                 if self._calibrations:
-                    result.calibrated = self._calibrate(rows, row_of)
+                    result.calibrated = self._calibrate(rows, row_of, clashes)
+            if rows:
                 result.conflict_path, fresh = await self._store(
                     conn, "readings", rows, row_of, redelivered, result, clashes)
                 new_rows = len(rows) if fresh is None else len(fresh)
@@ -321,11 +323,15 @@ class Writer:
             self._new_sources.setdefault(d, src)
         return result
 
-    def _calibrate(self, rows: list[tuple[datetime, int, int, float, int]], owners: list[tuple[int, Reading]]) -> int:
+    def _calibrate(self, rows: list[tuple[datetime, int, int, float, int]], owners: list[tuple[int, Reading]],
+                   clashes: dict[int, list[tuple[Reading, Rejection]]]) -> int:
         """Apply the calibrations to the numeric rows in place (and to their readings, which the alert
-        stage and conflict details read); booleans are never calibrated. Returns how many changed."""
+        stage and conflict details read); booleans are never calibrated. A value the calibration takes
+        past the largest double is a problem of its message (not_finite), and leaves ``rows``.
+        Returns how many changed."""
         cal = self._calibrations
         changed = 0
+        overflow: list[int] = []
         for n, (t, d, m, v, f) in enumerate(rows):
             factor = cal.factor(d, m, t)
             if factor is None:
@@ -335,10 +341,17 @@ class Writer:
                 continue
             scale, offset = factor
             value = v * scale + offset
-            if value != v:
+            if not math.isfinite(value):
+                overflow.append(n)
+                clashes.setdefault(i, []).append((r, Rejection(
+                    "not_finite", f"{r.metric}: value {v:g} calibrated (x {scale:g} + {offset:g}) is not a finite "
+                    "number", r.device)))
+            elif value != v:
                 rows[n] = (t, d, m, value, f)
                 owners[n] = (i, replace(r, value=value))
                 changed += 1
+        for n in reversed(overflow):
+            del rows[n], owners[n]
         return changed
 
     async def _store(self, conn: Conn, table: str, rows: list[tuple[Any, ...]],
@@ -380,7 +393,9 @@ class Writer:
         for n in again:
             t, d, m, v, _ = rows[n]
             old = stored[(d, m, t)]
-            if old == v:
+            # Within a few units in the last place: the same value (a stored reading rewritten by a
+            # calibration's correction, computed by another formula, stays a duplicate).
+            if old == v or (isinstance(v, float) and math.isclose(old, v, rel_tol=1e-12)):
                 result.duplicates += 1
                 continue
             i, r = owners[n]
