@@ -62,13 +62,16 @@ def console() -> Any:
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table of plain text: topics, details and device ids come from publishers, so "[/x]" in
+    one prints as it is, never as rich markup."""
+    from rich.markup import escape
     from rich.table import Table
 
-    shown = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    shown = Table(title=escape(title), title_justify="left", show_edge=False, pad_edge=False)
     for column in columns:
-        shown.add_column(column, overflow="fold")
+        shown.add_column(escape(column), overflow="fold")
     for row in rows:
-        shown.add_row(*row)
+        shown.add_row(*(escape(c) for c in row))
     console().print(shown)
 
 
