@@ -352,7 +352,7 @@ def _where(text: str) -> tuple[str, str]:
     key, equals, value = text.partition("=")
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: write KEY=VALUE, e.g. district='Hoan Kiem'")
-    return key.strip().lower(), value
+    return key.strip(), value
 
 
 def add_register_actions(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -460,8 +460,9 @@ def _import(args: argparse.Namespace, settings: Any) -> int:
         return 1
     uids = [e.uid for e in entries]
     with connect(settings, read_only=args.dry_run) as conn, conn.transaction():
-        # FOR UPDATE: a concurrent import waits, so that the plan stays true until commit.
-        rows = conn.execute(_SELECT_STORED + ("" if args.dry_run else " FOR UPDATE"), (uids,)).fetchall()
+        # FOR NO KEY UPDATE: a concurrent import waits, so that the plan stays true until commit; the key
+        # share locks of calibrations' foreign keys (taken under the calibration lock) do not.
+        rows = conn.execute(_SELECT_STORED + ("" if args.dry_run else " FOR NO KEY UPDATE"), (uids,)).fetchall()
         plan = plan_import(entries, {r[0]: Stored(*r[1:]) for r in rows})
         if args.dry_run:
             _print_plan(plan)
@@ -528,7 +529,10 @@ def _list(args: argparse.Namespace, settings: Any) -> int:
         where.append("uid LIKE %s")
         params.append(like(args.device))
     for key, value in args.where:
-        where.append("attributes ->> %s = %s")
+        # The key matched without regard to case: imported columns are lowercased, topic captures keep
+        # theirs ({District}).
+        where.append("EXISTS (SELECT 1 FROM jsonb_each_text(attributes) AS a(k, v) WHERE lower(a.k) = lower(%s) "
+                     "AND a.v = %s)")
         params += [key, value]
     for column in ("source", "make"):
         if getattr(args, column) is not None:

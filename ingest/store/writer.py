@@ -84,7 +84,7 @@ WHERE devices.id = t.id
 # becomes that moment), and may have no source: the first source that writes it fills it in.
 _TOUCH_DEVICES = """
 UPDATE devices SET last_seen = GREATEST(devices.last_seen, t.ts),
-    first_seen = CASE WHEN devices.last_seen IS NULL THEN now() ELSE devices.first_seen END,
+    first_seen = CASE WHEN devices.last_seen IS NULL THEN LEAST(now(), t.ts) ELSE devices.first_seen END,
     source = coalesce(devices.source, t.src)
 FROM unnest($1::int[], $2::timestamptz[], $3::text[]) AS t(id, ts, src)
 WHERE devices.id = t.id
@@ -326,7 +326,8 @@ class Writer:
     def _calibrate(self, rows: list[tuple[datetime, int, int, float, int]], owners: list[tuple[int, Reading]],
                    clashes: dict[int, list[tuple[Reading, Rejection]]]) -> int:
         """Apply the calibrations to the numeric rows in place (and to their readings, which the alert
-        stage and conflict details read); booleans are never calibrated. A value the calibration takes
+        stage and conflict details read). Every row of a calibrated series is, a boolean stored as 1/0
+        in a number metric too, as the rewrite of stored readings does. A value the calibration takes
         past the largest double is a problem of its message (not_finite), and leaves ``rows``.
         Returns how many changed."""
         cal = self._calibrations
@@ -337,8 +338,6 @@ class Writer:
             if factor is None:
                 continue
             i, r = owners[n]
-            if isinstance(r.value, bool):
-                continue
             scale, offset = factor
             value = v * scale + offset
             if not math.isfinite(value):
@@ -393,9 +392,10 @@ class Writer:
         for n in again:
             t, d, m, v, _ = rows[n]
             old = stored[(d, m, t)]
-            # Within a few units in the last place: the same value (a stored reading rewritten by a
-            # calibration's correction, computed by another formula, stays a duplicate).
-            if old == v or (isinstance(v, float) and math.isclose(old, v, rel_tol=1e-12)):
+            if old == v or (table == "readings" and self._calibrations.factor(d, m, t) is not None
+                            and math.isclose(old, v, rel_tol=1e-9, abs_tol=1e-9 * max(1.0, abs(old), abs(v)))):
+                # In a calibrated series, the same value to 9 digits: a stored reading rewritten by a
+                # correction (another formula, other rounding) stays a duplicate.
                 result.duplicates += 1
                 continue
             i, r = owners[n]

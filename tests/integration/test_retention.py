@@ -46,14 +46,16 @@ async def test_chunks_wholly_older_than_the_period_are_dropped_and_no_newer_row(
         await _insert(conn, old + kept)
 
         dropped = await drop_old_rejections(conn, 30 * DAY, NOW)
-        assert dropped is not None and len(dropped) == 2
+        assert dropped is not None
+        assert len(dropped) == 2
         assert await _times(conn) == kept
 
         assert await drop_old_rejections(conn, 30 * DAY, NOW) == []  # again: nothing more to drop
 
         # A month later by the injected clock, everything has aged out.
         dropped = await drop_old_rejections(conn, 30 * DAY, NOW + timedelta(days=32))
-        assert dropped is not None and len(dropped) == 3
+        assert dropped is not None
+        assert len(dropped) == 3
         assert await _times(conn) == []
     finally:
         await conn.close()
@@ -70,7 +72,8 @@ async def test_another_worker_holding_the_lock_means_this_one_skips(database_url
         assert len(await _times(conn)) == 1
         await other.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
         dropped = await drop_old_rejections(conn, 30 * DAY, NOW)
-        assert dropped is not None and len(dropped) == 1
+        assert dropped is not None
+        assert len(dropped) == 1
         assert await _times(conn) == []
     finally:
         await other.close()
@@ -103,6 +106,37 @@ def test_the_service_drops_old_rejections_on_its_schedule(
                    "the dropped chunks to be counted")
         with psycopg.connect(database_url) as c:
             row = c.execute("SELECT received_at FROM rejected_messages").fetchone()
-        assert row is not None and row[0] > now - timedelta(hours=2)
+        assert row is not None
+        assert row[0] > now - timedelta(hours=2)
     finally:
         ingest.close()
+
+
+@pytest.mark.asyncio
+async def test_the_loop_runs_at_once_on_the_injected_clock_and_counts_the_chunks(database_url: str) -> None:
+    import asyncio
+
+    from ingest.metrics import Metrics
+    from ingest.settings import RetentionSettings
+    from ingest.store.retention import retention_loop
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await _insert(conn, [NOW - timedelta(days=3), NOW - timedelta(hours=1)])
+        metrics = Metrics()
+        # By the injected clock it is 40 days later: both rows are past a 30-day period.
+        task = asyncio.create_task(retention_loop(lambda: pool, RetentionSettings(), metrics,
+                                                  clock=lambda: NOW + timedelta(days=40)))
+        try:
+            for _ in range(200):
+                if metrics.registry.get_sample_value("sensor_ingest_retention_dropped_chunks_total") == 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+        assert metrics.registry.get_sample_value("sensor_ingest_retention_dropped_chunks_total") == 2
+        async with pool.acquire() as conn:
+            assert await _times(conn) == []
+    finally:
+        await pool.close()
