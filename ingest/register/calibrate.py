@@ -87,22 +87,31 @@ def add_calibration_actions(actions: argparse._SubParsersAction[argparse.Argumen
             "conversion; its range checks judge the value as measured), up to the next calibration of the "
             "series. A water level measured as mount height H minus a distance is --scale -1 --offset H.")
         + "\n\n" + _wrap(
+            "Correcting the calibration from exactly T, a parameter not given keeps its value (--offset 4.35 "
+            "alone keeps the scale), and the first line shows the change: `corrected: ... scale -1 offset 4.2 "
+            "-> scale -1 offset 4.35`. There is no delete: correct a calibration to the scale and offset of the "
+            "previous one (1 and 0 for the first), which gives the same stored values.")
+        + "\n\n" + _wrap(
             "When stored readings of that span carry another calibration (or none), they are then rewritten "
             "from it to the new one, in transactions of --batch readings, each reading exactly once, also "
             "while the service keeps ingesting. Ctrl-C or SIGTERM stops after the current transaction; "
             "`sensor-ingest devices recalibrate DEVICE METRIC` (or this command again) resumes. Alerts are "
             "not evaluated again for the rewritten history.")
         + "\n\n" + _wrap(
-            "Refused while another calibration of the series is still being rewritten (finish it with "
-            "recalibrate), and for metrics whose readings are not numbers. Exit 0 when done (also when "
+            "Refused while a calibration of the series is still being rewritten (finish it with recalibrate; "
+            "the one from T can still be corrected while nothing of its span is rewritten yet), when the new "
+            "factor would take a stored reading of the span past the largest double, and for metrics whose "
+            "readings are not numbers. Exit 0 when done (also when "
             "nothing changed), 1 when refused or DEVICE or METRIC is unknown, 2 on a usage error or when the "
             "database cannot be reached, 130 after Ctrl-C, 143 after SIGTERM."),
     )
     _client_args(p)
     p.add_argument("device", metavar="DEVICE", help="the device id, as stored (devices.uid)")
     p.add_argument("metric", metavar="METRIC", help="the metric name, as stored (metrics.name)")
-    p.add_argument("--scale", type=_scale, metavar="S", help="the factor (default 1)")
-    p.add_argument("--offset", type=_number, metavar="O", help="added after the factor (default 0)")
+    p.add_argument("--scale", type=_scale, metavar="S",
+                   help="the factor (default: 1 for a new calibration, the stored one when correcting)")
+    p.add_argument("--offset", type=_number, metavar="O",
+                   help="added after the factor (default: 0 for a new calibration, the stored one when correcting)")
     p.add_argument("--from", dest="effective_from", type=_effective, required=True, metavar="T",
                    help="the first reading time it applies to: RFC 3339 with an offset (2026-11-25T03:00:00Z) "
                    "or 'now'")
@@ -120,8 +129,9 @@ def add_calibration_actions(actions: argparse._SubParsersAction[argparse.Argumen
             "--batch readings, each reading exactly once, also while the service keeps ingesting. Shows a "
             "progress bar on a terminal and ends with the count (0 when nothing was pending: running it "
             "again changes nothing). Ctrl-C or SIGTERM stops after the current transaction; run it again to "
-            "resume. Exit 0 when done, 1 when DEVICE or METRIC is unknown, 2 when the database cannot be "
-            "reached, 130 after Ctrl-C, 143 after SIGTERM."),
+            "resume. Exit 0 when done, 1 when DEVICE or METRIC is unknown or a stored reading cannot be "
+            "rewritten (the calibration would take it past the largest double: the message names it and says "
+            "what to do), 2 when the database cannot be reached, 130 after Ctrl-C, 143 after SIGTERM."),
     )
     _client_args(p)
     p.add_argument("device", metavar="DEVICE", help="the device id, as stored (devices.uid)")
@@ -149,7 +159,8 @@ def cmd_calibration(args: argparse.Namespace) -> int:
         return asyncio.run(_list(args))
     if command == "calibrate":
         if args.scale is None and args.offset is None:
-            fail("devices calibrate: give --scale, --offset or both (the other defaults to 1 or 0)")
+            fail("devices calibrate: give --scale, --offset or both (correcting the calibration from exactly T, the "
+                 "other keeps its value; for a new one it is 1 or 0)")
             return 2
         return asyncio.run(_session(args, _calibrate))
     return asyncio.run(_session(args, _recalibrate))
@@ -163,6 +174,12 @@ def _num(v: float) -> str:
 
 def _factor(scale: float, offset: float) -> str:
     return f"scale {_num(scale)} offset {_num(offset)}"
+
+
+def _named(exc: Exception, args: argparse.Namespace) -> str:
+    """The store's message with the commands it suggests spelled for this series (it writes them with
+    DEVICE METRIC: it knows ids, not names)."""
+    return str(exc).replace("DEVICE METRIC", f"{shlex.quote(args.device)} {shlex.quote(args.metric)}")
 
 
 def _when(t: datetime) -> str:
@@ -232,8 +249,7 @@ _Body = Callable[["Conn", argparse.Namespace, _Stop, _Run], Awaitable[int]]
 async def _session(args: argparse.Namespace, body: _Body) -> int:
     """Run ``body`` on a connection of its own, with the stop signals caught and the failures a user
     can act on turned into messages (the readings rewritten so far are committed either way)."""
-    import asyncpg
-
+    from ingest.store.calibration import CalibrationError
     from ingest.store.classify import describe, is_connection_failure
 
     conn = await async_connect(client_settings(args.config))
@@ -251,10 +267,10 @@ async def _session(args: argparse.Namespace, body: _Body) -> int:
         print(f"stopped at once: {run.rewritten} readings rewritten (committed); the transaction under way rolled "
               f"back. {resume}")
         return _STOPPED[signal.Signals(stop.signal)]
-    except asyncpg.DataError as exc:
-        # A stored value that the new factor takes beyond the range of a double: no step can go on.
-        fail(f"{args.device} {args.metric}: a stored reading cannot be rewritten: {describe(exc)} "
-             f"({run.rewritten} readings were rewritten before)")
+    except CalibrationError as exc:
+        # A step refused (its transaction rolled back): a stored reading the factor takes past the
+        # largest double. The message says which one and the way out.
+        fail(f"{args.device} {args.metric}: {_named(exc, args)} ({run.rewritten} readings were rewritten before)")
         return 1
     except Exception as exc:
         if is_connection_failure(exc):
@@ -324,15 +340,14 @@ async def _calibrate(conn: Conn, args: argparse.Namespace, stop: _Stop, run: _Ru
 
     try:
         device_id, metric_id = await _series(conn, args.device, args.metric)
-        c, change = await set_calibration(conn, device_id, metric_id, args.effective_from,
-                                          1.0 if args.scale is None else args.scale,
-                                          0.0 if args.offset is None else args.offset, args.comment)
+        c, change, old = await set_calibration(conn, device_id, metric_id, args.effective_from, args.scale,
+                                               args.offset, args.comment)
     except _Unknown as exc:
         fail(str(exc))
         return 1
     except CalibrationError as exc:
         if exc.pending is None:
-            fail(f"{args.device} {args.metric}: {exc}")
+            fail(f"{args.device} {args.metric}: {_named(exc, args)}")
         else:
             busy = exc.pending
             cursor = "" if busy.rewrite_cursor is None else f" (from {_when(busy.rewrite_cursor)} on)"
@@ -341,7 +356,8 @@ async def _calibrate(conn: Conn, args: argparse.Namespace, stop: _Stop, run: _Ru
                  f"with `sensor-ingest devices recalibrate {shlex.quote(args.device)} {shlex.quote(args.metric)}`, "
                  "then calibrate again")
         return 1
-    print(f"{change}: {args.device} {args.metric} from {_when(c.effective_from)}: {_factor(c.scale, c.offset)}"
+    was = f"{_factor(*old)} -> " if change == "corrected" and old is not None else ""
+    print(f"{change}: {args.device} {args.metric} from {_when(c.effective_from)}: {was}{_factor(c.scale, c.offset)}"
           + (f" ({c.comment})" if c.comment else ""))
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM readings WHERE device_id = $1 AND metric_id = $2)",
                                device_id, metric_id):

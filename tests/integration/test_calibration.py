@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -79,6 +80,17 @@ async def make_series(c: Conn, device: str = DEVICE, metric: str = METRIC,
     return int(d), int(m)
 
 
+def message(redelivered: bool = False) -> RawMessage:
+    return RawMessage("x/hn-wl-1/up", b"{}", T0, 1, 1, 1, 1, redelivered)
+
+
+async def insert(c: Conn, d: int, m: int, *rows: tuple[datetime, float]) -> None:
+    """Stored as they are (as the writer stores readings at or after a rewrite's cursor: with the
+    calibration they are rewritten from)."""
+    await c.executemany("INSERT INTO readings (time, device_id, metric_id, value) VALUES ($1, $2, $3, $4)",
+                        [(t, d, m, v) for t, v in rows])
+
+
 async def store(c: Conn, d: int, m: int, n: int) -> None:
     """n readings, one a minute from T0, raw value 1000 + i (as the service stores them uncalibrated)."""
     await c.executemany("INSERT INTO readings (time, device_id, metric_id, value) VALUES ($1, $2, $3, $4)",
@@ -130,8 +142,8 @@ def close_to(got: list[float], want: list[float]) -> bool:
 async def test_readings_before_are_untouched_and_after_rewritten_exactly_once(conn: asyncpg.Connection) -> None:
     d, m = await make_series(conn)
     await store(conn, d, m, 20)
-    c, change = await set_calibration(conn, d, m, at(8), 2.0, 0.5, "new mount")
-    assert change == "added"
+    c, change, was = await set_calibration(conn, d, m, at(8), 2.0, 0.5, "new mount")
+    assert (change, was) == ("added", None)
     assert (c.rewrite_cursor, c.from_scale, c.from_offset) == (at(8), 1.0, 0.0)
     assert await values(conn, d, m) == expected(20, [])  # recorded; nothing rewritten yet
 
@@ -143,8 +155,8 @@ async def test_readings_before_are_untouched_and_after_rewritten_exactly_once(co
 
     # Again: nothing to do, nothing changes.
     assert await rewrite_step(conn, c.id, 5) == (0, True)
-    again, change = await set_calibration(conn, d, m, at(8), 2.0, 0.5)
-    assert (change, again.rewrite_cursor) == ("unchanged", None)
+    again, change, was = await set_calibration(conn, d, m, at(8), 2.0, 0.5)
+    assert (change, was, again.rewrite_cursor) == ("unchanged", (2.0, 0.5), None)
     assert await rewrite_step(conn, c.id, 5) == (0, True)
     assert await values(conn, d, m) == want
     assert (await calibration(conn, c.id))["rewritten"] == 12
@@ -155,7 +167,7 @@ async def test_an_interrupted_rewrite_resumed_later_rewrites_each_reading_once(d
     first = await asyncpg.connect(database_url)
     d, m = await make_series(first)
     await store(first, d, m, 30)
-    c, _ = await set_calibration(first, d, m, at(0), -1.0, 5.25)
+    c, _, _ = await set_calibration(first, d, m, at(0), -1.0, 5.25)
     for _ in range(3):
         assert await rewrite_step(first, c.id, 4) == (4, False)
     assert (await calibration(first, c.id))["rewrite_cursor"] == at(12)
@@ -182,7 +194,7 @@ async def test_the_writer_follows_the_cursor_of_an_interrupted_rewrite(database_
             d, m = await make_series(c)
             await c.executemany("INSERT INTO readings (time, device_id, metric_id, value) VALUES ($1, $2, $3, $4)",
                                 [(at(i), d, m, raw(i)) for i in range(0, 40, 2)])  # even minutes
-            cal, _ = await set_calibration(c, d, m, at(10), 3.0, -2.0)
+            cal, _, _ = await set_calibration(c, d, m, at(10), 3.0, -2.0)
             for _ in range(2):
                 await rewrite_step(c, cal.id, 4)  # minutes 10 to 24 rewritten; the cursor is at 26
             assert (await calibration(c, cal.id))["rewrite_cursor"] == at(26)
@@ -215,8 +227,10 @@ async def test_a_value_the_calibration_takes_past_the_largest_double_is_rejected
         async with pool.acquire() as c:
             assert await values(c, d, m) == [2e300]
             row = await c.fetchrow("SELECT reason, detail FROM rejected_messages")
-        assert row is not None and row["reason"] == "not_finite"
-        assert "calibrated" in row["detail"] and "1e+10" in row["detail"]
+        assert row is not None
+        assert row["reason"] == "not_finite"
+        assert "calibrated" in row["detail"]
+        assert "1e+10" in row["detail"]
     finally:
         await pool.close()
 
@@ -246,10 +260,10 @@ async def test_an_alert_rule_judges_the_calibrated_value(database_url: str) -> N
 async def test_a_correction_rewrites_from_the_old_parameters_to_the_new(conn: asyncpg.Connection) -> None:
     d, m = await make_series(conn)
     await store(conn, d, m, 20)
-    c, _ = await set_calibration(conn, d, m, at(5), 2.0, 3.0)
+    c, _, _ = await set_calibration(conn, d, m, at(5), 2.0, 3.0)
     await rewrite_all(conn, c.id, 100)
-    fixed, change = await set_calibration(conn, d, m, at(5), -1.0, 4.25, "the mount height was wrong")
-    assert change == "corrected"
+    fixed, change, was = await set_calibration(conn, d, m, at(5), -1.0, 4.25, "the mount height was wrong")
+    assert (change, was) == ("corrected", (2.0, 3.0))
     assert fixed.id == c.id
     assert (fixed.from_scale, fixed.from_offset, fixed.rewrite_cursor, fixed.rewritten) == (2.0, 3.0, at(5), 0)
     assert await rewrite_all(conn, c.id, 6) == [6, 6, 3]
@@ -263,12 +277,12 @@ async def test_a_correction_rewrites_from_the_old_parameters_to_the_new(conn: as
 async def test_a_calibration_inserted_between_two_only_touches_its_own_span(conn: asyncpg.Connection) -> None:
     d, m = await make_series(conn)
     await store(conn, d, m, 30)
-    a, _ = await set_calibration(conn, d, m, at(5), 2.0, 0.0)
+    a, _, _ = await set_calibration(conn, d, m, at(5), 2.0, 0.0)
     await rewrite_all(conn, a.id, 100)
-    c, _ = await set_calibration(conn, d, m, at(20), 4.0, 1.0)
+    c, _, _ = await set_calibration(conn, d, m, at(20), 4.0, 1.0)
     await rewrite_all(conn, c.id, 100)
     # A (from 5) still covers 5..19 until B splits it: B's readings 10..19 carry A's factor now.
-    b, change = await set_calibration(conn, d, m, at(10), 0.5, -3.0)
+    b, change, _ = await set_calibration(conn, d, m, at(10), 0.5, -3.0)
     assert change == "added"
     assert (b.from_scale, b.from_offset, b.rewrite_cursor) == (2.0, 0.0, at(10))
     assert await rewrite_all(conn, b.id, 4) == [4, 4, 2]
@@ -282,7 +296,7 @@ async def test_a_calibration_inserted_between_two_only_touches_its_own_span(conn
 async def test_refused_while_another_calibration_of_the_series_is_being_rewritten(conn: asyncpg.Connection) -> None:
     d, m = await make_series(conn)
     await store(conn, d, m, 20)
-    a, _ = await set_calibration(conn, d, m, at(0), 2.0, 0.0)
+    a, _, _ = await set_calibration(conn, d, m, at(0), 2.0, 0.0)
     await rewrite_step(conn, a.id, 3)
     before = await values(conn, d, m)
     with pytest.raises(CalibrationError, match="sensor-ingest devices recalibrate") as refused:
@@ -292,13 +306,13 @@ async def test_refused_while_another_calibration_of_the_series_is_being_rewritte
     with pytest.raises(CalibrationError, match="still being applied"):
         await set_calibration(conn, d, m, at(0), 5.0, 0.0)  # a correction of the one being rewritten
     # The same calibration again is no change: the command run again after an interruption resumes.
-    same, change = await set_calibration(conn, d, m, at(0), 2.0, 0.0)
+    same, change, _ = await set_calibration(conn, d, m, at(0), 2.0, 0.0)
     assert (change, same.rewrite_cursor) == ("unchanged", at(3))
     assert await values(conn, d, m) == before
     assert await conn.fetchval("SELECT count(*) FROM calibrations") == 1
     # Another series is not held up.
     d2, m2 = await make_series(conn, "hn-wl-2")
-    other, change = await set_calibration(conn, d2, m2, at(0), 3.0, 0.0)
+    other, change, _ = await set_calibration(conn, d2, m2, at(0), 3.0, 0.0)
     assert (change, other.rewrite_cursor) == ("added", None)  # no stored reading: nothing to rewrite
 
 
@@ -317,6 +331,164 @@ async def test_only_numbers_are_calibrated(conn: asyncpg.Connection) -> None:
         await set_calibration(conn, d, number, datetime(2026, 11, 25, 3, 0), 2.0, 1.0)
     assert await conn.fetchval("SELECT count(*) FROM calibrations") == 0
     assert await conn.fetchval("SELECT epoch FROM calibration_epoch") == 0
+
+
+@pytest.mark.asyncio
+async def test_a_boolean_of_a_number_series_is_calibrated_as_its_numbers_are(database_url: str) -> None:
+    """A number metric may hold a boolean reading, stored as 1 or 0: the rewrite and the writer both
+    calibrate it, so the same boolean delivered again after the rewrite is a duplicate, not a conflict."""
+    pool = await create_pool(DatabaseSettings(url=database_url))
+    try:
+        writer = Writer(pool)
+        first = [Reading(DEVICE, METRIC, at(1), 1000.0), Reading(DEVICE, METRIC, at(2), True)]
+        assert (await writer.write([Outcome(message(), "native", first)])).readings == 2
+        async with pool.acquire() as c:
+            d, m = await make_series(c)
+            assert await c.fetchval("SELECT kind FROM metrics WHERE id = $1", m) == "number"
+            assert await values(c, d, m) == [1000.0, 1.0]
+            cal, _, _ = await set_calibration(c, d, m, at(0), 2.0, 0.5)
+            assert await rewrite_all(c, cal.id, 100) == [2]
+            assert await values(c, d, m) == [2000.5, 2.5]
+        live = await writer.write([Outcome(message(), "native", [Reading(DEVICE, METRIC, at(3), True)])])
+        assert (live.readings, live.calibrated) == (1, 1)
+        again = await writer.write([Outcome(message(redelivered=True), "native",
+                                            [Reading(DEVICE, METRIC, at(2), True)])])
+        assert (again.readings, again.duplicates, again.rejections) == (0, 1, 0)
+        other = await writer.write([Outcome(message(redelivered=True), "native",
+                                            [Reading(DEVICE, METRIC, at(2), False)])])
+        assert (other.duplicates, other.reasons) == (0, Counter({"conflict": 1}))  # 0.5 is not 2.5
+        async with pool.acquire() as c:
+            assert await values(c, d, m) == [2000.5, 2.5, 2.5]
+    finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_message_written_again_after_a_correction_is_a_duplicate(database_url: str) -> None:
+    """0.35 stored with offset 0.3, then corrected to offset -0.35: the rewrite leaves about -5.55e-17
+    where the writer computes 0 for the same message. In a calibrated series that is the same value
+    (within 1e-9): a duplicate. An uncalibrated series compares exactly: there it is a conflict."""
+    pool = await create_pool(DatabaseSettings(url=database_url))
+    try:
+        async with pool.acquire() as c:
+            d, m = await make_series(c)
+            cal, _, _ = await set_calibration(c, d, m, at(0), 1.0, 0.3)
+        writer = Writer(pool)
+        outcome = Outcome(message(), "native", [Reading(DEVICE, METRIC, at(1), 0.35)])
+        assert (await writer.write([outcome])).calibrated == 1
+        async with pool.acquire() as c:
+            assert await values(c, d, m) == [0.35 + 0.3]
+            fixed, change, was = await set_calibration(c, d, m, at(0), None, -0.35)
+            assert (change, was, fixed.scale, fixed.offset) == ("corrected", (1.0, 0.3), 1.0, -0.35)
+            assert await rewrite_all(c, cal.id, 10) == [1]
+            [stored] = await values(c, d, m)
+        assert stored == (0.35 + 0.3 - 0.3) / 1.0 * 1.0 + -0.35
+        assert stored != 0.0
+        assert abs(stored) < 1e-16
+        assert 0.35 * 1.0 + -0.35 == 0.0  # what the writer computes for the message now
+        # The same outcome again, not marked redelivered: the COPY fails on the key, the conflict path runs.
+        again = await writer.write([outcome])
+        assert (again.conflict_path, again.readings, again.duplicates, again.rejections) == (True, 0, 1, 0)
+        async with pool.acquire() as c:
+            assert await values(c, d, m) == [stored]
+            d2, level = await make_series(c, metric="level")
+            await insert(c, d2, level, (at(1), stored))
+        plain = await writer.write([Outcome(message(), "native", [Reading(DEVICE, "level", at(1), 0.0)])])
+        assert (plain.duplicates, plain.reasons) == (0, Counter({"conflict": 1}))
+        assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == 1
+    finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_calibration_that_would_take_a_stored_reading_past_the_largest_double_is_refused(
+        conn: asyncpg.Connection) -> None:
+    """Refused when it is set, naming the reading: its rewrite could never be done. Both extremes of
+    the span are checked, from what its readings carry (a correction divides the old parameters out)."""
+    d, m = await make_series(conn)
+    await insert(conn, d, m, (at(0), 3.0), (at(1), 1e10), (at(2), -2.0))
+    with pytest.raises(CalibrationError, match=r"^scale 1e\+300 offset 0 would take the stored reading 1e\+10 at "
+                       r"2026-11-25T03:01:00\+00:00 \(stored with scale 1 offset 0\) past the largest double"):
+        await set_calibration(conn, d, m, at(0), 1e300, 0.0, "a typo")
+    d2, m2 = await make_series(conn, "hn-wl-2")
+    await insert(conn, d2, m2, (at(0), -1e10), (at(1), 3.0))
+    with pytest.raises(CalibrationError, match=r"the stored reading -1e\+10 at 2026-11-25T03:00:00\+00:00 "):
+        await set_calibration(conn, d2, m2, at(0), 1e300, 0.0)  # the least goes to -inf
+    assert await conn.fetchval("SELECT count(*) FROM calibrations") == 0
+    assert await conn.fetchval("SELECT epoch FROM calibration_epoch") == 0
+
+    ok, _, _ = await set_calibration(conn, d, m, at(0), 1e298, 0.0)
+    assert await rewrite_all(conn, ok.id, 10) == [3]
+    want = [3.0 * 1e298, 1e10 * 1e298, -2.0 * 1e298]  # 1e308: still a double
+    assert await values(conn, d, m) == want
+    with pytest.raises(CalibrationError, match=r"the stored reading 1e\+308 at 2026-11-25T03:01:00\+00:00 \(stored "
+                       r"with scale 1e\+298 offset 0\)"):
+        await set_calibration(conn, d, m, at(0), 1e299, 0.0)
+    assert await values(conn, d, m) == want
+    row = await calibration(conn, ok.id)
+    assert (row["scale"], row["rewrite_cursor"]) == (1e298, None)
+    # Only the span counts: from minute 2 on, -2e298 * 100 is a double.
+    later, change, _ = await set_calibration(conn, d, m, at(2), 1e300, 0.0)
+    assert (change, later.rewrite_cursor) == ("added", at(2))
+
+
+@pytest.mark.asyncio
+async def test_a_calibration_whose_rewrite_has_not_begun_can_be_corrected(conn: asyncpg.Connection) -> None:
+    """A reading stored after the calibration was set (by the writer, with the previous calibration:
+    at or after the cursor) that the rewrite would take past the largest double: the step rolls back
+    and says so. Nothing of the span is rewritten yet, so the calibration can be corrected; the
+    rewrite then takes every reading once, from what they carry."""
+    d, m = await make_series(conn)
+    await store(conn, d, m, 5)
+    c, _, _ = await set_calibration(conn, d, m, at(0), 1e300, 0.0, "a typo")
+    await insert(conn, d, m, (at(5), 1e10))
+    with pytest.raises(CalibrationError, match=r"\(scale 1e\+300 offset 0\): it would take the stored reading 1e\+10 "
+                       r"at 2026-11-25T03:05:00\+00:00 \(stored with scale 1 offset 0\) past the largest double; this "
+                       r"step rolled back\. Nothing of its span is rewritten yet, so it can be corrected") as failed:
+        await rewrite_step(conn, c.id, 100)
+    assert isinstance(failed.value.__cause__, asyncpg.NumericValueOutOfRangeError)
+    row = await calibration(conn, c.id)
+    assert (row["rewrite_cursor"], row["rewritten"]) == (at(0), 0)
+    assert await values(conn, d, m) == [*expected(5, []), 1e10]
+
+    fixed, change, was = await set_calibration(conn, d, m, at(0), 1e3, None)  # the offset kept
+    assert (change, was) == ("corrected", (1e300, 0.0))
+    assert (fixed.id, fixed.scale, fixed.offset, fixed.from_scale, fixed.from_offset, fixed.rewrite_cursor,
+            fixed.comment) == (c.id, 1e3, 0.0, 1.0, 0.0, at(0), "a typo")
+    assert await rewrite_all(conn, c.id, 4) == [4, 2]
+    assert await values(conn, d, m) == [*expected(5, [(0, 1e3, 0.0)]), 1e13]
+    assert (await calibration(conn, c.id))["rewritten"] == 6
+
+    # Corrected, before its rewrite begins, back to what the readings carry: nothing is left to rewrite.
+    d2, m2 = await make_series(conn, "hn-wl-2")
+    await store(conn, d2, m2, 3)
+    c2, _, _ = await set_calibration(conn, d2, m2, at(0), 2.0, 0.0)
+    back, change, _ = await set_calibration(conn, d2, m2, at(0), 1.0, None)
+    assert (change, back.rewrite_cursor, back.rewritten) == ("corrected", None, 0)
+    assert await rewrite_step(conn, c2.id, 10) == (0, True)
+    assert await values(conn, d2, m2) == expected(3, [])
+
+
+@pytest.mark.asyncio
+async def test_a_rewrite_stopped_part_way_by_such_a_reading_says_what_to_do(conn: asyncpg.Connection) -> None:
+    """Part of the span rewritten already: a correction must wait (each side of the cursor carries
+    another calibration); the message says to fix or delete the reading, and the rewrite then ends."""
+    d, m = await make_series(conn)
+    await store(conn, d, m, 10)
+    c, _, _ = await set_calibration(conn, d, m, at(0), 1e300, 0.0)
+    assert await rewrite_step(conn, c.id, 4) == (4, False)
+    await insert(conn, d, m, (at(20), 1e10))
+    with pytest.raises(CalibrationError, match=r"the stored reading 1e\+10 at 2026-11-25T03:20:00\+00:00 .*Its "
+                       r"readings before 2026-11-25T03:04:00\+00:00 carry it already, so it cannot be corrected before "
+                       r"it is finished: fix or delete that reading, then run `sensor-ingest devices recalibrate "
+                       r"DEVICE METRIC` again"):
+        await rewrite_step(conn, c.id, 100)
+    with pytest.raises(CalibrationError, match="still being applied"):
+        await set_calibration(conn, d, m, at(0), 1e3, 0.0)
+    assert (await calibration(conn, c.id))["rewrite_cursor"] == at(4)
+    await conn.execute("DELETE FROM readings WHERE device_id = $1 AND time = $2", d, at(20))
+    assert await rewrite_all(conn, c.id, 100) == [6]
+    assert await values(conn, d, m) == expected(10, [(0, 1e300, 0.0)])
 
 
 # -- the commands, in process ---------------------------------------------------------------------------------------
@@ -380,7 +552,8 @@ def test_calibrate_recalibrate_and_calibrations_commands(database_url: str, monk
                            "--from", "2026-11-25T03:10:00Z", "--no-rewrite")
     assert code == 0
     assert out.splitlines() == [
-        "corrected: hn-wl-1 distance from 2026-11-25T03:10:00Z: scale -1 offset 4.75 (mount 5.5 m)",
+        "corrected: hn-wl-1 distance from 2026-11-25T03:10:00Z: scale -1 offset 5.5 -> scale -1 offset 4.75 "
+        "(mount 5.5 m)",
         "10 stored reading(s) from 2026-11-25T03:10:00Z on still carry scale -1 offset 5.5: run "
         "`sensor-ingest devices recalibrate hn-wl-1 distance` to rewrite them",
     ]
@@ -427,6 +600,68 @@ def test_commands_say_what_to_fix(database_url: str, monkeypatch: pytest.MonkeyP
     assert code == 0
     assert out.endswith("no stored reading needed rewriting\n")  # from now on: nothing stored yet
     assert sync_values(database_url) == expected(3, [])
+
+
+def test_a_correction_keeps_the_parameter_not_given_and_shows_the_change(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE_URL", database_url)
+    asyncio.run(_seed(database_url, 20))
+    t = "2026-11-25T03:10:00Z"
+    assert run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--scale", "-1", "--offset", "4.2", "--from", t,
+                   "--comment", "mount 4.20 m")[0] == 0
+    code, out, _ = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--offset", "4.35", "--from", t)
+    assert (code, out.splitlines()) == (0, [
+        "corrected: hn-wl-1 distance from 2026-11-25T03:10:00Z: scale -1 offset 4.2 -> scale -1 offset 4.35 "
+        "(mount 4.20 m)",
+        "10 readings rewritten from scale -1 offset 4.2 to scale -1 offset 4.35"])
+    assert close_to(sync_values(database_url), expected(20, [(10, -1.0, 4.35)]))
+    code, out, _ = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--scale", "2", "--from", t)
+    assert (code, out.splitlines()[0]) == (0, "corrected: hn-wl-1 distance from 2026-11-25T03:10:00Z: scale -1 "
+                                              "offset 4.35 -> scale 2 offset 4.35 (mount 4.20 m)")
+    assert close_to(sync_values(database_url), expected(20, [(10, 2.0, 4.35)]))
+    code, out, _ = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--offset", "4.35", "--from", t)
+    assert (code, out.splitlines()) == (0, [
+        "unchanged: hn-wl-1 distance from 2026-11-25T03:10:00Z: scale 2 offset 4.35 (mount 4.20 m)",
+        "no stored reading needed rewriting"])
+    # Another time: a new calibration, whose parameter not given is the default.
+    code, out, _ = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--offset", "1", "--from",
+                           "2026-11-25T03:15:00Z")
+    assert (code, out.splitlines()) == (0, [
+        "added: hn-wl-1 distance from 2026-11-25T03:15:00Z: scale 1 offset 1",
+        "5 readings rewritten from scale 2 offset 4.35 to scale 1 offset 1"])
+    assert close_to(sync_values(database_url), expected(20, [(10, 2.0, 4.35), (15, 1.0, 1.0)]))
+
+
+def test_commands_refuse_a_factor_past_the_largest_double_and_correct_a_rewrite_not_begun(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SENSOR_INGEST_DATABASE_URL", database_url)
+    asyncio.run(_seed(database_url, 5))
+    t = "2026-11-25T03:00:00Z"
+    code, out, err = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--scale", "1e306", "--from", t)
+    assert (code, out) == (1, "")
+    assert err == ("sensor-ingest: hn-wl-1 distance: scale 1e+306 offset 0 would take the stored reading 1000 at "
+                   "2026-11-25T03:00:00+00:00 (stored with scale 1 offset 0) past the largest double (about "
+                   "1.8e308): check the scale and offset\n")
+    assert sync_values(database_url) == expected(5, [])
+    # Within range when set; a reading stored since then (with the previous calibration) is not.
+    assert run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--scale", "1e305", "--from", t,
+                   "--no-rewrite")[0] == 0
+    with psycopg.connect(database_url) as c:
+        c.execute("INSERT INTO readings (time, device_id, metric_id, value) SELECT %s, d.id, m.id, 1e10 "
+                  "FROM devices d, metrics m WHERE d.uid = %s AND m.name = %s", (at(5), DEVICE, METRIC))
+    code, out, err = run_cli(capsys, "devices", "recalibrate", DEVICE, METRIC)
+    assert (code, out) == (1, "")
+    assert err == (
+        "sensor-ingest: hn-wl-1 distance: the calibration from 2026-11-25T03:00:00+00:00 (scale 1e+305 offset 0): it "
+        "would take the stored reading 1e+10 at 2026-11-25T03:05:00+00:00 (stored with scale 1 offset 0) past the "
+        "largest double; this step rolled back. Nothing of its span is rewritten yet, so it can be corrected: "
+        "`sensor-ingest devices calibrate hn-wl-1 distance --from 2026-11-25T03:00:00+00:00` with the right --scale "
+        "and --offset (0 readings were rewritten before)\n")
+    code, out, _ = run_cli(capsys, "devices", "calibrate", DEVICE, METRIC, "--scale", "1000", "--from", t)
+    assert (code, out.splitlines()) == (0, [
+        "corrected: hn-wl-1 distance from 2026-11-25T03:00:00Z: scale 1e+305 offset 0 -> scale 1000 offset 0",
+        "6 readings rewritten from scale 1 offset 0 to scale 1000 offset 0"])
+    assert sync_values(database_url) == [*expected(5, [(0, 1000.0, 0.0)]), 1e13]
 
 
 RESUMED_BY_RECALIBRATE = ["16 readings rewritten: from 2026-11-25T03:00:00Z, scale 1 offset 0 to scale 3 offset 0"]
@@ -614,7 +849,7 @@ async def test_a_rewrite_while_the_service_ingests_the_same_series_takes_each_re
         await stored_at_least(len(stored_raw))
         d = await watch.fetchval("SELECT id FROM devices WHERE uid = $1", DEVICE)
         m = await watch.fetchval("SELECT id FROM metrics WHERE name = $1", METRIC)
-        cal, _ = await set_calibration(rewriter, d, m, base, 2.0, 0.5)
+        cal, _, _ = await set_calibration(rewriter, d, m, base, 2.0, 0.5)
         assert cal.rewrite_cursor == base
         thread.start()
         steps, done, during = 0, False, 0
