@@ -11,8 +11,8 @@ CONFIG ?= deploy/sensor-ingest.example.toml
 help:
 	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
 	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
-	@echo "make bench   quick benchmark (about 2 minutes) with the baseline ratio, then the worst-case time of one"
-	@echo "             message (bench.worst); make bench FULL=1 for the long one"
+	@echo "make bench   quick benchmark with the baseline ratio, then the worst-case time of one message"
+	@echo "             (bench.worst) and the fleet-data costs (bench.fleet); make bench FULL=1 for the long one"
 	@echo "make bench-faults  the bench fault run (issue #5): database blackholed 60 s under a 100,000 x 1 KB backlog;"
 	@echo "             peak RSS <= 300 MB, unacked <= receive_maximum, every message stored once (BENCH_ARGS=--help)"
 	@echo "make lint    ruff + mypy --strict"
@@ -49,6 +49,7 @@ test-unit: $(BIN)/sensor-ingest
 bench: setup
 	$(BIN)/python -m bench.run $(if $(FULL),--full) $(BENCH_ARGS)
 	$(BIN)/python -m bench.worst
+	$(BIN)/python -m bench.fleet
 
 # The bench fault run: outages are long here, short in `make test` (tests/integration/test_faults.py).
 bench-faults: setup

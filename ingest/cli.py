@@ -14,6 +14,7 @@ from typing import Any
 
 from ingest import __version__
 from ingest.alerts.cli import add_alerts_parsers, cmd_alerts, cmd_rules
+from ingest.alerts.silence_cli import add_silences_parser, cmd_silences
 from ingest.clikit import DatabaseUnavailable
 from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import is_secret_name, mask_secrets, setup_logging
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     add_alerts_parsers(sub)
+    add_silences_parser(sub)
     add_devices_parsers(sub)
     add_quarantine_parsers(sub)
     add_quality_parser(sub)
@@ -332,6 +334,7 @@ COMMANDS = {
     "catalog": cmd_catalog,
     "rules": cmd_rules,
     "alerts": cmd_alerts,
+    "silences": cmd_silences,
     "devices": cmd_devices,
     "rejected": cmd_rejected,
     "replay": cmd_replay,

@@ -15,6 +15,7 @@ import uvicorn
 
 from ingest.alerts.dispatch import Dispatcher
 from ingest.alerts.runtime import AlertRuntime, RuleSet
+from ingest.alerts.silence import release_loop
 from ingest.alerts.stage import AlertStage
 from ingest.http import create_app
 from ingest.metrics import Metrics
@@ -292,6 +293,8 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     if settings.retention.enabled:
         tasks["retention"] = asyncio.create_task(retention_loop(lambda: writer.pool, settings.retention, metrics),
                                                  name="retention")
+    # Sends the firing notifications that silences held back, once they end (one worker at a time).
+    tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool), name="silences")
     if settings.quality.every > 0:
         tasks["quality"] = asyncio.create_task(quality(), name="quality")
     dispatch_stop = asyncio.Event()
@@ -326,7 +329,7 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     await bridge.stop()
     dispatch_stop.set()  # committed events stay in the outbox: the next start delivers them
     server.should_exit = True
-    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality"):
+    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality", "silences"):
         if name in tasks:
             tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):

@@ -45,11 +45,12 @@ other sections at the next start.
 ALERTS_DESCRIPTION = """\
 What the alert rules have done, read from the database: the state of each series a rule watches
 (alert_state), the firing and resolved events (alert_events) and their webhook deliveries
-(alert_outbox). Read-only.
+(alert_outbox); and acknowledgements, the one thing written here (silences: `sensor-ingest silences`).
 
   sensor-ingest alerts list [--firing]          pending and firing alerts (--all: every series)
   sensor-ingest alerts history [--rule R] ...   firing and resolved events, newest first
   sensor-ingest alerts deliveries [--failed]    webhook deliveries: attempts, last answer, error
+  sensor-ingest alerts ack ALERT --comment C    acknowledge a firing alert's episode
 """
 
 
@@ -154,6 +155,10 @@ def add_alerts_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--pending", action="store_true", help="deliveries not yet made (with --failed: both)")
     p.add_argument("--webhook", metavar="W", help="only this webhook")
     p.add_argument("--limit", type=positive, default=50, metavar="N", help="at most N rows (default: %(default)s)")
+
+    from ingest.alerts.silence_cli import add_ack_parser  # it imports this module
+
+    add_ack_parser(actions)
 
 
 # -- rules ------------------------------------------------------------------------------------------------
@@ -296,8 +301,12 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     from ingest.settings import mask_url
     from ingest.store.pool import dsn_of
 
-    settings = client_settings(args.config)
     command: str = args.alerts_command
+    if command == "ack":
+        from ingest.alerts.silence_cli import cmd_ack
+
+        return cmd_ack(args)
+    settings = client_settings(args.config)
     query, params, columns = (_list_query if command == "list" else
                               _history_query if command == "history" else _deliveries_query)(args)
     try:
@@ -362,18 +371,25 @@ def _list_query(args: argparse.Namespace) -> Query:
         params["rule"] = args.rule
     # The series' last event gives the severity and threshold it fired with (alert_events_series index).
     query = (
-        "SELECT s.rule, d.uid AS device, m.name AS metric, s.status, e.severity, s.last_value AS value,"
-        " e.threshold, s.episode_start AS since, s.last_time AS event_time, s.updated_at"
+        "SELECT s.rule || '/' || d.uid AS alert, s.rule, d.uid AS device, m.name AS metric, s.status, e.severity,"
+        " s.last_value AS value, e.threshold, s.episode_start AS since, s.last_time AS event_time, s.updated_at,"
+        " a.acked_by, a.acked_at, a.comment AS ack_comment, h.silenced_by"
         " FROM alert_state s " + _SERIES.format(t="s") +
+        # The ack and the hold of the current episode only (ingest.alerts.silence).
+        " LEFT JOIN alert_acks a ON a.rule = s.rule AND a.device_id = s.device_id AND a.metric_id = s.metric_id"
+        " AND a.episode_start = s.episode_start AND s.status = 'firing'"
+        " LEFT JOIN alert_held h ON h.rule = s.rule AND h.device_id = s.device_id AND h.metric_id = s.metric_id"
+        " AND h.starts_at = s.episode_start AND s.status = 'firing'" +
         " LEFT JOIN LATERAL (SELECT severity, threshold FROM alert_events x WHERE x.rule = s.rule"
         " AND x.device_id = s.device_id AND x.metric_id = s.metric_id ORDER BY x.id DESC LIMIT 1) e ON true"
         " WHERE " + " AND ".join(where) +
         " ORDER BY s.status = 'firing' DESC, s.status = 'pending' DESC, s.episode_start, s.rule, d.uid, m.name"
         " LIMIT %(limit)s"
     )
-    columns = [("rule", "rule"), ("device", "device"), ("metric", "metric"), ("status", "status"),
+    columns = [("alert", "alert"), ("metric", "metric"), ("status", "status"),
                ("severity", "severity"), ("value", "value"), ("threshold", "threshold"), ("since", "since"),
-               ("last reading", "event_time")]
+               ("last reading", "event_time"), ("acked by", "acked_by"), ("acked", "acked_at"),
+               ("ack comment", "ack_comment"), ("held by silence", "silenced_by")]
     return query, params, columns
 
 
@@ -391,7 +407,7 @@ def _history_query(args: argparse.Namespace) -> Query:
         params["since"] = args.since
     query = (
         "SELECT e.id, e.event_time, e.rule, d.uid AS device, m.name AS metric, e.status, e.severity, e.value,"
-        " e.threshold, e.starts_at, e.notified, e.created_at"
+        " e.threshold, e.starts_at, e.notified, e.silenced_by, e.released_at, e.created_at"
         " FROM alert_events e " + _SERIES.format(t="e") +
         (" WHERE " + " AND ".join(where) if where else "") +
         " ORDER BY e.id DESC LIMIT %(limit)s"
@@ -399,7 +415,7 @@ def _history_query(args: argparse.Namespace) -> Query:
     columns = [("event", "id"), ("event time", "event_time"), ("rule", "rule"), ("device", "device"),
                ("metric", "metric"), ("status", "status"), ("severity", "severity"), ("value", "value"),
                ("threshold", "threshold"), ("episode start", "starts_at"), ("notified", "notified"),
-               ("recorded", "created_at")]
+               ("silenced by", "silenced_by"), ("recorded", "created_at")]
     return query, params, columns
 
 

@@ -52,9 +52,10 @@ class Webhook:
     name: str
     url: str
     secret: bytes = field(repr=False)
-    body: Literal["standard"] = "standard"
+    body: Literal["standard", "alertmanager"] = "standard"
     timeout: float = 5.0
     max_age: float = 86400.0  # seconds after which an undelivered event is marked failed
+    external_url: str = ""  # body = "alertmanager": the payload's externalURL (compile_alerts fills it in)
 
 
 @dataclass(frozen=True, slots=True)

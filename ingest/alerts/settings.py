@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import string
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ingest.alerts.body import LABEL_NAME, RESERVED_LABELS
 from ingest.alerts.model import Rule, Webhook, decode_secret, parse_duration
 
 __all__ = ["AlertSettings", "RuleSettings", "WebhookSettings", "compile_alerts", "template_fields"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+BODIES = ("standard", "alertmanager")
 # What a summary may name: {device}, {metric}, {value}, {threshold}, {rule}, {severity}, {unit}.
 TEMPLATE_FIELDS = frozenset({"device", "metric", "value", "threshold", "rule", "severity", "unit"})
 
@@ -46,9 +50,13 @@ class WebhookSettings(_Section):
     name: str = Field(description="what rules name in their `webhooks`")
     url: str = Field(description="http(s) URL the events are POSTed to")
     secret_env: str = Field(description="environment variable holding the Standard Webhooks secret whsec_<base64>")
-    body: Literal["standard"] = Field("standard", description='"standard": the project\'s JSON body')
+    body: Literal["standard", "alertmanager"] = Field(
+        "standard", description='"standard": the project\'s JSON body; "alertmanager": Prometheus Alertmanager\'s '
+        'webhook payload (version 4), for receivers written for Alertmanager')
     timeout: float = Field(5.0, gt=0, le=300, description="seconds per request")
     max_age: float = Field(86400.0, description='give up (delivery marked failed) after this, e.g. "24h"')
+    external_url: str | None = Field(None, description='body = "alertmanager": the payload\'s externalURL, the '
+                                     'link receivers show back to the sender (default: http://<hostname>/)')
 
     @field_validator("name")
     @classmethod
@@ -61,8 +69,10 @@ class WebhookSettings(_Section):
     @field_validator("body", mode="before")
     @classmethod
     def _body(cls, v: Any) -> Any:
-        if v == "alertmanager":
-            raise _fix('body = "alertmanager" comes with the next alerts release (issue #16)', 'use body = "standard"')
+        if v not in BODIES:
+            raise _fix(f"body {v!r} is not a body this service sends",
+                       'use body = "standard" (the project\'s JSON) or body = "alertmanager" (Prometheus '
+                       "Alertmanager's webhook payload)")
         return v
 
     @field_validator("url")
@@ -73,6 +83,21 @@ class WebhookSettings(_Section):
         if re.match(r"^https?://[^/@\s]*:[^/@\s]*@", v):
             raise _fix("url holds a password", "put credentials in the receiver's own auth, not in a committed file")
         return v
+
+    @field_validator("external_url")
+    @classmethod
+    def _external_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+\S*$", v):
+            raise _fix(f"external_url {v!r} is not an http(s) URL",
+                       'write the address people reach this service at, e.g. "https://ingest.example.org/"')
+        return v
+
+    @model_validator(mode="after")
+    def _external_url_needs_alertmanager(self) -> WebhookSettings:
+        if self.external_url is not None and self.body != "alertmanager":
+            raise _fix(f"webhook {self.name!r}: external_url is only sent in the Alertmanager body",
+                       'set body = "alertmanager", or remove external_url')
+        return self
 
     @field_validator("secret_env")
     @classmethod
@@ -184,6 +209,32 @@ def _number(v: str | int | float | bool) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _backlink() -> str:
+    """The default externalURL. Alertmanager's own is http://<hostname>:<port>/ (app/url.go); this
+    service's HTTP address may be a wildcard, so the host name alone."""
+    host = socket.gethostname()
+    return f"http://{host}/" if _HOST.match(host) else "http://localhost/"
+
+
+def _label_problems(where: str, rule: RuleSettings, hook: str) -> list[str]:
+    """A rule whose events go to an Alertmanager-format webhook: its labels become Prometheus labels.
+    Refused rather than renamed: a renamed label could collide with another, and the receiver's
+    routes would match names the config does not show."""
+    out = []
+    for name in rule.labels:
+        if name in RESERVED_LABELS:
+            out.append(f"{where}.labels: {name!r} is a label the Alertmanager body of webhook {hook!r} sets itself: "
+                       f"{', '.join(RESERVED_LABELS)} come from the rule and the reading (fix: rename the label"
+                       + (", and set the rule's severity key instead)" if name == "severity" else ")"))
+        elif not LABEL_NAME.match(name):
+            fixed = re.sub(r"[^a-zA-Z0-9_]", "_", name)
+            fixed = fixed if LABEL_NAME.match(fixed) else "_" + fixed
+            out.append(f"{where}.labels: {name!r} is not a Prometheus label name, and webhook {hook!r} sends the "
+                       f"Alertmanager body (fix: use letters, digits and \"_\", not starting with a digit, e.g. "
+                       f"{fixed!r})")
+    return out
+
+
 def compile_alerts(rules: list[RuleSettings], webhooks: list[WebhookSettings],
                    env: dict[str, str] | None = None) -> tuple[tuple[Rule, ...], dict[str, Webhook], list[str]]:
     """The frozen rules and webhooks, and every problem found (each naming the rule or webhook, the
@@ -208,7 +259,8 @@ def compile_alerts(rules: list[RuleSettings], webhooks: list[WebhookSettings],
             problems.append(f"{where}.secret_env: the value of {w.secret_env} is {exc} (fix: whsec_ and the base64 "
                             "of 24 to 64 random bytes)")
             continue
-        hooks[w.name] = Webhook(w.name, w.url, key, w.body, w.timeout, w.max_age)
+        backlink = (w.external_url or _backlink()) if w.body == "alertmanager" else ""
+        hooks[w.name] = Webhook(w.name, w.url, key, w.body, w.timeout, w.max_age, backlink)
     compiled: list[Rule] = []
     names: set[str] = set()
     for i, r in enumerate(rules):
@@ -221,6 +273,12 @@ def compile_alerts(rules: list[RuleSettings], webhooks: list[WebhookSettings],
         if unknown:
             problems.append(f"{where}.webhooks: no [[webhooks]] entry is named {unknown[0]!r} (fix: add it, or "
                             f"use one of {sorted(w.name for w in webhooks) or 'none defined'})")
+            continue
+        alertmanager = next((h for h in r.webhooks if any(w.name == h and w.body == "alertmanager"
+                                                           for w in webhooks)), None)
+        bad_labels = _label_problems(where, r, alertmanager) if alertmanager else []
+        if bad_labels:
+            problems += bad_labels
             continue
         if r.outside is not None:
             low, high = r.outside

@@ -5,9 +5,11 @@ series (rule, device, metric) a rule selects: its alert_state row is created if 
 all in one sorted order (so that workers writing the same series wait for each other, never
 deadlock); the pure evaluation (ingest.alerts.evaluate) runs on the new readings in event-time
 order; the state, the events and, for the events young enough to notify, one outbox row per webhook
-are written; ``NOTIFY sensor_ingest_outbox`` wakes the dispatcher when the transaction commits. A
-crash before the commit loses none of it and repeats none of it: it is all rolled back with the
-readings, and the redelivered messages evaluate again.
+are written, except for the events an active silence holds back (ingest.alerts.silence decides, one
+query for the batch: recorded with silenced_by, their rows kept in alert_held); ``NOTIFY
+sensor_ingest_outbox`` wakes the dispatcher when the transaction commits. A crash before the commit
+loses none of it and repeats none of it: it is all rolled back with the readings, and the
+redelivered messages evaluate again.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ingest.alerts.body import Annotations, StandardBody
+from ingest.alerts.body import Annotations, StandardBody, alertmanager_body
 from ingest.alerts.evaluate import Event, State, evaluate
 from ingest.alerts.model import Rule
 from ingest.alerts.runtime import AlertRuntime
+from ingest.alerts.silence import Candidate, event_labels, judge
 from ingest.model import Reading
 
 if TYPE_CHECKING:
@@ -57,9 +60,9 @@ WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_i
 """
 _EVENTS = """
 INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, threshold, severity,
-                          notified)
+                          notified, silenced_by)
 SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::float8[], $8::float8[], $9::text[], $10::bool[])
+                     $7::float8[], $8::float8[], $9::text[], $10::bool[], $11::bigint[])
 RETURNING id, rule, device_id, metric_id, status, event_time
 """
 _OUTBOX = """
@@ -78,12 +81,13 @@ class NewReading:
 
 
 class StageResult:
-    __slots__ = ("events", "late", "notified", "outbox")
+    __slots__ = ("events", "late", "notified", "outbox", "silenced")
 
     def __init__(self) -> None:
         self.events: Counter[tuple[str, str]] = Counter()  # (rule, status)
         self.notified = 0
         self.outbox = 0
+        self.silenced = 0  # events held back by a silence (ingest.alerts.silence): recorded, not notified
         self.late = 0  # readings older than their series' last evaluated time: not evaluated
 
 
@@ -147,35 +151,54 @@ class AlertStage:
             return result
         now = self._clock()
         horizon = now - timedelta(seconds=active.max_notify_age)
+        holds = await judge(conn, now, [Candidate(k, e.status, e.starts_at, e.event_time >= horizon, functools.partial(
+            event_labels, rules[k[0]], *devices.get(k[1], (str(k[1]), {})))) for k, e in fired])
         rows = [(k[0], k[1], k[2], e.status, e.event_time, e.starts_at, e.value, e.threshold, rules[k[0]].severity,
-                 e.event_time >= horizon) for k, e in fired]
+                 e.event_time >= horizon and by is None, by) for (k, e), by in zip(fired, holds.by, strict=True)]
         ids = {(r, d, m, s, t): i for i, r, d, m, s, t in
                await conn.fetch(_EVENTS, *[list(c) for c in zip(*rows, strict=True)])}
+        event_ids = [ids[(k[0], k[1], k[2], e.status, e.event_time)] for k, e in fired]
+        held = holds.held_events(event_ids)
         units = {i: (name, unit) for i, name, unit in await conn.fetch(_METRICS, sorted({k[2] for k, _ in fired}))}
         outbox: list[tuple[int, str, str, str]] = []
         for (key, e), row in zip(fired, rows, strict=True):
             rule = rules[key[0]]
             result.events[(rule.name, e.status)] += 1
-            if not row[-1]:
+            if row[-1] is not None:  # held back by a silence: a firing event's rows wait in alert_held
+                result.silenced += 1
+                if e.status == "resolved":
+                    continue  # the end of an episode whose firing was never sent: nothing to send
+            elif not row[-2]:
                 log.info("alert %s on device %s: %s event at %s is older than alerts.max_notify_age; recorded, "
                          "not notified", rule.name, devices.get(key[1], ("?",))[0], e.status, e.event_time.isoformat())
                 continue
-            result.notified += 1
+            else:
+                result.notified += 1
             event_id = ids[(key[0], key[1], key[2], e.status, e.event_time)]
             uid, attrs = devices.get(key[1], (str(key[1]), {}))
             metric, unit = units.get(key[2], (str(key[2]), None))
             fields = {"device": uid, "metric": metric, "value": e.value, "threshold": e.threshold, "rule": rule.name,
                       "severity": rule.severity, "unit": unit or ""}
-            body = StandardBody(
+            event = StandardBody(
                 id=f"evt_{event_id}", status=e.status, rule=rule.name, severity=rule.severity, device=uid,
                 metric=metric, value=e.value, unit=unit, threshold=e.threshold, starts_at=e.starts_at,
                 ends_at=e.event_time if e.status == "resolved" else None, event_time=e.event_time,
                 labels=dict(rule.labels), annotations=Annotations(summary=_summary(rule, fields)),
                 device_attributes=attrs,
-            ).model_dump_json()
+            )
+            standard: str | None = None  # rendered once, for the first standard webhook that needs it
             for hook in rule.webhooks:
-                if hook in active.webhooks:
-                    outbox.append((event_id, hook, series_key(*key), body))
+                webhook = active.webhooks.get(hook)
+                if webhook is None:
+                    continue
+                if webhook.body == "alertmanager":  # per webhook: its name is the payload's receiver
+                    body = alertmanager_body(event, webhook.name, webhook.external_url).model_dump_json()
+                else:
+                    body = standard = standard or event.model_dump_json()
+                outbox.append((event_id, hook, series_key(*key), body))
+        await holds.save(conn, event_ids, [o for o in outbox if o[0] in held])
+        if held:
+            outbox = [o for o in outbox if o[0] not in held]
         if outbox:
             await conn.execute(_OUTBOX, *[list(c) for c in zip(*outbox, strict=True)])
             await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")

@@ -83,3 +83,21 @@ def test_bench_fault_run_blackholes_the_database_under_a_backlog_and_verifies(tm
     assert r["payload_bytes_avg"] >= 1024
     assert {"postgresql", "timescaledb", "mosquitto", "cpu", "memory"} <= set(report["machine"])
     assert report["command"].startswith("python -m bench.faults --messages 2000")
+
+
+def test_bench_fleet_times_quality_and_a_whole_rewrite_on_a_small_fleet(tmp_path: Path) -> None:
+    out = tmp_path / "fleet.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--devices", "3", "--metrics", "2", "--rewrite-rows", "500",
+         "--batch", "100", "--repeat", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    # 3 devices x 2 metrics, and the long series to recalibrate.
+    assert result["series"] == 7
+    # Every 50th minute of the day is missing for each device (its own phase): 1440 - 29 or 28 per series.
+    assert result["readings_in_window"] == sum(sum(1 for k in range(1440) if (k + d) % 50) for d in (1, 2, 3)) * 2
+    assert result["rewrite"]["readings"] == 500
+    assert result["rewrite"]["steps"] == 5  # four of 100, and the last takes what is left
+    assert result["fleet"]["devices_reporting"] == 3
+    assert "recalibration of 500 readings in 5 steps of 100" in proc.stdout
