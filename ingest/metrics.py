@@ -75,7 +75,8 @@ class Metrics:
         self.devices_reporting = Gauge(p + "devices_reporting", "devices with a reading in the last quality.window "
                                        "(as of the last computation)", registry=r)
         self.devices_stale = Gauge(p + "devices_stale", "devices with a series silent for quality.stale_after "
-                                   "expected intervals", registry=r)
+                                   "expected intervals, or in the register and never seen, or silent for the whole "
+                                   "lookback", registry=r)
         self.devices_incomplete = Gauge(p + "devices_incomplete", "devices with a series less complete than "
                                         "quality.below percent over quality.window", registry=r)
         self.quality_computed = Gauge(p + "quality_computed_timestamp_seconds", "when the fleet quality gauges were "

@@ -1,9 +1,11 @@
 """Data quality per device (ingest/quality.py) on the real TimescaleDB.
 
 - The definitions, on readings inserted directly: declared and learned intervals and their precedence,
-  buckets aligned to the Unix epoch, a series silent all window, staleness at its boundary, the suspect
-  ratio, rejections by reason, and the --district, --device, --below filters and the --json shape of
-  `sensor-ingest quality`.
+  buckets that follow each series' own phase (jittered readings at a clock boundary are complete), a
+  series silent all window, the silent devices of the register (never seen, or not within the lookback)
+  and the lookback itself, staleness at its boundary, the suspect ratio, rejections by reason (with the
+  declared expected messages of a device whose every message is rejected), the gauges' statement timeout,
+  and the --district, --device, --below filters and the --json shape of `sensor-ingest quality`.
 - The issue's must-show: a simulated fleet with scripted gaps and drops, published by `sensor-ingest
   simulate` to the real service, gives exactly the completeness and the stale devices the script
   implies, in the command's output and in fleet_quality (the gauges' figures).
@@ -52,7 +54,8 @@ Reading = tuple[str, str, datetime, int]  # uid, metric, time, flags
 
 def _load(url: str, devices: Iterable[Device], readings: Iterable[Reading],
           rejected: Iterable[tuple[str | None, str, datetime]] = ()) -> None:
-    """Insert devices, their readings (value 1.0) and rejection rows (device_uid, reason, received_at)."""
+    """Insert devices, their readings (value 1.0) and rejection rows (device_uid, reason, received_at), and
+    set each device's last_seen to its last reading, as the writer does (NULL: never seen)."""
     readings = list(readings)
     with psycopg.connect(url, autocommit=True) as c:
         for uid, source, district, interval in devices:
@@ -65,6 +68,7 @@ def _load(url: str, devices: Iterable[Device], readings: Iterable[Reading],
         with c.cursor().copy("COPY readings (time, device_id, metric_id, value, flags) FROM STDIN") as copy:
             for uid, metric, time, flags in readings:
                 copy.write_row((time, ids[uid], metrics[metric], 1.0, flags))
+        c.execute("UPDATE devices d SET last_seen = (SELECT max(r.time) FROM readings r WHERE r.device_id = d.id)")
         for device_uid, reason, received_at in rejected:
             c.execute("INSERT INTO rejected_messages (received_at, source, topic, payload, reason, detail, device_uid)"
                       " VALUES (%s, 'native', 'x/up', '\\x00', %s, 'test', %s)", (received_at, reason, device_uid))
@@ -141,23 +145,52 @@ async def test_the_learned_interval_is_the_median_gap_of_the_last_learn_from_rea
 
 
 @pytest.mark.asyncio
-async def test_buckets_are_aligned_to_the_unix_epoch_and_only_whole_ones_count(database_url: str) -> None:
-    # 7 s does not divide the 10,959 days from 1970-01-01 to TimescaleDB's default origin (2000-01-03):
-    # buckets from that origin would split the window into 99 whole ones, not 100.
-    epoch_aligned = datetime.fromtimestamp(7 * (int(T.timestamp()) // 7), UTC)
-    start = (epoch_aligned - T).total_seconds() - 700
+async def test_buckets_are_centred_on_the_phase_of_the_series_last_reading(database_url: str) -> None:
     _load(database_url, [("seven", "s", None, 7.0), ("minute", "s", None, 60.0)], [
-        *_every("seven", "n", start, 7, 100),
-        # At 12:00:30 the window is [11:00:30, 12:00:30): its whole minute buckets are 11:01 .. 11:59 (59).
-        # The readings at 11:00:40 and 12:00:10 are in the window but in no whole bucket.
+        # Every 7 s, 3.3 s past T's 7-second lattice: the last one at T - 3.7 s; the window of 700 s holds
+        # the centres T - 3.7 - 7k for k = 0 .. 99.
+        *_every("seven", "n", -700 + 3.3, 7, 100),
+        # As of 12:00:30 the last reading is at 12:00:10: the buckets are [m:40, (m+1):40), centred on :10 of
+        # each minute, and 60 centres lie in the window [11:00:30, 12:00:30) (11:01:10 .. 12:00:10). The
+        # reading at 11:00:40 shares the 11:01:10 bucket with the one at 11:01:00.
         ("minute", "n", _at(-3600 + 40), 0), *_every("minute", "n", -3540, 60, 59), ("minute", "n", _at(10), 0),
-        ("minute", "n", _at(-1795), 0),  # a second reading in the 11:30 bucket: counted once
+        ("minute", "n", _at(-1795), 0),  # a second reading in the 11:30:10 bucket: counted once
     ])
-    seven = _by_device(await _report(database_url, at=epoch_aligned, window=700, device="seven"))["seven"]
+    seven = _by_device(await _report(database_url, window=700, device="seven"))["seven"]
     assert (seven.expected, seven.received, seven.readings) == (100, 100, 100)
     minute = _by_device(await _report(database_url, at=_at(30), device="minute"))["minute"]
-    assert (minute.expected, minute.received, minute.readings) == (59, 59, 62)
+    assert (minute.expected, minute.received, minute.readings) == (60, 60, 62)
     assert minute.completeness == 1.0
+    # As of 12:01:20 the centre 12:01:10 is in the window, with no reading in its bucket, and 11:01:10 is
+    # not (nor are the readings at 11:00:40 and 11:01:00): 59 of 60.
+    later = _by_device(await _report(database_url, at=_at(80), device="minute"))["minute"]
+    assert (later.expected, later.received, later.readings) == (60, 59, 60)
+
+
+def _jitter(k: int) -> int:
+    """A deterministic jitter of -5 .. +5 s for the k-th reading; the first and the last are not early, so
+    that the window's two ends are not what the test is about."""
+    return (7 * k + 8) % 11 - 5
+
+
+@pytest.mark.asyncio
+async def test_readings_jittered_around_a_clock_boundary_are_complete(database_url: str) -> None:
+    day = 86400.0
+    slots = range(1440)  # every 60 s over 24 h, at phase 0: on the minute, give or take 5 s
+    assert (_jitter(0), _jitter(1439)) == (3, 0)
+    assert {_jitter(k) for k in range(11)} == set(range(-5, 6))
+    every = [("all", "pm25", _at(-day + 60 * k + _jitter(k)), 0) for k in slots]
+    lossy = [("lossy", "pm25", _at(-day + 60 * k + _jitter(k)), 0) for k in slots if not 700 <= k < 730]
+    # The data is what broke buckets aligned to the clock: minutes [m, m + 60) would hold two readings
+    # or none (an early one belongs to the minute before) and give about 75 %.
+    clock_minutes = {int(t.timestamp()) // 60 for _, _, t, _ in every if T - timedelta(days=1) <= t < T}
+    assert len(clock_minutes) < 0.8 * 1440
+    _load(database_url, [("all", None, None, 60.0), ("lossy", None, None, 60.0)], [*every, *lossy])
+    report = _by_device(await _report(database_url, window=day))
+    assert _figures(report["all"]) == (60.0, "device", 1440, 1440, 1440, False)
+    assert report["all"].completeness == 1.0
+    assert _figures(report["lossy"]) == (60.0, "device", 1440, 1410, 1410, False)
+    assert report["lossy"].completeness == (1440 - 30) / 1440
 
 
 @pytest.mark.asyncio
@@ -176,6 +209,58 @@ async def test_a_series_silent_all_window_is_shown_with_completeness_zero_and_st
     # As of 2 hours later, `later` has a series too, silent for 2 hours... and stale.
     later = _by_device(await _report(database_url, at=_at(2 * HOUR)))["later"]
     assert _figures(later) == (60.0, "learned", 60, 0, 0, True)
+
+
+@pytest.mark.asyncio
+async def test_a_registered_device_never_seen_or_silent_past_the_lookback_is_reported_once_as_stale(
+    database_url: str
+) -> None:
+    _load(database_url, [
+        ("never", None, "Ba Dinh", 60.0),  # imported with an interval, never reported
+        ("never-plain", None, None, None),  # imported with nothing declared
+        ("gone", "declared", None, None),  # reported 10 days ago, no more: past the 7-day lookback
+        ("fine", "declared", None, None),
+    ], [*_every("gone", "pm25", -10 * 86400, 120, 30), *_every("gone", "noise", -10 * 86400, 120, 30),
+        *_every("fine", "pm25", -HOUR, 120, 30)])
+    report = await _report(database_url, sources={"declared": 120.0})
+    rows = {s.device: s for s in report.series}
+    assert [s.device for s in report.series] == ["fine", "gone", "never", "never-plain"]  # one row each
+    gone_seen = _at(-10 * 86400 + 29 * 120)
+    assert rows["gone"] == SeriesQuality(device="gone", district=None, metric=None, interval=120.0,
+                                         interval_from="source", expected=30, received=0, readings=0, suspect=0,
+                                         last_reading=gone_seen, stale=True)
+    assert rows["never"] == SeriesQuality(device="never", district="Ba Dinh", metric=None, interval=60.0,
+                                          interval_from="device", expected=60, received=0, readings=0, suspect=0,
+                                          last_reading=None, stale=True)
+    assert rows["never-plain"] == SeriesQuality(device="never-plain", district=None, metric=None, interval=None,
+                                                interval_from=None, expected=None, received=None, readings=0,
+                                                suspect=0, last_reading=None, stale=True)
+    assert _figures(rows["fine"]) == (120.0, "source", 30, 30, 30, False)
+    # Stale: the three silent ones; incomplete: those with a declared interval (0 %).
+    assert report.fleet == FleetQuality(devices=4, devices_reporting=1, devices_stale=3, devices_incomplete=2)
+    conn = await asyncpg.connect(database_url)
+    try:
+        gauges = await fleet_quality(conn, QualitySettings(window=HOUR), {"declared": 120.0}, T)
+    finally:
+        await conn.close()
+    assert gauges == report.fleet
+    # A device seen within the lookback with no numeric reading in it (text states only, say) is not.
+    with psycopg.connect(database_url, autocommit=True) as c:
+        c.execute("UPDATE devices SET last_seen = %s WHERE uid = 'never-plain'", (_at(-6 * 86400),))
+    assert {s.device for s in (await _report(database_url)).series} == {"fine", "gone", "never"}
+
+
+@pytest.mark.asyncio
+async def test_the_lookback_reaches_stale_after_times_the_longest_declared_interval(database_url: str) -> None:
+    # Every 3 days, the last one 8 days before T: within 3 x 3 days, so its series is found and not stale.
+    _load(database_url, [("slow", None, None, 3 * 86400.0)], _every("slow", "level", -20 * 86400, 3 * 86400, 5))
+    [slow] = (await _report(database_url, stale_after=3)).series
+    assert (slow.metric, slow.last_reading, slow.stale, slow.expected, slow.completeness) == (
+        "level", _at(-8 * 86400), False, 0, None)
+    # With stale_after 2 the lookback is 7 days (more than 2 x 3): past it, the device is silent.
+    [silent] = (await _report(database_url, stale_after=2)).series
+    assert (silent.metric, silent.last_reading, silent.stale, silent.expected, silent.received) == (
+        None, _at(-8 * 86400), True, 0, 0)
 
 
 @pytest.mark.asyncio
@@ -226,6 +311,44 @@ async def test_rejections_by_reason_per_device_in_the_window(database_url: str) 
     hoan_kiem = await _report(database_url, district="Hoan Kiem")
     assert {r.device for r in hoan_kiem.rejected} == {"aq"}
     assert hoan_kiem.unattributed == {"malformed": 2, "unknown_device": 1}  # the fleet line: every device
+
+
+@pytest.mark.asyncio
+async def test_a_device_whose_every_message_is_rejected_is_measured_against_its_declared_interval(
+    database_url: str
+) -> None:
+    _load(database_url, [("broken", None, None, 60.0), ("broken-src", "declared", None, None),
+                         ("undeclared", None, None, None)], [],
+          rejected=[*(("broken", "wrong_type", _at(-60 * k)) for k in range(1, 6)),
+                    *(("broken-src", "schema", _at(-60 * k)) for k in range(1, 4)),
+                    ("undeclared", "schema", _at(-1))])
+    report = await _report(database_url, sources={"declared": 120.0})
+    assert [(r.device, r.reason, r.count, r.expected_messages, r.ratio) for r in report.rejected] == [
+        ("broken", "wrong_type", 5, 60, 5 / 60), ("broken-src", "schema", 3, 30, 3 / 30),
+        ("undeclared", "schema", 1, None, None)]
+
+
+@pytest.mark.asyncio
+async def test_the_gauges_read_has_a_statement_timeout_of_its_own(database_url: str) -> None:
+    """fleet_quality limits its statements (SET LOCAL): behind a lock that never ends, it is cancelled by the
+    server after gauges_timeout(quality.every), on a connection that has no statement_timeout itself."""
+    _fleet_data(database_url)
+    blocker = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SHOW statement_timeout") == "0"
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
+            # (wait_for only bounds a hang: without the timeout the read would wait for the lock forever)
+            await asyncio.wait_for(fleet_quality(conn, QualitySettings(window=HOUR, every=1.0), {}, T), 60)
+        await blocking.rollback()
+        assert await conn.fetchval("SHOW statement_timeout") == "0"  # only inside its transaction
+        assert (await fleet_quality(conn, QualitySettings(window=HOUR), {"declared": 120.0}, T)).devices == 4
+    finally:
+        await conn.close()
+        await blocker.close()
 
 
 def _config(tmp_path: Path, database_url: str, quality: str = "") -> Path:
@@ -334,7 +457,7 @@ def test_the_table_names_every_series_and_the_fleet_line(
     assert ["hk-1", "Hoan Kiem", "pm25", "2m", "source", "30", "30", "30", "100.0", "0.0", "2026-03-01 11:58:00Z",
             ""] in rows
     assert ["bd-1", "out_of_range", "1", "60", "1.7"] in rows
-    assert "fleet: 4 device(s) with readings, 4 reporting, 3 stale, 2 incomplete (a series below 90 %)" in out
+    assert "fleet: 4 device(s), 4 reporting, 3 stale, 2 incomplete (a series below 90 %)" in out
 
 
 @pytest.mark.asyncio

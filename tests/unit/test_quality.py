@@ -1,6 +1,7 @@
 """`sensor-ingest quality` without a database (ingest/quality.py): the pure definitions (completeness below a
-threshold, the fleet counts, a device's expected messages), the --json shape and the table, the options,
-and exit status 2 with a message that says why when the database cannot be reached.
+threshold, the fleet counts, a device's expected messages, the lookback, the gauges' statement timeout), the
+--json shape and the table (a silent device's row too), the options, and exit status 2 with a message that
+says why when the database cannot be reached.
 
 The figures themselves are computed by SQL: tests/integration/test_quality.py checks them on TimescaleDB.
 """
@@ -18,6 +19,7 @@ import pytest
 
 from ingest.cli import build_parser, main
 from ingest.quality import (
+    LOOKBACK,
     FleetQuality,
     QualityReport,
     Rejected,
@@ -25,6 +27,8 @@ from ingest.quality import (
     as_json,
     expected_messages,
     fleet_of,
+    gauges_timeout,
+    lookback,
     source_intervals,
 )
 from ingest.settings import load_settings
@@ -79,6 +83,34 @@ def test_a_device_s_expected_messages_come_from_its_shortest_interval() -> None:
     assert Rejected("b", "out_of_range", 3, None).ratio is None
 
 
+def test_the_lookback_is_a_week_or_longer_for_a_long_window_or_a_long_declared_interval() -> None:
+    day = 86400
+    assert day * 7 == LOOKBACK
+    assert lookback(day, 3, None) == LOOKBACK
+    assert lookback(day, 3, 60) == LOOKBACK
+    assert lookback(30 * day, 3, 60) == 60 * day  # twice a long window
+    assert lookback(day, 3, 3 * day) == 9 * day  # a series declared every 3 days, stale after 3 of them
+    assert lookback(day, 1, 10 * day) == 11 * day  # the window and one declared interval
+
+
+def test_the_gauges_statement_timeout_is_a_tenth_of_their_period_within_5_and_20_s() -> None:
+    assert [gauges_timeout(every) for every in (1, 50, 120, 200, 300, 3600)] == [5, 5, 12, 20, 20, 20]
+
+
+def _silent(device: str, interval: float | None, seen: datetime | None) -> SeriesQuality:
+    return SeriesQuality(device=device, district=None, metric=None, interval=interval,
+                         interval_from=None if interval is None else "device",
+                         expected=None if interval is None else 1440, received=None if interval is None else 0,
+                         readings=0, suspect=0, last_reading=seen, stale=True)
+
+
+def test_a_silent_device_counts_as_stale_and_incomplete_when_declared_and_sets_its_expected_messages() -> None:
+    series = [_series("a"), _silent("b", 60.0, None), _silent("c", None, AT - timedelta(days=9))]
+    assert fleet_of(series, 90) == FleetQuality(devices=3, devices_reporting=1, devices_stale=2,
+                                                devices_incomplete=1)
+    assert expected_messages(series) == {"a": 60, "b": 1440}
+
+
 def _report() -> QualityReport:
     series = [_series("hn-1", received=45, suspect=6, readings=45), _series("hn-2", stale=True, received=10,
                                                                              readings=10, district=None)]
@@ -118,8 +150,26 @@ def test_the_table_shows_each_series_then_the_rejections_then_the_fleet_line(
     headers = [[c.strip() for c in line.split("┃")] for line in out.splitlines() if "┃" in line]
     assert headers[1] == ["device", "reason", "count", "expected messages", "ratio %"]
     assert "data quality over 1h to 2026-03-01 12:00:00Z (below 80 % or stale)" in out
-    assert out.rstrip().endswith("fleet: 2 device(s) with readings, 2 reporting, 1 stale, 2 incomplete (a series "
+    assert out.rstrip().endswith("fleet: 2 device(s), 2 reporting, 1 stale, 2 incomplete (a series "
                                  "below 90 %); rejected without a registered device: malformed 4")
+
+
+def test_a_silent_device_s_row_has_no_metric_and_says_never_when_never_seen(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.quality import _print
+
+    series = [_silent("hn-9", 60.0, None), _silent("hn-8", None, AT - timedelta(days=9))]
+    report = QualityReport(at=AT, window=86400.0, stale_after=3.0, below=90.0, series=series, rejected=[],
+                           unattributed={}, fleet=fleet_of(series, 90.0))
+    _print(report, series, build_parser().parse_args(["quality"]))
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("│")] for line in out.splitlines() if "│" in line]
+    assert ["hn-9", "-", "-", "1m", "device", "1440", "0", "0", "0.0", "-", "never", "STALE"] in rows
+    assert ["hn-8", "-", "-", "-", "-", "-", "-", "0", "-", "-", "2026-02-20 12:00:00Z", "STALE"] in rows
+    assert out.rstrip().endswith("fleet: 2 device(s), 0 reporting, 2 stale, 1 incomplete (a series below 90 %)")
+    [never, _] = as_json(report, series)["series"]
+    assert (never["metric"], never["last_reading"], never["completeness_pct"]) == (None, None, 0.0)
 
 
 def test_the_table_says_so_when_nothing_is_to_show(capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,7 +179,8 @@ def test_the_table_says_so_when_nothing_is_to_show(capsys: pytest.CaptureFixture
                           unattributed={}, fleet=FleetQuality(0, 0, 0, 0))
     _print(empty, [], build_parser().parse_args(["quality", "--district", "Ba Dinh"]))
     assert capsys.readouterr().out.startswith(
-        "no series: no device selected has a reading before 2026-03-01 12:00:00Z (district Ba Dinh)")
+        "no series: no device selected has a reading before 2026-03-01 12:00:00Z in the lookback, and none is "
+        "silent (district Ba Dinh)")
     _print(_report(), [], build_parser().parse_args(["quality", "--below", "10"]))
     assert "every one of the 2 series is complete and fresh" in capsys.readouterr().out
 
@@ -168,7 +219,8 @@ def test_the_help_says_what_each_figure_means_the_exit_status_and_the_environmen
         main(["quality", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for phrase in ("completeness", "received", "stale", "learned", "Unix epoch", "Exit status: 0; 2 when",
+    for phrase in ("completeness", "received", "stale", "learned", "phase", "lookback", "never",
+                   "Exit status: 0; 2 when",
                    "SENSOR_INGEST_DATABASE_URL", "--district", "--below", "--json"):
         assert phrase in text, phrase
 
