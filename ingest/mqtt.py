@@ -53,7 +53,7 @@ from ingest.model import Clock, RawMessage, utc_now
 from ingest.routing import subscription_ids
 from ingest.settings import MqttSettings
 
-__all__ = ["MqttBridge", "MqttConnectError"]
+__all__ = ["MqttBridge", "MqttConnectError", "configure_client"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,19 @@ def _more_to_read(sock: Any) -> bool:
         return False
     return bool(readable)
 
+
+
+def configure_client(client: paho.Client, s: MqttSettings) -> None:
+    """What every client of the service's broker shares: the connect timeout, the credentials (the
+    password only from the settings, which read it from the environment) and TLS."""
+    client.connect_timeout = s.connect_timeout
+    user, password = s.credentials()
+    if user is not None:
+        client.username_pw_set(user, password)
+    if s.tls:
+        client.tls_set(ca_certs=str(s.ca_file) if s.ca_file else None,
+                       certfile=str(s.cert_file) if s.cert_file else None,
+                       keyfile=str(s.key_file) if s.key_file else None)
 
 class MqttBridge:
     def __init__(
@@ -311,16 +324,7 @@ class MqttBridge:
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=True,
         )
-        client.connect_timeout = s.connect_timeout
-        user, password = s.credentials()
-        if user is not None:
-            client.username_pw_set(user, password)
-        if s.tls:
-            client.tls_set(
-                ca_certs=str(s.ca_file) if s.ca_file else None,
-                certfile=str(s.cert_file) if s.cert_file else None,
-                keyfile=str(s.key_file) if s.key_file else None,
-            )
+        configure_client(client, s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

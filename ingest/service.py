@@ -14,6 +14,7 @@ import asyncpg
 import uvicorn
 
 from ingest.alerts.dispatch import Dispatcher
+from ingest.alerts.mqtt_channel import AlertPublisher
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.silence import release_loop
 from ingest.alerts.stage import AlertStage
@@ -175,7 +176,8 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
         processor.catalog.warm()  # pint's registry (about 0.2 s) now, not on the first reading
 
     rules, hooks = settings.compiled_alerts()
-    runtime = AlertRuntime(RuleSet(rules, hooks, settings.alerts.max_notify_age, settings.alerts.retry_max), config)
+    a = settings.alerts
+    runtime = AlertRuntime(RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix), config)
     stage = AlertStage(runtime)
     dispatcher: Dispatcher | None = None
     dispatch_pool: asyncpg.Pool | None = None
@@ -187,8 +189,11 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
             log.error("alerts: the dispatcher's connections could not be made (%s); not starting", failure)
             await pool.close()
             return 1
-        dispatcher = Dispatcher(dispatch_pool, hooks, metrics, retry_max=settings.alerts.retry_max)
-        runtime.on_change(lambda active: dispatcher.set_webhooks(active.webhooks, retry_max=active.retry_max)
+        # Made with alerts.mqtt off too: it connects only when an MQTT row is due (a reload may turn it on).
+        dispatcher = Dispatcher(dispatch_pool, hooks, metrics, retry_max=settings.alerts.retry_max,
+                                mqtt=AlertPublisher(settings.mqtt, a.mqtt_prefix))
+        runtime.on_change(lambda active: dispatcher.set_webhooks(active.webhooks, retry_max=active.retry_max,
+                                                                 mqtt_prefix=active.mqtt_prefix)
                           if dispatcher else None)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload)
     if rules:
@@ -256,7 +261,8 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
             await asyncio.sleep(1.0)
 
     async def quality() -> None:
-        """The fleet quality gauges, every quality.every seconds (on the writer's pool: one short query)."""
+        """The fleet quality gauges, every quality.every seconds, on the writer's pool (one read, under a
+        statement timeout of its own: ingest.quality.gauges_timeout)."""
         from datetime import UTC, datetime
 
         from ingest.quality import fleet_quality, source_intervals

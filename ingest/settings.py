@@ -787,6 +787,31 @@ class Settings(BaseSettings):
                              "; ".join(p.split(" (fix: ", 1)[1].rstrip(")") for p in problems if " (fix: " in p))
         return self
 
+    @model_validator(mode="after")
+    def _alerts_mqtt_fits(self) -> Settings:
+        """alerts.mqtt: no subscription of the service may match an alert topic (it would read its own
+        alerts back as readings, or as rejections)."""
+        if not self.alerts.mqtt:
+            return self
+        from ingest.alerts.mqtt_channel import alerts_filter
+        from ingest.routing import compile_template, filters_overlap
+
+        alerts = alerts_filter(self.alerts.mqtt_prefix)
+        preset_of = {id(s): name for name, s in self.preset_sources()}
+        for s in self.all_sources():
+            subscribed = compile_template(s.topic).filter
+            if subscribed == alerts or filters_overlap([subscribed, alerts]):
+                preset = preset_of.get(id(s))
+                what = f"preset {preset!r} (source {s.name!r})" if preset else f"source {s.name!r}"
+                change = (f"switch the preset off ([presets] {preset} = false)" if preset
+                          else f"narrow sources.{s.name}.topic")
+                raise _fix_error(
+                    f"{what} subscribes to {subscribed!r}, which matches the alert topics {alerts!r} that "
+                    "alerts.mqtt publishes to: the service would read its own alerts back",
+                    f'set alerts.mqtt_prefix to levels no source subscribes under (e.g. "sensor-ingest-alerts"), '
+                    f"or {change}")
+        return self
+
     def build_catalog(self) -> Catalog | None:
         """The metric catalog these settings describe (None when [catalog] enabled = false)."""
         from ingest.catalog import Catalog, GasReference

@@ -20,6 +20,11 @@ Decisions:
   or a restart, logged as an error. Its rows stay pending, the one that was answered 410 included
   (last_status 410): nothing is lost, and when the operator re-enables it they are delivered, or
   failed by max_age if they are too old by then.
+- Rows of webhook "mqtt:alerts" (alerts.mqtt = true) are the same events published over MQTT
+  (ingest.alerts.mqtt_channel): claimed, ordered per series, leased, retried and failed like a
+  webhook's, but the attempt is a QoS 1 PUBLISH, delivered on a PUBACK with a success code; a
+  refusal, a lost connection or no PUBACK in time is retried with the same backoff. Its max_age is
+  the webhooks' default (24 h).
 - Rows of a webhook that is not configured (removed by a reload, or named by another process's
   config) are left pending, untouched, and logged once per webhook name.
 """
@@ -42,6 +47,7 @@ import asyncpg
 import httpx
 
 from ingest.alerts.model import Webhook
+from ingest.alerts.mqtt_channel import CHANNEL_NAME, PUBLISH_TIMEOUT, AlertPublisher
 from ingest.alerts.sign import headers as signed_headers
 from ingest.metrics import Metrics
 from ingest.store.classify import describe, is_retryable
@@ -201,7 +207,7 @@ class Dispatcher:
     def __init__(self, pool: asyncpg.Pool, webhooks: Mapping[str, Webhook], metrics: Metrics | None = None, *,
                  retry_max: float = 300.0, lease: float = 30.0, client: httpx.AsyncClient | None = None,
                  clock: Callable[[], float] = time.time, jitter: Callable[[], float] = random.random,
-                 batch: int = 64, poll: float = 1.0) -> None:
+                 batch: int = 64, poll: float = 1.0, mqtt: AlertPublisher | None = None) -> None:
         if lease <= 0 or retry_max <= 0 or batch < 1 or poll <= 0:
             raise ValueError("lease, retry_max and poll must be positive and batch at least 1")
         self._pool = pool
@@ -224,13 +230,22 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._soonest = math.inf  # the earliest next_attempt_at this dispatcher scheduled
         self._db_trouble: str | None = None
+        # ``mqtt``: delivers the rows of CHANNEL_NAME; they are claimed like a webhook's (this Webhook
+        # carries the name, the lease's timeout and max_age; it has no secret and is never POSTed to).
+        self._mqtt = mqtt
+        self._mqtt_hook = None if mqtt is None else Webhook(
+            CHANNEL_NAME, mqtt.address, b"", timeout=mqtt.settings.connect_timeout + PUBLISH_TIMEOUT)
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def set_webhooks(self, webhooks: Mapping[str, Webhook], *, retry_max: float | None = None) -> None:
+    def set_webhooks(self, webhooks: Mapping[str, Webhook], *, retry_max: float | None = None,
+                     mqtt_prefix: str | None = None) -> None:
         """A reload: the new set is in force at the next claim; webhooks disabled by a 410 are enabled
-        again (the operator's reload is the "try again")."""
+        again (the operator's reload is the "try again"). ``mqtt_prefix``: the alert topics' prefix
+        from now on (pending MQTT rows included)."""
         self._webhooks = dict(webhooks)
+        if mqtt_prefix is not None and self._mqtt is not None:
+            self._mqtt.prefix = mqtt_prefix
         if retry_max is not None:
             self.retry_max = retry_max
         if self.disabled:
@@ -244,7 +259,10 @@ class Dispatcher:
         return dict(self._webhooks)
 
     def _active(self) -> dict[str, Webhook]:
-        return {n: w for n, w in self._webhooks.items() if n not in self.disabled}
+        active = {n: w for n, w in self._webhooks.items() if n not in self.disabled}
+        if self._mqtt_hook is not None:
+            active[CHANNEL_NAME] = self._mqtt_hook
+        return active
 
     def _lease_of(self, hook: Webhook) -> float:
         return max(self.lease, hook.timeout + LEASE_MARGIN)
@@ -272,7 +290,7 @@ class Dispatcher:
                        r["lease_until"], r["last_error"]) for r in rows]
 
     async def _report_unknown(self) -> None:
-        rows = await self._pool.fetch(_UNKNOWN, sorted(self._webhooks))
+        rows = await self._pool.fetch(_UNKNOWN, sorted(self._webhooks) + ([CHANNEL_NAME] if self._mqtt else []))
         self._unknown_checked = time.monotonic()
         present = {r["webhook"]: r["n"] for r in rows}
         for name, n in present.items():
@@ -296,6 +314,8 @@ class Dispatcher:
 
     async def _attempt(self, claim: _Claim, now: float) -> Verdict:
         hook = claim.webhook
+        if hook is self._mqtt_hook and self._mqtt is not None:
+            return await self._publish(self._mqtt, claim)
         sent = signed_headers(hook.secret, f"msg_{claim.id}", int(now), claim.body)
         sent["user-agent"] = USER_AGENT
         try:
@@ -313,6 +333,19 @@ class Dispatcher:
             log.exception("delivery msg_%d to webhook %s: unexpected error", claim.id, hook.name)
             return Verdict("retry", None, describe(exc))
         return judge(response.status_code, response.headers.get("retry-after"), bytes(body), self._clock())
+
+    async def _publish(self, mqtt: AlertPublisher, claim: _Claim) -> Verdict:
+        try:
+            async with asyncio.timeout(claim.webhook.timeout):
+                ok, why = await mqtt.publish(claim.body)
+        except TimeoutError:
+            return Verdict("retry", None, f"not published within {claim.webhook.timeout:g}s")
+        except (ValueError, KeyError, TypeError) as exc:  # a body that names no rule and device: never publishable
+            return Verdict("failed", None, f"the body names no rule and device: {describe(exc)}")
+        except Exception as exc:  # a bug here must not stop the other deliveries
+            log.exception("delivery msg_%d over MQTT: unexpected error", claim.id)
+            return Verdict("retry", None, describe(exc))
+        return Verdict("delivered", None, None) if ok else Verdict("retry", None, why)
 
     async def _settle(self, claim: _Claim, verdict: Verdict) -> None:
         hook, now = claim.webhook, self._clock()
@@ -493,7 +526,9 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this dispatcher made it."""
+        """Close the HTTP client if this dispatcher made it, and the MQTT publisher's connection."""
+        if self._mqtt is not None:
+            await self._mqtt.aclose()
         if self._own_client:
             await self._client.aclose()
 

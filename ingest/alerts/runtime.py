@@ -34,6 +34,8 @@ class RuleSet:
     webhooks: dict[str, Webhook] = field(default_factory=dict)
     max_notify_age: float = 3600.0
     retry_max: float = 300.0
+    mqtt: bool = False  # alerts.mqtt: every notified event also published (ingest.alerts.mqtt_channel)
+    mqtt_prefix: str = "sensor-ingest"
 
     def for_metric(self, metric: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.metric == metric)
@@ -115,7 +117,8 @@ def load_rules(path: Path) -> tuple[RuleSet | None, list[str]]:
     rules, hooks, problems = compile_alerts(settings.rules, settings.webhooks)
     if problems:  # load_settings checks these already; kept for a file that changed in between
         return None, problems
-    return RuleSet(rules, hooks, settings.alerts.max_notify_age, settings.alerts.retry_max), []
+    a = settings.alerts
+    return RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix), []
 
 
 _ENTRY = re.compile(r"^(rules|webhooks)\[(\d+)\](?! \()")
@@ -189,6 +192,9 @@ def _changes(old: RuleSet, new: RuleSet) -> list[str]:
     for key in ("max_notify_age", "retry_max"):
         if getattr(old, key) != getattr(new, key):
             out.append(f"alerts.{key}: {getattr(old, key):g}s -> {getattr(new, key):g}s")
+    for key in ("mqtt", "mqtt_prefix"):
+        if getattr(old, key) != getattr(new, key):
+            out.append(f"alerts.{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}")
     return out
 
 

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from ingest.alerts.body import LABEL_NAME, RESERVED_LABELS
 from ingest.alerts.model import Rule, Webhook, decode_secret, parse_duration
+from ingest.alerts.mqtt_channel import prefix_problem
 
 __all__ = ["AlertSettings", "RuleSettings", "WebhookSettings", "compile_alerts", "template_fields"]
 
@@ -198,6 +199,18 @@ class AlertSettings(_Section):
                                   'kept but not notified (late data), e.g. "1h"')
     retry_max: float = Field(300.0, description='the cap of the exponential backoff between delivery attempts, "5m"')
     dispatcher: bool = Field(True, description="false: this process records events but does not deliver them")
+    mqtt: bool = Field(False, description="true: every event that is notified is also published over MQTT, QoS 1, "
+                       "on <mqtt_prefix>/alerts/<rule>/<device>")
+    mqtt_prefix: str = Field("sensor-ingest", max_length=1024, description="the topic levels the alert topics "
+                             "start with; no subscription of the service may match <mqtt_prefix>/alerts/#")
+
+    @field_validator("mqtt_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        why = prefix_problem(v)
+        if why is not None:
+            raise _fix(f"mqtt_prefix {v!r} {why}", 'write plain topic levels, e.g. "sensor-ingest" or "city/ops"')
+        return v
 
     @field_validator("max_notify_age", "retry_max", mode="before")
     @classmethod

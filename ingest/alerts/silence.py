@@ -24,13 +24,24 @@ be left with an alert that never ends. A silence added while an episode fires ch
 that episode.
 
 The end of a silence. ``release_held`` (run every RELEASE_EVERY seconds by ``release_loop``, under
-pg_try_advisory_xact_lock so that one worker of many runs each round, with an injected clock) looks
-at each held series under its alert_state row lock, taken in the stage's order: if it still fires
-the held episode and no silence active now matches the event's labels (the ones it was held with),
-the held rows go to alert_outbox as they are (the same event id and body, a new webhook-id per row:
-the firing notification the silence held back, sent once), the event becomes notified with
-released_at set, and the dispatcher is woken. If the episode ended meanwhile, the hold is dropped and
-nothing is sent.
+pg_try_advisory_xact_lock so that one worker of many runs each round, with an injected clock) first
+reads, without a lock, the candidates: the holds whose silence is no longer active or whose series no
+longer fires the held episode (a hold whose silence is still active costs one index probe and no
+lock, no write). It then locks only the candidates' alert_state rows, in the stage's order, with
+SKIP LOCKED: a series a writer's batch holds now is left to the next round, the job never waits
+for a batch, and a batch waits for the job only on a candidate's series, for the rest of the round
+(a few statements). Under the lock it reads each
+hold again: if the series still fires the held episode and no silence active now matches the
+event's labels (the ones it was held with), the held rows go to alert_outbox as they are (the same
+event id and body, a new webhook-id per row: the firing notification the silence held back, sent
+once, however long it was held: the alert still fires), the event becomes notified with released_at
+set, and the dispatcher is woken; if another active silence matches, the hold passes to it
+(alert_held.silenced_by, what `alerts list` and `silences list` show); if the episode ended
+meanwhile, the hold is dropped and nothing is sent.
+
+After a start, the first round waits ``first_after`` seconds (FIRST_AFTER): the messages the broker
+redelivers are written first, so that a held episode whose resolving reading was among them ends
+held (nothing sent) rather than being released and resolved seconds apart.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -55,13 +66,14 @@ if TYPE_CHECKING:
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["LOCK_KEY", "RELEASE_EVERY", "Candidate", "Hold", "Holds", "Released", "Silence", "active_silences",
+__all__ = ["FIRST_AFTER", "LOCK_KEY", "RELEASE_EVERY", "Candidate", "Hold", "Holds", "Released", "Silence", "active_silences",
            "decide", "event_labels", "glob_pattern", "judge", "release_held", "release_loop"]
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 7215160003  # pg_try_advisory_xact_lock key of the end-of-silence job
 RELEASE_EVERY = 5.0  # seconds between rounds of the job: how late after its end a silence lets go
+FIRST_AFTER = 30.0  # seconds from a start to the first round: the redelivered backlog is written first
 
 Series: TypeAlias = tuple[str, int, int]  # (rule, device_id, metric_id)
 
@@ -84,12 +96,32 @@ ON CONFLICT (rule, device_id, metric_id) DO UPDATE SET
     event_id = EXCLUDED.event_id, starts_at = EXCLUDED.starts_at, silenced_by = EXCLUDED.silenced_by,
     labels = EXCLUDED.labels, outbox = EXCLUDED.outbox
 """
-# The job: every held series, its alert_state row locked in the stage's order (rule, device, metric).
-_HELD = """
-SELECT h.event_id, h.starts_at, h.labels::text, s.status, s.episode_start
+# The job's candidates, read without a lock: the holds whose silence is no longer active at $1 or whose
+# series no longer fires the held episode. A hold under an active silence is one primary-key probe.
+_CANDIDATES = """
+SELECT h.rule, h.device_id, h.metric_id
 FROM alert_held h JOIN alert_state s ON s.rule = h.rule AND s.device_id = h.device_id AND s.metric_id = h.metric_id
-ORDER BY h.rule, h.device_id, h.metric_id
-FOR UPDATE OF s
+WHERE s.status IS DISTINCT FROM 'firing' OR s.episode_start IS DISTINCT FROM h.starts_at
+   OR NOT EXISTS (SELECT 1 FROM silences x WHERE x.id = h.silenced_by AND x.starts_at <= $1 AND x.ends_at > $1
+                  AND (x.expired_at IS NULL OR x.expired_at > $1))
+"""
+# Only the candidates' alert_state rows, locked in the stage's order; a row a batch holds is skipped.
+_LOCK = """
+SELECT s.rule, s.device_id, s.metric_id, s.status, s.episode_start
+FROM alert_state s JOIN unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
+  ON s.rule = k.r AND s.device_id = k.d AND s.metric_id = k.m
+ORDER BY s.rule, s.device_id, s.metric_id
+FOR UPDATE OF s SKIP LOCKED
+"""
+# Their holds again, under the locks (the stage writes alert_held only under the same row locks).
+_LOCKED_HELD = """
+SELECT h.rule, h.device_id, h.metric_id, h.event_id, h.starts_at, h.silenced_by, h.labels::text
+FROM alert_held h JOIN unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
+  ON h.rule = k.r AND h.device_id = k.d AND h.metric_id = k.m
+"""
+_MOVE = """
+UPDATE alert_held h SET silenced_by = t.silence
+FROM unnest($1::bigint[], $2::bigint[]) AS t(event_id, silence) WHERE h.event_id = t.event_id
 """
 _ENQUEUE = """
 INSERT INTO alert_outbox (event_id, webhook, series, body)
@@ -253,7 +285,12 @@ class Released:
     events: int  # held firing events enqueued: their silences ended while they still fire
     outbox: int  # outbox rows enqueued for them
     dropped: int  # holds of episodes that had ended: nothing sent
-    still: int  # still silenced
+    moved: int  # holds whose silence ended, passed to another active silence that matches them
+    busy: int = 0  # candidates whose series a writer's batch held: left to the next round
+
+
+def _columns(series: Sequence[Series]) -> list[list[Any]]:
+    return [list(c) for c in zip(*series, strict=True)]
 
 
 async def release_held(conn: Conn, now: datetime) -> Released | None:
@@ -261,17 +298,27 @@ async def release_held(conn: Conn, now: datetime) -> Released | None:
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY):
             return None
-        rows = await conn.fetch(_HELD)
-        if not rows:
+        candidates: list[Series] = sorted((r, d, m) for r, d, m in await conn.fetch(_CANDIDATES, now))
+        if not candidates:
             return Released(0, 0, 0, 0)
+        locked = {(r, d, m): (status, start) for r, d, m, status, start in
+                  await conn.fetch(_LOCK, *_columns(candidates))}
         silences = await active_silences(conn, now)
         release: list[int] = []
         dropped: list[int] = []
-        for event_id, starts_at, labels, status, episode_start in rows:
+        moved: list[tuple[int, int]] = []
+        for r, d, m, event_id, starts_at, silenced_by, labels in (
+                await conn.fetch(_LOCKED_HELD, *_columns(sorted(locked))) if locked else []):
+            status, episode_start = locked[(r, d, m)]
             if status != "firing" or episode_start != starts_at:
                 dropped.append(event_id)
-            elif not any(s.matches(json.loads(labels)) for s in silences):
+                continue
+            matched = json.loads(labels)
+            sid = next((s.id for s in silences if s.matches(matched)), None)
+            if sid is None:
                 release.append(event_id)
+            elif sid != silenced_by:
+                moved.append((event_id, sid))
         queued = 0
         if release:
             status_line = await conn.execute(_ENQUEUE, release)
@@ -279,9 +326,11 @@ async def release_held(conn: Conn, now: datetime) -> Released | None:
             await conn.execute(_NOTIFIED, release, now)
         if release or dropped:
             await conn.execute(_UNHOLD, release + dropped)
+        if moved:
+            await conn.execute(_MOVE, *[list(c) for c in zip(*moved, strict=True)])
         if queued:
             await conn.execute(f"NOTIFY {CHANNEL}")
-    return Released(len(release), queued, len(dropped), len(rows) - len(release) - len(dropped))
+    return Released(len(release), queued, len(dropped), len(moved), len(candidates) - len(locked))
 
 
 def _now() -> datetime:
@@ -289,10 +338,13 @@ def _now() -> datetime:
 
 
 async def release_loop(pool: Callable[[], asyncpg.Pool], every: float = RELEASE_EVERY,
-                       clock: Callable[[], datetime] = _now) -> None:
-    """Run the job every ``every`` seconds until cancelled. ``pool()``: the writer's current pool.
-    A failed round is logged and tried again at the next."""
+                       clock: Callable[[], datetime] = _now, first_after: float = FIRST_AFTER,
+                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    """Run the job every ``every`` seconds, the first round ``first_after`` seconds after the start,
+    until cancelled. ``pool()``: the writer's current pool. A failed round is logged and tried again
+    at the next. ``clock`` and ``sleep``: seams for the tests."""
     failing = False
+    await sleep(first_after)
     while True:
         try:
             p = pool()
@@ -303,6 +355,9 @@ async def release_loop(pool: Callable[[], asyncpg.Pool], every: float = RELEASE_
                     log.info("silences: %d held firing notification(s) sent as their silences ended (%d outbox "
                              "row(s)); %d held episode(s) had resolved meanwhile: nothing sent", done.events,
                              done.outbox, done.dropped)
+                if done is not None and done.moved:
+                    log.info("silences: %d held alert(s) stay held by another active silence that matches them",
+                             done.moved)
             if failing:
                 log.info("silences: the end-of-silence job runs again")
             failing = False
@@ -312,4 +367,4 @@ async def release_loop(pool: Callable[[], asyncpg.Pool], every: float = RELEASE_
             if not failing:
                 log.warning("silences: the end-of-silence job failed (%s); retrying every %.0fs", describe(exc), every)
             failing = True
-        await asyncio.sleep(every)
+        await sleep(every)

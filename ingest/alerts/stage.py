@@ -5,11 +5,11 @@ series (rule, device, metric) a rule selects: its alert_state row is created if 
 all in one sorted order (so that workers writing the same series wait for each other, never
 deadlock); the pure evaluation (ingest.alerts.evaluate) runs on the new readings in event-time
 order; the state, the events and, for the events young enough to notify, one outbox row per webhook
-are written, except for the events an active silence holds back (ingest.alerts.silence decides, one
-query for the batch: recorded with silenced_by, their rows kept in alert_held); ``NOTIFY
-sensor_ingest_outbox`` wakes the dispatcher when the transaction commits. A crash before the commit
-loses none of it and repeats none of it: it is all rolled back with the readings, and the
-redelivered messages evaluate again.
+(and one for MQTT, webhook "mqtt:alerts", when alerts.mqtt is on) are written, except for the
+events an active silence holds back (ingest.alerts.silence decides, one query for the batch:
+recorded with silenced_by, their rows kept in alert_held); ``NOTIFY sensor_ingest_outbox`` wakes
+the dispatcher when the transaction commits. A crash before the commit loses none of it and repeats
+none of it: it is all rolled back with the readings, and the redelivered messages evaluate again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ingest.alerts.body import Annotations, StandardBody, alertmanager_body
 from ingest.alerts.evaluate import Event, State, evaluate
 from ingest.alerts.model import Rule
+from ingest.alerts.mqtt_channel import CHANNEL_NAME as MQTT_CHANNEL
 from ingest.alerts.runtime import AlertRuntime
 from ingest.alerts.silence import Candidate, event_labels, judge
 from ingest.model import Reading
@@ -161,6 +162,9 @@ class AlertStage:
         held = holds.held_events(event_ids)
         units = {i: (name, unit) for i, name, unit in await conn.fetch(_METRICS, sorted({k[2] for k, _ in fired}))}
         outbox: list[tuple[int, str, str, str]] = []
+        # The rows of events a silence holds never go to the outbox here, even when the same batch ends
+        # their episode: those of a firing still held at the end of the batch wait in alert_held.
+        held_rows: list[tuple[int, str, str, str]] = []
         for (key, e), row in zip(fired, rows, strict=True):
             rule = rules[key[0]]
             result.events[(rule.name, e.status)] += 1
@@ -187,6 +191,7 @@ class AlertStage:
                 device_attributes=attrs,
             )
             standard: str | None = None  # rendered once, for the first standard webhook that needs it
+            target = held_rows if row[-1] is not None else outbox
             for hook in rule.webhooks:
                 webhook = active.webhooks.get(hook)
                 if webhook is None:
@@ -195,10 +200,10 @@ class AlertStage:
                     body = alertmanager_body(event, webhook.name, webhook.external_url).model_dump_json()
                 else:
                     body = standard = standard or event.model_dump_json()
-                outbox.append((event_id, hook, series_key(*key), body))
-        await holds.save(conn, event_ids, [o for o in outbox if o[0] in held])
-        if held:
-            outbox = [o for o in outbox if o[0] not in held]
+                target.append((event_id, hook, series_key(*key), body))
+            if active.mqtt:  # also over MQTT (ingest.alerts.mqtt_channel); held and released like the others
+                target.append((event_id, MQTT_CHANNEL, series_key(*key), standard or event.model_dump_json()))
+        await holds.save(conn, event_ids, [o for o in held_rows if o[0] in held])
         if outbox:
             await conn.execute(_OUTBOX, *[list(c) for c in zip(*outbox, strict=True)])
             await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")

@@ -40,6 +40,9 @@ async def create_pool(settings: DatabaseSettings, application_name: str = "senso
         server_settings={
             "TimeZone": "UTC",
             "application_name": application_name,
+            # The write path's locking (calibrations, alert holds) reads what the transaction it waited
+            # for committed: that is READ COMMITTED, whatever the database's default is.
+            "default_transaction_isolation": "read committed",
             # A statement that outlives this is abandoned by the server too, not only by us.
             "statement_timeout": str(int(settings.command_timeout * 1000)),
             # A transaction left idle that long is ended by the server. The writer never pauses that
