@@ -15,7 +15,7 @@ from typing import Any
 from ingest import __version__
 from ingest.alerts.cli import add_alerts_parsers, cmd_alerts, cmd_rules
 from ingest.alerts.silence_cli import add_silences_parser, cmd_silences
-from ingest.clikit import DatabaseUnavailable
+from ingest.clikit import DatabaseUnavailable, rfc3339
 from ingest.errors import ConfigError, DecodeError, MigrationError
 from ingest.logs import is_secret_name, mask_secrets, setup_logging
 from ingest.model import RawMessage
@@ -139,13 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aware_time(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time, e.g. 2026-11-25T03:00:05Z") from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    return when.astimezone(UTC)
+    return rfc3339(text)
 
 
 def _settings(path: Path | None) -> Settings:

@@ -6,9 +6,11 @@ Kept free of heavy imports at module level: building the CLI parser imports this
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import tomllib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +21,8 @@ from ingest.logs import mask_secrets
 if TYPE_CHECKING:
     from ingest.settings import Settings
 
-__all__ = ["DatabaseUnavailable", "async_connect", "cell", "client_settings", "connect", "console", "fail",
-           "json_value", "like", "positive", "since", "table"]
+__all__ = ["DatabaseUnavailable", "async_connect", "cell", "client_settings", "connect", "console", "database_errors",
+           "fail", "json_value", "like", "positive", "rfc3339", "since", "table"]
 
 
 def positive(text: str) -> int:
@@ -33,21 +35,26 @@ def positive(text: str) -> int:
     return n
 
 
+def rfc3339(text: str, neither: str = ", e.g. 2026-11-25T03:00:05Z") -> datetime:
+    """An RFC 3339 time with an offset, in UTC; ``neither`` ends the message of a text that is none."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is {'neither' if neither.startswith(' (') else 'not'} an RFC 3339 "
+                                         f"time{neither}") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
+    return when.astimezone(UTC)
+
+
 def since(text: str) -> datetime:
+    """An RFC 3339 time, or a duration back from now (30m, 2h, 7d)."""
     from ingest.alerts.model import parse_duration
 
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
     except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an RFC 3339 time (2026-11-25T03:00:00Z) nor a "
-                                         "duration (30m, 2h, 7d)") from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    return when.astimezone(UTC)
+        return rfc3339(text, " (2026-11-25T03:00:00Z) nor a duration (30m, 2h, 7d)")
 
 
 def fail(text: str) -> None:
@@ -125,6 +132,26 @@ def like(glob: str) -> str:
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached or read; the message says which and why (no password in it)."""
+
+
+@contextlib.contextmanager
+def database_errors(settings: Settings, older: str, doing: str = "use", after: str = "") -> Iterator[None]:
+    """psycopg's failures as DatabaseUnavailable (exit 2): a table or column missing means a schema
+    older than this release (``older`` says what is missing: "has no device register"), any other
+    failure says what could not be done (``doing``: read, use) and, with ``after``, what it means."""
+    import psycopg
+
+    from ingest.settings import mask_url
+
+    try:
+        yield
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        raise DatabaseUnavailable(f"the database at {mask_url(settings.database.url)} {older} (its schema is older "
+                                  "than this release): run `sensor-ingest migrate`") from None
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot {doing} the database at {mask_url(settings.database.url)}: "
+                                  f"{mask_secrets(reason)}{after}") from None
 
 
 def connect(settings: Settings, *, read_only: bool = False) -> Any:

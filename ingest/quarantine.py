@@ -272,25 +272,14 @@ _STATUSES = ("not_replayed", "stored", "skipped", "still_rejected")
 
 
 def cmd_rejected(args: argparse.Namespace) -> int:
-    import psycopg
-
-    from ingest.clikit import connect
-    from ingest.settings import mask_url
+    from ingest.clikit import connect, database_errors
 
     settings = client_settings(args.config)
-    try:
-        with connect(settings, read_only=True) as conn:
-            if args.rejected_command == "show":
-                return _show(conn, args)
-            return _list(conn, args)
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
-        fail(f"the database at {mask_url(settings.database.url)} has an older schema than this release: run "
-             "`sensor-ingest migrate`")
-        return 2
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot read the database at {mask_url(settings.database.url)}: {reason}")
-        return 2
+    with database_errors(settings, "has no replay columns", doing="read"), \
+            connect(settings, read_only=True) as conn:
+        if args.rejected_command == "show":
+            return _show(conn, args)
+        return _list(conn, args)
 
 
 def _rows(cursor: Any) -> list[dict[str, Any]]:

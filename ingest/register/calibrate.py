@@ -21,7 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.clikit import DatabaseUnavailable, async_connect, cell, client_settings, fail, json_value, like, positive
+from ingest.clikit import (
+    DatabaseUnavailable,
+    async_connect,
+    cell,
+    client_settings,
+    fail,
+    json_value,
+    like,
+    positive,
+    rfc3339,
+)
 from ingest.clikit import table as print_table
 
 if TYPE_CHECKING:
@@ -60,14 +70,7 @@ def _scale(text: str) -> float:
 def _effective(text: str) -> datetime:
     if text.strip().lower() == "now":
         return datetime.now(UTC)
-    try:
-        when = datetime.fromisoformat(text.strip().replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time such as 2026-11-25T03:00:00Z "
-                                         "(or 'now')") from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    return when.astimezone(UTC)
+    return rfc3339(text, " such as 2026-11-25T03:00:00Z (or 'now')")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:

@@ -392,23 +392,13 @@ def add_register_actions(actions: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    import psycopg
-
-    from ingest.settings import mask_url
+    from ingest.clikit import database_errors
 
     settings = client_settings(args.config)
-    try:
-        command = {"import": _import, "list": _list, "show": _show}[args.devices_command]
+    command = {"import": _import, "list": _list, "show": _show}[args.devices_command]
+    with database_errors(settings, "has no device register",
+                         after="; nothing imported" if args.devices_command == "import" else ""):
         return command(args, settings)
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
-        fail(f"the database at {mask_url(settings.database.url)} has no device register (its schema is older than "
-             "this release): run `sensor-ingest migrate`")
-        return 2
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot use the database at {mask_url(settings.database.url)}: {reason}"
-             + ("; nothing imported" if args.devices_command == "import" else ""))
-        return 2
 
 
 # -- import -------------------------------------------------------------------------------------------------

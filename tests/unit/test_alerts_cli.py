@@ -362,7 +362,7 @@ def test_alerts_client_says_when_the_database_cannot_be_read(
     assert main(["alerts", "deliveries", "--failed"]) == 2
 
     err = capsys.readouterr().err
-    assert f"cannot read the database at postgresql://ingest@127.0.0.1:{port}/sensor_ingest" in err
+    assert f"cannot reach the database at postgresql://ingest@127.0.0.1:{port}/sensor_ingest" in err
     assert "pg-password-never-shown" not in err
 
 
