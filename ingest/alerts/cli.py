@@ -17,7 +17,18 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingest.clikit import cell, client_settings, fail, json_value, like, positive, since, table
+from ingest.clikit import (
+    cell,
+    client_settings,
+    connect,
+    database_errors,
+    fail,
+    json_value,
+    like,
+    positive,
+    since,
+    table,
+)
 from ingest.logs import mask_secrets
 
 if TYPE_CHECKING:
@@ -132,8 +143,10 @@ def add_alerts_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = actions.add_parser(
         "history", help="firing and resolved events, newest first",
         description=_wrap("Firing and resolved events (alert_events), newest first, with the reading that caused each "
-        "(event time, value), the threshold, and whether it was notified (an episode older than "
-        "alerts.max_notify_age when recorded is kept but not sent). Exit 0, 2 when the database cannot be read."),
+        "(event time, value), the threshold, and whether it was notified: no for an episode older than "
+        "alerts.max_notify_age when recorded (kept, not sent) and for an event a silence held back (silenced by); a "
+        "held firing event sent when its silence ended shows yes, and when in released. Exit 0, 2 when the "
+        "database cannot be read."),
     )
     _client_args(p, _DB_ENV)
     p.add_argument("--rule", metavar="R", help="only this rule")
@@ -296,11 +309,6 @@ def _ask(config: Path | None, method: str, path: str) -> tuple[int, Any] | int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    import psycopg
-
-    from ingest.settings import mask_url
-    from ingest.store.pool import dsn_of
-
     command: str = args.alerts_command
     if command == "ack":
         from ingest.alerts.silence_cli import cmd_ack
@@ -309,22 +317,10 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     settings = client_settings(args.config)
     query, params, columns = (_list_query if command == "list" else
                               _history_query if command == "history" else _deliveries_query)(args)
-    try:
-        with psycopg.connect(dsn_of(settings.database), autocommit=True,
-                             connect_timeout=max(2, int(settings.database.connect_timeout)),
-                             application_name="sensor-ingest-cli") as conn:
-            conn.read_only = True
-            cursor = conn.execute(query, params)
-            names = [d.name for d in cursor.description or ()]
-            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-    except psycopg.errors.UndefinedTable:
-        fail(f"the database at {mask_url(settings.database.url)} has no alert tables (its schema is older than "
-              "this release): run `sensor-ingest migrate`")
-        return 2
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot read the database at {mask_url(settings.database.url)}: {reason}")
-        return 2
+    with database_errors(settings, "has no alert tables", doing="read"), connect(settings, read_only=True) as conn:
+        cursor = conn.execute(query, params)
+        names = [d.name for d in cursor.description or ()]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     for row in rows:  # a receiver's error may quote a URL with its password
         if row.get("last_error"):
             row["last_error"] = mask_secrets(str(row["last_error"]))
@@ -415,7 +411,7 @@ def _history_query(args: argparse.Namespace) -> Query:
     columns = [("event", "id"), ("event time", "event_time"), ("rule", "rule"), ("device", "device"),
                ("metric", "metric"), ("status", "status"), ("severity", "severity"), ("value", "value"),
                ("threshold", "threshold"), ("episode start", "starts_at"), ("notified", "notified"),
-               ("silenced by", "silenced_by"), ("recorded", "created_at")]
+               ("silenced by", "silenced_by"), ("released", "released_at"), ("recorded", "created_at")]
     return query, params, columns
 
 
