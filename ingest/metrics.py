@@ -47,6 +47,8 @@ class Metrics:
                                         registry=r)
         self.alert_events = Counter(p + "alert_events", "alert events recorded (firing, resolved), notified or not",
                                     ["rule", "status"], registry=r)
+        self.alert_events_silenced = Counter(p + "alert_events_silenced", "alert events a silence held back "
+                                             "(recorded, not notified; counted in alert_events too)", registry=r)
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
         self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)
         self.backpressure = Counter(p + "backpressure_seconds",

@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["FIRST_AFTER", "LOCK_KEY", "RELEASE_EVERY", "Candidate", "Hold", "Holds", "Released", "Silence", "active_silences",
-           "decide", "event_labels", "glob_pattern", "judge", "release_held", "release_loop"]
+__all__ = ["FIRST_AFTER", "LOCK_KEY", "RELEASE_EVERY", "Candidate", "Hold", "Holds", "Released", "Silence",
+           "active_silences", "decide", "event_labels", "glob_pattern", "judge", "release_held", "release_loop"]
 
 log = logging.getLogger(__name__)
 

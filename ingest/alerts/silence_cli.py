@@ -14,10 +14,13 @@ import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.alerts.cli import _DB_ENV, _client_args, _wrap
-from ingest.clikit import cell, client_settings, connect, fail, json_value, positive, table
+from ingest.clikit import cell, client_settings, connect, fail, json_value, positive, rfc3339, table
+
+if TYPE_CHECKING:
+    from ingest.settings import Settings
 
 __all__ = ["add_ack_parser", "add_silences_parser", "cmd_ack", "cmd_silences"]
 
@@ -44,6 +47,8 @@ _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a rule's name (inge
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL_KEY = re.compile(r"^[^\s=]{1,200}$")
 MAX_TEXT = 1000  # a comment, a glob, a label value
+MAX_SPAN = timedelta(days=3650)  # the longest silence: beyond it, a silence is a rule change in disguise
+_SPAN_TEXT = "10 years, 3650d"
 
 
 # --- argument types: each error says what to write instead ----------------------------------------
@@ -60,9 +65,10 @@ def _glob(text: str) -> str:
     if not text or len(text) > MAX_TEXT or _CONTROL.search(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device glob: write a device id, or one with * (any run "
                                          "of characters) and ? (one character), e.g. 'hn-aq-*'")
-    if set(text) == {"*"}:
-        raise argparse.ArgumentTypeError(f"{text!r} matches every device: leave --device out and name a --rule or "
-                                         "a --label instead")
+    if set(text) <= {"*", "?"}:  # no fixed character: every device, or every one of a length
+        reach = "every device" if "*" in text else f"every device whose id has {len(text)} characters"
+        raise argparse.ArgumentTypeError(f"{text!r} matches {reach}: put a fixed part of the device id in it "
+                                         "('hn-aq-*'), or leave --device out and name a --rule or a --label instead")
     return text
 
 
@@ -74,28 +80,29 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _until(text: str) -> datetime:
-    """RFC 3339 with an offset, or a duration from now; in the future."""
+def _until(text: str) -> datetime | float:
+    """RFC 3339 with an offset (a time), or a duration from now (seconds, added to the database's
+    clock by `silences add`, the clock of starts_at); in the future, at most MAX_SPAN ahead. A time
+    is checked here against this machine's clock, and again against the database's."""
     from ingest.alerts.model import parse_duration
 
     now = datetime.now(UTC)
     try:
         seconds = parse_duration(text)
     except ValueError:
-        try:
-            when = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither an RFC 3339 time (2026-11-25T18:00:00+07:00) nor "
-                                             "a duration from now (30m, 2h, 7d)") from None
-        if when.tzinfo is None:
-            raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add Z or +hh:mm") from None
-        when = when.astimezone(UTC)
+        when = rfc3339(text, " (2026-11-25T18:00:00+07:00) nor a duration from now (30m, 2h, 7d)")
     else:
         if seconds <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} is no time at all: give a duration such as 2h")
-        when = now + timedelta(seconds=seconds)
+        if seconds > MAX_SPAN.total_seconds():
+            raise argparse.ArgumentTypeError(f"{text!r} is longer than a silence may last ({_SPAN_TEXT}): give a "
+                                             "shorter duration, and expire or add silences as plans change")
+        return seconds
     if when <= now:
         raise argparse.ArgumentTypeError(f"{text!r} is in the past ({cell(when, '')}): a silence ends in the future")
+    if when - now > MAX_SPAN:
+        raise argparse.ArgumentTypeError(f"{text!r} is further ahead than a silence may last ({_SPAN_TEXT}): give an "
+                                         "earlier time")
     return when
 
 
@@ -138,7 +145,9 @@ def add_silences_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = actions.add_parser(
         "add", help="add a silence: name a rule, a device glob or labels, until when, and why",
         description=_wrap("Add a silence, active from now until --until, for every worker of the service. At least one "
-        "of --rule, --device and --label; all given must hold for an alert to be silenced. Prints the silence's id "
+        "of --rule, --device and --label; all given must hold for an alert to be silenced. It starts at the database's "
+        "clock's now and lasts at most 10 years. A --rule that neither this configuration nor any evaluated series "
+        "names is added with a warning on stderr (a typo silences nothing). Prints the silence's id "
         "(for `silences expire`). Exit 0 when added, 2 when the arguments are wrong (nothing added) or the database "
         "cannot be written."),
     )
@@ -151,7 +160,7 @@ def add_silences_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                    "device, metric, severity); repeat for more, all must hold")
     p.add_argument("--until", metavar="T", type=_until, required=True,
                    help="when it ends: RFC 3339 with an offset (2026-11-25T18:00:00+07:00) or a duration from now "
-                   "(30m, 2h, 7d)")
+                   "(30m, 2h, 7d); at most 10 years ahead")
     p.add_argument("--comment", metavar="C", type=_comment, required=True, help="why, for the other operators")
     p.add_argument("--by", metavar="NAME", type=_name, default=None,
                    help="who does it, recorded with it (default: your login name)")
@@ -159,7 +168,9 @@ def add_silences_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = actions.add_parser(
         "list", help="the active silences (--all: ended and expired ones too)",
         description=_wrap("The silences active now, newest first: id, what they match, from when until when, who added "
-        "them and why, and how many alert events each has held back. --all shows ended and expired ones too, with "
+        "them and why, how many firing alerts each holds back now (holding: their firing notification waits for the "
+        "silence's end) and how many alert events, firing and resolved, it has silenced in all. --all shows ended "
+        "and expired ones too, with "
         "their state. Exit 0, 2 when the database cannot be read."),
     )
     _client_args(p, _DB_ENV)
@@ -199,23 +210,12 @@ def add_ack_parser(actions: argparse._SubParsersAction[argparse.ArgumentParser])
 # --- the commands ---------------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace, action: Callable[[Any, argparse.Namespace], int]) -> int:
-    import psycopg
-
-    from ingest.settings import mask_url
+def _run(args: argparse.Namespace, action: Callable[[Any, argparse.Namespace, Settings], int]) -> int:
+    from ingest.clikit import database_errors
 
     settings = client_settings(args.config)
-    try:
-        with connect(settings) as conn:
-            return action(conn, args)
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
-        fail(f"the database at {mask_url(settings.database.url)} has no silences (its schema is older than this "
-             "release): run `sensor-ingest migrate`")
-        return 2
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"cannot use the database at {mask_url(settings.database.url)}: {reason}")
-        return 2
+    with database_errors(settings, "has no silences"), connect(settings) as conn:
+        return action(conn, args, settings)
 
 
 def cmd_silences(args: argparse.Namespace) -> int:
@@ -265,14 +265,28 @@ def _matchers(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _add(conn: Any, args: argparse.Namespace) -> int:
+_KNOWN_RULE = "SELECT EXISTS (SELECT 1 FROM alert_state WHERE rule = %(rule)s)"
+
+
+def _add(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     labels = dict(args.label)
+    # starts_at and ends_at on one clock, the database's: this machine's may be off.
+    now: datetime = conn.execute("SELECT now()").fetchone()[0]
+    until = now + timedelta(seconds=args.until) if isinstance(args.until, float) else args.until
+    if until <= now:
+        fail(f"silences add: --until {cell(until, '')} is in the past by the database's clock ({cell(now, '')}): "
+             "this machine's clock is ahead; give a later time or a duration")
+        return 2
+    if args.rule and args.rule not in {r.name for r in settings.rules} and \
+            not conn.execute(_KNOWN_RULE, {"rule": args.rule}).fetchone()[0]:
+        fail(f"silences add: warning: no rule {args.rule!r} is configured here and none has evaluated a series: "
+             "the silence matches nothing until a rule of that name runs (see `sensor-ingest rules list`)")
     row = _rows(conn.execute(
-        "INSERT INTO silences AS s (rule, device, labels, ends_at, comment, created_by)"
-        " VALUES (%(rule)s, %(device)s, %(labels)s::jsonb, %(until)s, %(comment)s, %(by)s)"
+        "INSERT INTO silences AS s (rule, device, labels, starts_at, ends_at, comment, created_by)"
+        " VALUES (%(rule)s, %(device)s, %(labels)s::jsonb, %(now)s, %(until)s, %(comment)s, %(by)s)"
         " RETURNING " + _COLUMNS,
-        {"rule": args.rule, "device": args.device, "labels": json.dumps(labels, ensure_ascii=False),
-         "until": args.until, "comment": args.comment, "by": args.by or _who()}))[0]
+        {"rule": args.rule, "device": args.device, "labels": json.dumps(labels, ensure_ascii=False), "now": now,
+         "until": until, "comment": args.comment, "by": args.by or _who()}))[0]
     if args.json:
         _dump(row)
         return 0
@@ -281,11 +295,12 @@ def _add(conn: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(conn: Any, args: argparse.Namespace) -> int:
+def _list(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     where = "" if args.all else (" WHERE s.starts_at <= now() AND s.ends_at > now()"
                                  " AND (s.expired_at IS NULL OR s.expired_at > now())")
     rows = _rows(conn.execute(
-        "SELECT " + _COLUMNS + ", (SELECT count(*) FROM alert_events e WHERE e.silenced_by = s.id) AS held_back"
+        "SELECT " + _COLUMNS + ", (SELECT count(*) FROM alert_held h WHERE h.silenced_by = s.id) AS holding,"
+        " (SELECT count(*) FROM alert_events e WHERE e.silenced_by = s.id) AS events_silenced"
         " FROM silences s" + where + " ORDER BY s.id DESC LIMIT %(limit)s", {"limit": args.limit}))
     if args.json:
         _dump(rows)
@@ -294,16 +309,16 @@ def _list(conn: Any, args: argparse.Namespace) -> int:
         print("no silences" if args.all else "no active silences")
         return 0
     table("silences" if args.all else "active silences",
-          ["id", "state", "matches", "from", "until", "by", "comment", "events held back"],
+          ["id", "state", "matches", "from", "until", "by", "comment", "holding", "events silenced"],
           [[str(r["id"]), r["state"], _matchers(r), cell(r["starts_at"], ""),
             cell(r["expired_at"] if r["state"] == "expired" else r["ends_at"], ""), r["created_by"], r["comment"],
-            str(r["held_back"])] for r in rows])
+            str(r["holding"]), str(r["events_silenced"])] for r in rows])
     if len(rows) == args.limit:
         print(f"(the first {args.limit}; --limit N shows more)")
     return 0
 
 
-def _expire(conn: Any, args: argparse.Namespace) -> int:
+def _expire(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     ended = _rows(conn.execute(
         "UPDATE silences s SET expired_at = now() WHERE s.id = %(id)s AND s.ends_at > now() AND s.expired_at IS NULL"
         " RETURNING " + _COLUMNS, {"id": args.id}))
@@ -347,7 +362,7 @@ WHERE rule = %(rule)s AND device_id = %(device_id)s AND metric_id = %(metric_id)
 """
 
 
-def _ack(conn: Any, args: argparse.Namespace) -> int:
+def _ack(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     rule, _, rest = args.alert.partition("/")
     found = _rows(conn.execute(_SERIES, {"rule": rule, "rest": rest}))
     # RULE/DEVICE first (a device id may itself hold a '/'), then RULE/DEVICE/METRIC.

@@ -5,7 +5,8 @@
 -- active: the event is recorded (alert_events.silenced_by) with no outbox row, and its would-be
 -- outbox rows wait in alert_held. When no active silence matches the series any more and it still
 -- fires that episode, the end-of-silence job moves them to alert_outbox (the same event, the same
--- bodies); a held episode that resolved meanwhile sends nothing.
+-- bodies); a held episode that resolved meanwhile sends nothing. When the silence ends and another
+-- active silence matches, the hold passes to it (alert_held.silenced_by).
 
 CREATE TABLE silences (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -32,12 +33,17 @@ CREATE INDEX silences_ends ON silences (ends_at);
 ALTER TABLE alert_events
     ADD COLUMN silenced_by bigint REFERENCES silences (id),
     ADD COLUMN released_at timestamptz;
+-- For `silences list` (the events each silence held back) and the foreign key. Built without
+-- CONCURRENTLY (a migration runs in one transaction): it blocks writes to alert_events, so the alert
+-- stage of a running service, while it scans the table (every row is NULL here: the index is empty,
+-- the scan is the cost); on a large alert_events run `sensor-ingest migrate` in a quiet moment.
 CREATE INDEX alert_events_silenced ON alert_events (silenced_by) WHERE silenced_by IS NOT NULL;
 
 -- A firing notification held back: at most one per series, the firing event of its current episode.
 -- ``outbox`` holds the rows the stage built for it, [[webhook, series, body], ...], so that the job
 -- enqueues exactly what would have been sent. Written by the stage and by the job only under the row
--- lock of the series' alert_state row (the job takes the locks in the stage's order).
+-- lock of the series' alert_state row (the job locks only the rows it may change, in the stage's order,
+-- skipping those a batch holds).
 CREATE TABLE alert_held (
     rule        text        NOT NULL,
     device_id   integer     NOT NULL,
@@ -49,6 +55,10 @@ CREATE TABLE alert_held (
     outbox      jsonb       NOT NULL,
     PRIMARY KEY (rule, device_id, metric_id)
 );
+-- The stage and the job delete holds by event id; each event is held at most once.
+CREATE UNIQUE INDEX alert_held_event ON alert_held (event_id);
+-- What each silence holds now (`silences list`), and the foreign key to silences.
+CREATE INDEX alert_held_silence ON alert_held (silenced_by);
 
 -- Acknowledgements: one per episode of a series (a second ack of the same episode replaces the
 -- first). An ack is in force while the series fires the episode it names (alert_state.episode_start

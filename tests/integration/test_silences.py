@@ -30,7 +30,7 @@ import pytest_asyncio
 from ingest.alerts.dispatch import CHANNEL, Dispatcher
 from ingest.alerts.model import Rule, Webhook
 from ingest.alerts.runtime import AlertRuntime, RuleSet
-from ingest.alerts.silence import LOCK_KEY, Released, release_held
+from ingest.alerts.silence import FIRST_AFTER, LOCK_KEY, Released, release_held, release_loop
 from ingest.alerts.stage import AlertStage
 from ingest.cli import main
 from ingest.model import Reading
@@ -235,14 +235,14 @@ async def test_when_until_passes_while_it_fires_one_firing_notification_is_deliv
     await writer.write([outcome(2, [pm("hn-aq-1", 2, 70.0)])])
     assert await outbox(pool) == []
 
-    assert await release(pool, at(29)) == Released(events=0, outbox=0, dropped=0, still=1)
+    assert await release(pool, at(29)) == Released(events=0, outbox=0, dropped=0, moved=0)  # not even a candidate
     assert await outbox(pool) == []
     listener = await asyncpg.connect(database_url)
     heard: list[str] = []
     await listener.add_listener(CHANNEL, lambda *args: heard.append(args[2]))
     try:
         # --until is exclusive: at 30 minutes the silence has ended.
-        assert await release(pool, at(30)) == Released(events=1, outbox=2, dropped=0, still=0)
+        assert await release(pool, at(30)) == Released(events=1, outbox=2, dropped=0, moved=0)
         await until(lambda: heard == [CHANNEL], "the dispatcher woken once")
     finally:
         await listener.close()
@@ -283,7 +283,7 @@ async def test_a_held_episode_that_resolved_before_its_silence_ended_sends_nothi
     # the job drops its hold and sends nothing either.
     await pool.execute("UPDATE alert_state SET status = 'ok', episode_start = NULL FROM devices d"
                        " WHERE d.id = alert_state.device_id AND d.uid = 'hn-aq-2'")
-    assert await release(pool, at(30)) == Released(events=0, outbox=0, dropped=1, still=0)
+    assert await release(pool, at(30)) == Released(events=0, outbox=0, dropped=1, moved=0)
     assert await outbox(pool) == []
     assert [e[4] for e in await events(pool)] == [False, False, False]
     assert await held(pool) == []
@@ -295,15 +295,25 @@ async def test_a_held_episode_that_resolved_before_its_silence_ended_sends_nothi
 
 
 @pytest.mark.asyncio
-async def test_a_series_still_matched_by_another_silence_stays_held(pool: asyncpg.Pool,
-                                                                    hooks: dict[str, Webhook]) -> None:
+async def test_a_series_still_matched_by_another_silence_stays_held_by_it(pool: asyncpg.Pool,
+                                                                          hooks: dict[str, Webhook], cli: Any) -> None:
     writer = writer_of(pool, hooks)
     first = await silence(pool, rule="pm25-high", ends=at(30))
     await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0)], attributes={"district": "hoan-kiem"})])
-    await silence(pool, labels={"district": "hoan-kiem"}, starts=at(20), ends=at(60))  # added later, longer
-    assert await release(pool, at(45)) == Released(events=0, outbox=0, dropped=0, still=1)
-    assert [e[5] for e in await events(pool)] == [first]  # the silence that held it back
-    assert await release(pool, at(60)) == Released(events=1, outbox=2, dropped=0, still=0)
+    second = await silence(pool, labels={"district": "hoan-kiem"}, starts=at(20), ends=at(60))  # added later, longer
+    # Both active at 25: the hold is no candidate; at 45 only the second is: the hold passes to it.
+    assert await release(pool, at(25)) == Released(events=0, outbox=0, dropped=0, moved=0)
+    assert [h[3] for h in await held(pool)] == [first]
+    assert await release(pool, at(45)) == Released(events=0, outbox=0, dropped=0, moved=1)
+    assert [h[3] for h in await held(pool)] == [second]
+    assert [e[5] for e in await events(pool)] == [first]  # the history keeps the silence that held it back
+    # The lists name the silence that holds it now.
+    status, alerts, _ = cli("alerts", "list", "--json")
+    assert (status, [(a["alert"], a["silenced_by"]) for a in alerts]) == (0, [("pm25-high/hn-aq-1", second)])
+    # Under its silence again, the hold is no candidate: the next round touches nothing.
+    assert await release(pool, at(50)) == Released(events=0, outbox=0, dropped=0, moved=0)
+    assert await outbox(pool) == []
+    assert await release(pool, at(60)) == Released(events=1, outbox=2, dropped=0, moved=0)
 
 
 @pytest.mark.asyncio
@@ -321,14 +331,31 @@ async def test_one_worker_runs_the_job_at_a_time(database_url: str, pool: asyncp
         await other.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     finally:
         await other.close()
-    assert await release(pool, at(30)) == Released(events=1, outbox=2, dropped=0, still=0)
+    assert await release(pool, at(30)) == Released(events=1, outbox=2, dropped=0, moved=0)
+
+
+async def _waiting(pool: asyncpg.Pool, query: str) -> int:
+    """Backends of this database waiting for a lock in a statement that starts with ``query``."""
+    n = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND wait_event_type = 'Lock' AND query LIKE $1", query + "%")
+    assert isinstance(n, int)
+    return n
+
+
+async def _until_waiting(pool: asyncpg.Pool, query: str) -> None:
+    for _ in range(3000):  # bounds a hang only
+        if await _waiting(pool, query) == 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend waits in {query!r}")
 
 
 @pytest.mark.asyncio
-async def test_the_job_and_the_stage_on_one_series_wait_for_each_other(database_url: str, pool: asyncpg.Pool,
-                                                                       hooks: dict[str, Webhook]) -> None:
-    """The stage resolves the held episode while the job is about to release it: the job locks the
-    series' alert_state row, so it sees the episode ended and sends nothing."""
+async def test_the_job_skips_a_series_a_batch_holds_and_sees_its_outcome_next_round(
+        database_url: str, pool: asyncpg.Pool, hooks: dict[str, Webhook]) -> None:
+    """The stage resolves the held episode while the job is about to release it: the job never
+    waits for the batch (SKIP LOCKED), leaves the series to the next round, and then sees the
+    episode ended and sends nothing."""
     writer = writer_of(pool, hooks)
     await silence(pool, rule="pm25-high", ends=at(30))
     await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0)])])
@@ -338,23 +365,100 @@ async def test_the_job_and_the_stage_on_one_series_wait_for_each_other(database_
         await tx.start()
         # The stage's transaction, paused after it locked and resolved the series.
         await tx_conn.execute("UPDATE alert_state SET status = 'ok', episode_start = NULL")
-        job = asyncio.ensure_future(release(pool, at(30)))
-
-        async def waiting() -> bool:
-            n = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                    " AND wait_event_type = 'Lock'")
-            return bool(n == 1)
-
-        for _ in range(500):
-            if await waiting():
-                break
-            await asyncio.sleep(0.02)
-        assert await waiting()
+        assert await release(pool, at(30)) == Released(events=0, outbox=0, dropped=0, moved=0, busy=1)
+        assert len(await held(pool)) == 1
         await tx.commit()
-        assert await job == Released(events=0, outbox=0, dropped=1, still=0)
     finally:
         await tx_conn.close()
+    assert await release(pool, at(30)) == Released(events=0, outbox=0, dropped=1, moved=0)
     assert await outbox(pool) == []
+    assert await held(pool) == []
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_resolves_a_series_the_job_is_releasing_waits_and_sends_the_resolved(
+        database_url: str, pool: asyncpg.Pool, hooks: dict[str, Webhook]) -> None:
+    """The reverse order: the job has locked the series and is enqueueing its held firing when a batch
+    resolves the episode. The batch waits for the job's commit, finds no hold, and sends the
+    resolved event after the released firing one: the receivers see the episode open and close."""
+    writer = writer_of(pool, hooks)
+    await silence(pool, rule="pm25-high", ends=at(30))
+    await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0)])])
+    blocker = await asyncpg.connect(database_url)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        # Pauses the job after it has locked the series: its INSERT INTO alert_outbox waits for this.
+        await blocker.execute("LOCK TABLE alert_outbox IN SHARE MODE")
+        job = asyncio.ensure_future(release(pool, at(30)))
+        await _until_waiting(pool, "\nINSERT INTO alert_outbox")
+        write = asyncio.ensure_future(writer.write([outcome(2, [pm("hn-aq-1", 2, 40.0)])]))
+        await _until_waiting(pool, "\nSELECT s.rule, s.device_id")  # the stage's row lock waits for the job
+        await tx.commit()
+        assert await job == Released(events=1, outbox=2, dropped=0, moved=0)
+        result = await write
+    finally:
+        await blocker.close()
+    assert result.alerts is not None
+    assert (result.alerts.silenced, result.alerts.notified, result.alerts.outbox) == (0, 1, 2)
+    [firing, resolved] = await events(pool)
+    assert (firing[2], firing[4], firing[6], resolved[2], resolved[4], resolved[5]) == (
+        "firing", True, at(30), "resolved", True, None)
+    assert [(e, w, b["status"]) for _, e, w, b in await outbox(pool)] == [
+        (firing[0], "city-ops", "firing"), (firing[0], "backup", "firing"),
+        (resolved[0], "city-ops", "resolved"), (resolved[0], "backup", "resolved")]
+
+
+@pytest.mark.asyncio
+async def test_an_episode_that_fires_and_resolves_within_one_batch_under_a_silence_sends_nothing(
+        pool: asyncpg.Pool, hooks: dict[str, Webhook]) -> None:
+    writer = writer_of(pool, hooks)
+    sid = await silence(pool, rule="pm25-high", ends=at(30))
+    result = await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0), pm("hn-aq-1", 2, 40.0)])])
+    assert result.alerts is not None
+    assert (result.alerts.silenced, result.alerts.notified, result.alerts.outbox) == (2, 0, 0)
+    assert [(e[2], e[4], e[5]) for e in await events(pool)] == [("firing", False, sid), ("resolved", False, sid)]
+    assert await outbox(pool) == []
+    assert await held(pool) == []
+    # Firing, resolved, firing in one batch: the last episode's firing is held, nothing is sent.
+    again = await writer.write([outcome(2, [pm("hn-aq-2", 1, 60.0), pm("hn-aq-2", 2, 40.0),
+                                            pm("hn-aq-2", 3, 70.0)])])
+    assert again.alerts is not None
+    assert (again.alerts.silenced, again.alerts.notified, again.alerts.outbox) == (3, 0, 0)
+    second = [e for e in await events(pool) if e[1] == "hn-aq-2"]
+    assert [(e[2], e[3], e[4], e[5]) for e in second] == [
+        ("firing", at(1), False, sid), ("resolved", at(2), False, sid), ("firing", at(3), False, sid)]
+    assert await outbox(pool) == []
+    [(device, eid, starts, by, _, rows)] = await held(pool)
+    assert (device, eid, starts, by) == ("hn-aq-2", second[2][0], at(3), sid)
+    assert [r[2]["id"] for r in rows] == [f"evt_{second[2][0]}"] * 2
+    # When the silence ends, that firing alone is sent; the first episodes never are.
+    assert await release(pool, at(30)) == Released(events=1, outbox=2, dropped=0, moved=0)
+    assert [(e, b["status"], b["event_time"]) for _, e, _, b in await outbox(pool)] == [
+        (second[2][0], "firing", "2026-11-25T03:03:00Z")] * 2
+
+
+@pytest.mark.asyncio
+async def test_the_job_waits_first_after_before_its_first_round(pool: asyncpg.Pool,
+                                                                hooks: dict[str, Webhook]) -> None:
+    """After a start the redelivered backlog is written before the first round (``first_after``)."""
+    writer = writer_of(pool, hooks)
+    await silence(pool, rule="pm25-high", ends=at(30))
+    await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0)])])
+    slept: list[float] = []
+    state: list[tuple[int, int]] = []
+
+    async def sleep(seconds: float) -> None:  # records each wait and what the job had done by then
+        slept.append(seconds)
+        state.append((len(await held(pool)), len(await outbox(pool))))
+        if len(slept) == 2:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await release_loop(lambda: pool, every=5.0, clock=Clock(at(31)), first_after=30.0, sleep=sleep)
+    assert slept == [30.0, 5.0]
+    assert state == [(1, 0), (0, 2)]  # nothing released before the first wait; released after it
+    assert FIRST_AFTER == 30.0  # the service's default
 
 
 # --- the CLI against the database ----------------------------------------------------------------------
@@ -376,6 +480,17 @@ def cli(database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     return run
 
 
+def test_silences_add_warns_of_a_rule_nothing_knows(cli: Any, database_url: str) -> None:
+    status, text, err = cli("silences", "add", "--rule", "pm25-hihg", "--until", "1h", "--comment", "typo")
+    assert status == 0
+    assert text.startswith("silence ")
+    assert "warning: no rule 'pm25-hihg' is configured here and none has evaluated a series" in err
+    with psycopg.connect(database_url, autocommit=True) as c:  # a rule the service has evaluated
+        c.execute("INSERT INTO alert_state (rule, device_id, metric_id, status) VALUES ('pm25-high', 1, 1, 'ok')")
+    status, _, err = cli("silences", "add", "--rule", "pm25-high", "--until", "1h", "--comment", "known")
+    assert (status, err) == (0, "")
+
+
 def test_silences_add_list_and_expire(cli: Any) -> None:
     status, added, _ = cli("silences", "add", "--rule", "level-high", "--device", "hn-lv-*", "--label",
                            "district=hoan-kiem", "--label", "team=hydro", "--until", "2h", "--comment",
@@ -384,19 +499,19 @@ def test_silences_add_list_and_expire(cli: Any) -> None:
     assert (added["state"], added["rule"], added["device"], added["labels"], added["created_by"], added["comment"]) == (
         "active", "level-high", "hn-lv-*", {"district": "hoan-kiem", "team": "hydro"}, "alice",
         "pump station maintenance, ticket 4711")
-    ends = datetime.fromisoformat(added["ends_at"])
-    starts = datetime.fromisoformat(added["starts_at"])
-    assert timedelta(hours=2) - timedelta(minutes=1) < ends - starts <= timedelta(hours=2) + timedelta(minutes=1)
-    status, text, _ = cli("silences", "add", "--label", "severity=critical", "--until", "2099-01-01T00:00:00+07:00",
-                          "--comment", "quiet night")
-    assert status == 0
+    # Both ends on the database's clock: exactly the duration apart.
+    assert datetime.fromisoformat(added["ends_at"]) - datetime.fromisoformat(added["starts_at"]) == timedelta(hours=2)
+    year = datetime.now(UTC).year + 2
+    status, text, err = cli("silences", "add", "--label", "severity=critical", "--until",
+                            f"{year}-01-01T00:00:00+07:00", "--comment", "quiet night")
+    assert (status, err) == (0, "")
     second = int(text.split()[1])
-    assert text.startswith(f"silence {second} added: severity=critical, until 2098-12-31 17:00:00Z")
+    assert text.startswith(f"silence {second} added: severity=critical, until {year - 1}-12-31 17:00:00Z")
 
     status, listed, _ = cli("silences", "list", "--json")
     assert status == 0
-    assert [(s["id"], s["state"], s["held_back"]) for s in listed] == [
-        (second, "active", 0), (added["id"], "active", 0)]
+    assert [(s["id"], s["state"], s["holding"], s["events_silenced"]) for s in listed] == [
+        (second, "active", 0, 0), (added["id"], "active", 0, 0)]
     status, text, _ = cli("silences", "list")
     assert status == 0
     assert text.startswith("active silences")
@@ -525,7 +640,9 @@ def test_a_silenced_episode_delivers_nothing_and_expiring_it_sends_one_firing(
         assert [o[1] for o in outbox_rows()] == [events[1][0]]  # no outbox row for a silenced event
         assert [d.json()["device"] for d in receiver.requests()] == ["hn-lv-11"]
         status, listed, _ = cli("silences", "list", "--json")
-        assert [(s["id"], s["held_back"]) for s in listed] == [(sid, 3)]
+        # Holding one firing alert now (hn-lv-01's second episode); three events silenced in all.
+        assert [(s["id"], s["holding"], s["events_silenced"]) for s in listed] == [(sid, 1, 3)]
+        assert ingest.metric("sensor_ingest_alert_events_silenced_total") == 3
         status, alerts, _ = cli("alerts", "list", "--json")
         assert {(a["alert"], a["silenced_by"]) for a in alerts} == {("level-high/hn-lv-01", sid),
                                                                      ("level-high/hn-lv-11", None)}
@@ -542,6 +659,12 @@ def test_a_silenced_episode_delivers_nothing_and_expiring_it_sends_one_firing(
         assert [o[1] for o in outbox_rows()] == [events[1][0], held_event]
         assert _rows(database_url, "SELECT count(*) FROM alert_held") == [(0,)]
         assert [e[4] for e in event_rows()] == [False, True, False, True]
+        status, listed, _ = cli("silences", "list", "--all", "--json")
+        assert [(s["id"], s["state"], s["holding"], s["events_silenced"]) for s in listed] == [(sid, "expired", 0, 3)]
+        history = {e["id"]: e for e in cli("alerts", "history", "--json")[1]}
+        assert (history[held_event]["notified"], history[held_event]["silenced_by"]) == (True, sid)
+        assert history[held_event]["released_at"] is not None
+        assert history[events[2][0]]["released_at"] is None
         # The episode's end is sent after its firing; the first episode's never.
         send("hn-lv-01", 4, 3.0)
         wait_until(lambda: len(receiver.delivered()) == 3, WAIT, "the resolved notification delivered")
