@@ -5,7 +5,7 @@ Fahrenheit while the mapping says nothing of units, so the catalog refuses the t
 (out_of_range); the mapping is fixed (unit = "F"), `replay -c fixed.toml` stores them, and what it
 stores is compared with what the service running the fixed config stores for the same payloads on
 another device id. The other cases seed rejected_messages directly (the rows are the contract) and
-replay in-process (ingest.quarantine.Replayer) or as a process, interrupted in every way.
+replay in-process (ingest.replay.Replayer) or as a process, interrupted in every way.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import pytest
 from ingest.cli import main
 from ingest.model import FLAG_RECEIVE_TIME, FLAG_SUSPECT
 from ingest.process import Processor
-from ingest.quarantine import Filters, Replayer, ReplayTally, hexdump, open_pool
+from ingest.quarantine import Filters, hexdump
+from ingest.replay import Replayer, ReplayTally, open_pool
 from ingest.settings import Settings, load_settings
 from tests.integration.harness import IngestProcess, Publisher, native, write_config
 from tests.services import REPO, Mosquitto, until, wait_until

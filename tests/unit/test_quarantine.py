@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ingest.cli import build_parser, main
-from ingest.quarantine import Filters, ReplayTally, as_text, hexdump, replay_status
+from ingest.quarantine import Filters, as_text, hexdump, replay_status
+from ingest.replay import ReplayTally
 
 
 def test_the_hex_dump_is_hexdump_c() -> None:
