@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ingest.cli import main
-from ingest.register.devices import Entry, Problem, Stored, parse_register, plan_import
+from ingest.register.csvfile import Entry, Problem, Stored, parse_register, plan_import
 
 HANOI = (
     "device,make,model,source,expected_interval,district,lat,lon,installation_height\n"
