@@ -10,6 +10,10 @@ the readings of keys beyond a source's budget become ``too_many_new_series`` rej
 Every string of a rejection row is escaped (validate.escape): the row that records a bad message
 must itself always store, whatever the message held.
 
+Calibrations (ingest.store.calibration) are applied inside the transaction, to the numeric rows,
+after the epoch of the calibrations has been read under the shared side of their lock: a rewrite of
+stored readings in progress can then neither miss a new reading nor rewrite it twice.
+
 A write attempt ends at COMMIT. ``devices.last_seen`` is a hint for operators updated afterwards by
 ``touch_devices()``, outside the attempt and its timeout: a slow or failed update there can neither
 re-run a committed batch (doubling its rejection rows) nor delay its acknowledgement.
