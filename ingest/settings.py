@@ -797,11 +797,12 @@ class Settings(BaseSettings):
         from ingest.routing import compile_template, filters_overlap
 
         alerts = alerts_filter(self.alerts.mqtt_prefix)
-        preset_of = {id(s): name for name, s in self.preset_sources()}
-        for s in self.all_sources():
+        # The configured sources, then each preset's by its name (not by identity: preset_sources()
+        # builds new objects on every call).
+        candidates = [(None, s) for s in self.sources] + [(name, s) for name, s in self.preset_sources()]
+        for preset, s in candidates:
             subscribed = compile_template(s.topic).filter
             if subscribed == alerts or filters_overlap([subscribed, alerts]):
-                preset = preset_of.get(id(s))
                 what = f"preset {preset!r} (source {s.name!r})" if preset else f"source {s.name!r}"
                 change = (f"switch the preset off ([presets] {preset} = false)" if preset
                           else f"narrow sources.{s.name}.topic")

@@ -47,7 +47,7 @@ import asyncpg
 import httpx
 
 from ingest.alerts.model import Webhook
-from ingest.alerts.mqtt_channel import CHANNEL_NAME, PUBLISH_TIMEOUT, AlertPublisher
+from ingest.alerts.mqtt_channel import CHANNEL_NAME, AlertPublisher
 from ingest.alerts.sign import headers as signed_headers
 from ingest.metrics import Metrics
 from ingest.store.classify import describe, is_retryable
@@ -232,9 +232,12 @@ class Dispatcher:
         self._db_trouble: str | None = None
         # ``mqtt``: delivers the rows of CHANNEL_NAME; they are claimed like a webhook's (this Webhook
         # carries the name, the lease's timeout and max_age; it has no secret and is never POSTed to).
+        # Its timeout, the bound of one attempt, is larger than the publisher's own (AlertPublisher.deadline):
+        # the publisher times out first and drops the client, so a message paho may still send is not
+        # left in an abandoned client while the retry is made.
         self._mqtt = mqtt
         self._mqtt_hook = None if mqtt is None else Webhook(
-            CHANNEL_NAME, mqtt.address, b"", timeout=mqtt.settings.connect_timeout + PUBLISH_TIMEOUT)
+            CHANNEL_NAME, mqtt.address, b"", timeout=mqtt.deadline + 1.0)
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -337,7 +340,7 @@ class Dispatcher:
     async def _publish(self, mqtt: AlertPublisher, claim: _Claim) -> Verdict:
         try:
             async with asyncio.timeout(claim.webhook.timeout):
-                ok, why = await mqtt.publish(claim.body)
+                outcome, why = await mqtt.publish(claim.body)
         except TimeoutError:
             return Verdict("retry", None, f"not published within {claim.webhook.timeout:g}s")
         except (ValueError, KeyError, TypeError) as exc:  # a body that names no rule and device: never publishable
@@ -345,7 +348,8 @@ class Dispatcher:
         except Exception as exc:  # a bug here must not stop the other deliveries
             log.exception("delivery msg_%d over MQTT: unexpected error", claim.id)
             return Verdict("retry", None, describe(exc))
-        return Verdict("delivered", None, None) if ok else Verdict("retry", None, why)
+        # "failed": a refusal a retry cannot change (the broker's ACL, an invalid topic, too large), as a 4xx.
+        return Verdict(outcome, None, why)
 
     async def _settle(self, claim: _Claim, verdict: Verdict) -> None:
         hook, now = claim.webhook, self._clock()

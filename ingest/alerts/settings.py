@@ -202,7 +202,7 @@ class AlertSettings(_Section):
     mqtt: bool = Field(False, description="true: every event that is notified is also published over MQTT, QoS 1, "
                        "on <mqtt_prefix>/alerts/<rule>/<device>")
     mqtt_prefix: str = Field("sensor-ingest", max_length=1024, description="the topic levels the alert topics "
-                             "start with; no subscription of the service may match <mqtt_prefix>/alerts/#")
+                             "start with; no subscription of the service may match <mqtt_prefix>/alerts/+/+")
 
     @field_validator("mqtt_prefix")
     @classmethod

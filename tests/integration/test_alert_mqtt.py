@@ -6,13 +6,20 @@ dispatcher to the real Mosquitto, seen by a real subscriber.
   gets its own two as before;
 - the writer and the dispatcher in the test's loop, the broker behind tests/proxy.py's FaultProxy:
   refused for a while, nothing lost, published once after; a silenced episode publishes nothing
-  until its silence ends, then once; topic-unsafe characters of a device id are escaped.
+  until its silence ends, then once; topic-unsafe characters of a device id are escaped;
+- deploy/mosquitto/acl.example on its own broker: `ingest` may publish under the default prefix; a
+  prefix it has no grant for is answered 0x87 and the row is failed at once, the code in last_error;
+- the publisher alone (review of #16): 64 concurrent publishes, many rounds, never hang and each is
+  delivered once; a connection cut between PUBLISH and PUBACK is not reconnected and resent by paho
+  (one copy per event at a subscriber); a late PUBACK of a thrown-away client settles nothing of the
+  new one; a device id with a Unicode non-character is published and received.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +33,8 @@ import paho.mqtt.client as paho
 import pytest
 import pytest_asyncio
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.alerts.dispatch import Dispatcher
 from ingest.alerts.model import Webhook
@@ -41,8 +50,8 @@ from tests.integration.harness import IngestProcess, Publisher, native, write_co
 from tests.integration.test_alert_stage import outcome
 from tests.integration.test_alerts_e2e import LEVEL_RULE, SECRET_ENV, new_secret
 from tests.integration.test_silences import Clock, at, pm, pm25
-from tests.proxy import FaultProxy
-from tests.services import Mosquitto, until, wait_until
+from tests.proxy import PUBLISH, FaultProxy
+from tests.services import REPO, Mosquitto, until, wait_until
 from tests.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.integration
@@ -242,3 +251,141 @@ async def test_a_silenced_episode_publishes_nothing_until_released_then_once(
         assert again.events == 0
     finally:
         sub.close()
+
+
+# --- the publisher alone -----------------------------------------------------------------------------
+
+
+def body(n: int, device: str = "d") -> bytes:
+    return json.dumps({"id": n, "rule": "r", "device": device}).encode()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_publishes_never_hang_and_each_is_delivered_once(broker: Mosquitto, topic_prefix: str) -> None:
+    """The old publisher held its lock around paho's publish() while paho's thread, holding paho's
+    lock, waited for it in on_publish: a deadlock within a few rounds of 64."""
+    sub = Subscriber(broker.port, f"{topic_prefix}/alerts/#")
+    pub = publisher(broker.port, topic_prefix)
+    rounds, n = 30, 64
+    try:
+        for r in range(rounds):
+            got = await asyncio.wait_for(asyncio.gather(*(pub.publish(body(r * n + i, f"d{i % 7}"))
+                                                          for i in range(n))), WAIT)  # only catches a hang
+            assert got == [("delivered", None)] * n
+        await until(lambda: len(sub.messages()) >= rounds * n, "all received")
+        assert sorted(b["id"] for _, _, _, b in sub.messages()) == list(range(rounds * n))
+    finally:
+        await pub.aclose()
+        sub.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_lost_before_the_puback_is_not_resent_by_paho(
+        broker: Mosquitto, topic_prefix: str) -> None:
+    """paho's own reconnect (1 s, then 2 s...) would resend the in-flight PUBLISH (DUP) while the
+    dispatcher retries it too: two copies. The publisher's client does not reconnect."""
+    sub = Subscriber(broker.port, f"{topic_prefix}/alerts/#")
+    with FaultProxy(broker.port, record_mqtt=True) as proxy:
+        pub = publisher(proxy.port, topic_prefix)
+        try:
+            assert await pub.publish(body(1)) == ("delivered", None)
+            proxy.mode = "blackhole"
+            task = asyncio.create_task(pub.publish(body(2)))
+            await until(lambda: proxy.unread_bytes() > 0, "the PUBLISH sent into the void")
+            proxy.cut()  # lost between PUBLISH and PUBACK
+            outcome, why = await task
+            assert outcome == "retry"
+            assert why is not None
+            assert "lost" in why
+            proxy.mode = "pass"
+            await asyncio.sleep(2.5)  # longer than paho's reconnect delay: the window of its resend
+            assert proxy.accepted == 1  # nobody reconnected
+            assert await pub.publish(body(2)) == ("delivered", None)  # the dispatcher's retry
+            assert await pub.publish(body(3)) == ("delivered", None)
+            await until(lambda: 3 in [b["id"] for _, _, _, b in sub.messages()], "the last one")
+            ups = [(p.conn, p.dup) for p in proxy.packets(PUBLISH, direction="up")]
+            assert ups == [(1, False), (2, False), (2, False)]
+            assert sorted(b["id"] for _, _, _, b in sub.messages()) == [1, 2, 3]
+        finally:
+            await pub.aclose()
+            sub.close()
+
+
+@pytest.mark.asyncio
+async def test_a_late_puback_of_a_dropped_client_settles_nothing_of_the_new_one(
+        broker: Mosquitto, topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both clients number their messages from 1: the old client's PUBACK for its mid 1, handled
+    after the new client published its own mid 1, must not mark the new message delivered."""
+    import ingest.alerts.mqtt_channel as channel
+
+    monkeypatch.setattr(channel, "PUBLISH_TIMEOUT", 0.5)
+    with FaultProxy(broker.port, record_mqtt=True) as proxy:
+        pub = publisher(proxy.port, topic_prefix)
+        try:
+            assert await pub._connect() is None
+            old = pub._client
+            proxy.mode = "blackhole"
+            assert (await pub.publish(body(1, "A")))[0] == "retry"  # no PUBACK: the client is dropped
+            assert pub._client is None
+            proxy.mode = "pass"
+            assert await pub._connect() is None
+            assert pub._client is not old
+            proxy.mode = "blackhole"
+            task = asyncio.create_task(pub.publish(body(2, "B")))
+            await until(lambda: 1 in pub._waiting, "B waits for the PUBACK of mid 1")
+            assert old is not None
+            pub._puback(old, 1, ReasonCode(PacketTypes.PUBACK, "Success"))  # what paho's old thread hands over
+            outcome, why = await task
+            assert outcome == "retry"
+            assert why is not None
+            assert "no PUBACK" in why
+            assert proxy.packets(PUBLISH, direction="up") == []  # neither reached the broker
+        finally:
+            await pub.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_device_id_with_a_unicode_non_character_is_published_and_received(
+        broker: Mosquitto, topic_prefix: str) -> None:
+    """Mosquitto disconnects a client whose topic holds U+FFFF (or U+FFFE, U+FDD0...): escaped, it
+    passes, on the same connection as the rest."""
+    sub = Subscriber(broker.port, f"{topic_prefix}/alerts/#")
+    with FaultProxy(broker.port) as proxy:
+        pub = publisher(proxy.port, topic_prefix)
+        devices = ["ok-1", "bad\uffff", "bad\ufffe", "bad\ufdd0", "ok-2"]
+        try:
+            for i, device in enumerate(devices):
+                assert await pub.publish(body(i, device)) == ("delivered", None)
+            await until(lambda: len(sub.messages()) >= len(devices), "all received")
+            assert [(t, b["device"]) for t, _, _, b in sub.messages()] == [
+                (alert_topic(topic_prefix, "r", d), d) for d in devices]
+            assert sub.messages()[1][0] == f"{topic_prefix}/alerts/r/bad%EF%BF%BF"
+            assert proxy.accepted == 1
+        finally:
+            await pub.aclose()
+            sub.close()
+
+
+@pytest.mark.asyncio
+async def test_the_example_acl_grants_the_default_prefix_and_a_refusal_fails_the_row(pool: asyncpg.Pool) -> None:
+    password = secrets.token_urlsafe(18)
+    broker = Mosquitto(users={"ingest": password}, acl=REPO / "deploy" / "mosquitto" / "acl.example")
+    broker.start()
+    try:
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", client_id=f"t-{uuid.uuid4().hex[:8]}",
+                                username="ingest", password=password, connect_timeout=2.0)
+        granted = AlertPublisher(settings, "sensor-ingest")
+        try:
+            assert await granted.publish(body(1)) == ("delivered", None)
+        finally:
+            await granted.aclose()
+        writer = writer_of(pool, "not-granted")
+        await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.5)])])
+        async with Dispatcher(pool, {}, retry_max=0.2, mqtt=AlertPublisher(settings, "not-granted")) as dispatcher:
+            assert await dispatcher.run_once() == 1
+            assert await dispatcher.run_once() == 0  # failed: not retried
+        [(status, attempts, error)] = await pool.fetch("SELECT status, attempts, last_error FROM alert_outbox")
+        assert (status, attempts) == ("failed", 1)
+        assert "0x87" in error
+    finally:
+        broker.cleanup()

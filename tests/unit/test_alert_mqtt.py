@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from ingest.settings import load_settings
 @pytest.mark.parametrize(("name", "level"), [
     ("a/b", "a%2Fb"), ("a+b", "a%2Bb"), ("a#b", "a%23b"), ("a\x00b", "a%00b"), ("$SYS", "%24SYS"),
     ("a$b", "a$b"), ("50%", "50%25"), ("%2F", "%252F"), ("\x1f\x7f\x85", "%1F%7F%C2%85"), ("hn-aq-01", "hn-aq-01"),
-    ("Hà Nội", "Hà Nội"),
+    ("Hà Nội", "Hà Nội"), ("a\uffffb", "a%EF%BF%BFb"), ("\ufffe", "%EF%BF%BE"), ("\ufdd0\ufdef", "%EF%B7%90%EF%B7%AF"),
+    ("\U0001fffe", "%F0%9F%BF%BE"), ("\ufdcf\ufdf0", "\ufdcf\ufdf0"),
 ])
 def test_each_unsafe_character_is_percent_encoded(name: str, level: str) -> None:
     assert escape_level(name) == level
@@ -30,7 +30,7 @@ def test_each_unsafe_character_is_percent_encoded(name: str, level: str) -> None
 def test_escaping_is_reversible_and_gives_one_plain_level(name: str) -> None:
     level = escape_level(name)
     assert unescape_level(level) == name
-    assert not any(c in level for c in "/+#\x00")
+    assert not any(c in level for c in "/+#\x00\uffff\ufffe")
     assert not level.startswith("$")
     topic = alert_topic("city/ops", "pm25-high", name)
     assert filter_matches("city/ops/alerts/+/+", topic)
@@ -76,7 +76,7 @@ SOURCE = '[[sources]]\nname = "own"\ntopic = "{topic}"\nformat = "native"\n'
 def test_a_source_that_could_read_the_alert_topics_is_refused(tmp_path: Path, topic: str) -> None:
     text = _load(tmp_path, "[alerts]\nmqtt = true\n\n" + SOURCE.format(topic=topic))
     assert "source 'own' subscribes to" in text
-    assert "'sensor-ingest/alerts/#'" in text
+    assert "'sensor-ingest/alerts/+/+'" in text
     assert "alerts.mqtt_prefix" in text  # the fix names what to change
 
 
@@ -86,13 +86,25 @@ def test_the_check_holds_only_with_mqtt_on_and_a_disjoint_source_passes(tmp_path
     assert load_settings(path).alerts.mqtt is False
     path.write_text('[alerts]\nmqtt = true\nmqtt_prefix = "sensor-ingest-alerts"\n\n'
                     + SOURCE.format(topic="sensor-ingest/{device}/#")
-                    + SOURCE.format(topic="sensor-ingest/alerts/{device}").replace('"own"', '"other"'),
+                    + SOURCE.format(topic="sensor-ingest/alerts/{device}").replace('"own"', '"other"')
+                    + SOURCE.format(topic="sensor-ingest-alerts/alerts/{device}").replace('"own"', '"three"'),
                     encoding="utf-8")
     assert load_settings(path).alerts.mqtt is True
 
 
-def test_a_preset_that_overlaps_names_the_preset(tmp_path: Path) -> None:
-    text = _load(tmp_path, '[alerts]\nmqtt = true\nmqtt_prefix = "tele"\n')  # Tasmota: tele/+/SENSOR ...
-    found = re.search(r"preset '(\w+)' \(source .*\[presets\] (\w+) = false", text)
-    assert found is not None, text
-    assert found.group(1) == found.group(2)
+def test_a_preset_under_the_prefix_with_other_levels_passes(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[alerts]\nmqtt = true\nmqtt_prefix = "tele"\n', encoding="utf-8")  # Tasmota: tele/+/SENSOR
+    assert load_settings(path).alerts.mqtt_prefix == "tele"  # three levels never match tele/alerts/+/+
+
+
+@pytest.mark.parametrize(("prefix", "preset", "source"), [("shellies", "shelly", "shelly.gen1"),
+                                                         ("zigbee2mqtt", "zigbee2mqtt", "zigbee2mqtt")])
+def test_a_preset_that_overlaps_is_named_by_its_name(tmp_path: Path, prefix: str, preset: str, source: str) -> None:
+    text = _load(tmp_path, f'[alerts]\nmqtt = true\nmqtt_prefix = "{prefix}"\n')
+    assert f"preset {preset!r} (source {source!r}) subscribes to" in text
+    assert f"[presets] {preset} = false" in text
+    path = tmp_path / "c.toml"
+    path.write_text(f'[alerts]\nmqtt = true\nmqtt_prefix = "{prefix}"\n\n[presets]\n{preset} = false\n',
+                    encoding="utf-8")
+    assert load_settings(path).alerts.mqtt_prefix == prefix  # switched off as told: it loads
