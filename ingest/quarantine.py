@@ -8,13 +8,8 @@ receive time substituted, time_policy, max_future), the same Writer (ids, calibr
 Replayed history raises no alerts (the writer gets no alert stage): it is old news, and a threshold
 crossed last week must not page anyone now.
 
-Replay works in batches, each one transaction: claim the oldest rows not yet replayed
-(FOR UPDATE SKIP LOCKED: a concurrent replay takes other rows), process them, write their readings
-in the same transaction (``Writer.write_in``, no new rejection rows), set each row's replayed_at and
-its replay_reason / replay_detail (NULL when all of it is stored now), commit. A row is thus replayed
-at most once, and an interrupted replay loses only its uncommitted batch, which the next run takes
-again. too_large rows hold only the first ingest.max_message_bytes of their message: they are not
-replayable, are counted as such and stay as they are (replayed_at NULL).
+Replay itself (claimed batches, each row once, resumable) is ingest.replay; here are the filters both
+commands share, the listing and the parsers.
 """
 
 from __future__ import annotations
