@@ -77,7 +77,6 @@ def _more_to_read(sock: Any) -> bool:
     return bool(readable)
 
 
-
 def configure_client(client: paho.Client, s: MqttSettings) -> None:
     """What every client of the service's broker shares: the connect timeout, the credentials (the
     password only from the settings, which read it from the environment) and TLS."""
@@ -89,6 +88,7 @@ def configure_client(client: paho.Client, s: MqttSettings) -> None:
         client.tls_set(ca_certs=str(s.ca_file) if s.ca_file else None,
                        certfile=str(s.cert_file) if s.cert_file else None,
                        keyfile=str(s.key_file) if s.key_file else None)
+
 
 class MqttBridge:
     def __init__(
