@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["HoldTimer", "Metrics"]
+__all__ = ["AlertCounts", "HoldTimer", "Metrics"]
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -49,6 +51,14 @@ class Metrics:
                                     ["rule", "status"], registry=r)
         self.alert_events_silenced = Counter(p + "alert_events_silenced", "alert events a silence held back "
                                              "(recorded, not notified; counted in alert_events too)", registry=r)
+        self.alert_readings_late = Counter(p + "alert_readings_late", "readings of a series a rule selects that "
+                                           "came after the series was judged past their time (stored, not judged; "
+                                           "raise alerts.lateness if it grows)", registry=r)
+        self.alert_series_deferred = Counter(p + "alert_series_deferred", "judgements of a series left to a worker "
+                                             "that holds another version of its rule (after a reload)", registry=r)
+        self.alert_not_judged = Counter(p + "alert_not_judged", "windows of a window rule with fewer readings than "
+                                        "its coverage asks, and readings of a rate rule with no reference reading "
+                                        "over/2 to over older: not judged", registry=r)
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected and subscribed", registry=r)
         self.db_ok = Gauge(p + "database_ok", "1 while the last database operation succeeded", registry=r)
         self.backpressure = Counter(p + "backpressure_seconds",
@@ -85,6 +95,27 @@ class Metrics:
                                       "last computed (Unix time; 0: never)", registry=r)
         self.retention_dropped_chunks = Counter(p + "retention_dropped_chunks", "chunks of rejected_messages "
                                                 "dropped as older than retention.rejected_messages", registry=r)
+
+    def count_alerts(self, result: AlertCounts) -> None:
+        """What an alert stage or evaluator round recorded (ingest.alerts.stage.StageResult)."""
+        for (rule, status), n in result.events.items():
+            self.alert_events.labels(rule, status).inc(n)
+        if result.silenced:
+            self.alert_events_silenced.inc(result.silenced)
+        if result.late:
+            self.alert_readings_late.inc(result.late)
+        if result.deferred:
+            self.alert_series_deferred.inc(result.deferred)
+        if result.uncovered:
+            self.alert_not_judged.inc(result.uncovered)
+
+
+class AlertCounts(Protocol):
+    events: collections.Counter[tuple[str, str]]
+    silenced: int
+    late: int
+    deferred: int
+    uncovered: int
 
 
 class HoldTimer:

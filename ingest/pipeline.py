@@ -287,10 +287,7 @@ class Pipeline:
             if result.duplicates:
                 m.duplicates.inc(result.duplicates)
             if result.alerts is not None:
-                for (rule, status), n in result.alerts.events.items():
-                    m.alert_events.labels(rule, status).inc(n)
-                if result.alerts.silenced:
-                    m.alert_events_silenced.inc(result.alerts.silenced)
+                m.count_alerts(result.alerts)
             unbound = sum(o.unbound for o in outcomes)
             if unbound:
                 m.unbound_readings.inc(unbound)

@@ -8,16 +8,19 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import uvicorn
 
 from ingest.alerts.dispatch import Dispatcher
+from ingest.alerts.evaluator import Evaluator
 from ingest.alerts.mqtt_channel import AlertPublisher
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.silence import release_loop
 from ingest.alerts.stage import AlertStage
+from ingest.alerts.versions import Versions, worker_name
 from ingest.http import create_app
 from ingest.metrics import Metrics
 from ingest.mqtt import MqttBridge
@@ -177,8 +180,12 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
 
     rules, hooks = settings.compiled_alerts()
     a = settings.alerts
-    runtime = AlertRuntime(RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix), config)
-    stage = AlertStage(runtime)
+    runtime = AlertRuntime(RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix, a.lateness,
+                                   a.no_data_grace), config)
+    from ingest.quality import source_intervals
+
+    versions = Versions(worker_name(settings.mqtt.client_id), datetime.now(UTC))
+    stage = AlertStage(runtime, intervals=source_intervals(settings), versions=versions)
     dispatcher: Dispatcher | None = None
     dispatch_pool: asyncpg.Pool | None = None
     if settings.alerts.dispatcher:
@@ -263,7 +270,6 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     async def quality() -> None:
         """The fleet quality gauges, every quality.every seconds, on the writer's pool (one read, under a
         statement timeout of its own: ingest.quality.gauges_timeout)."""
-        from datetime import UTC, datetime
 
         from ingest.quality import fleet_quality, source_intervals
 
@@ -299,6 +305,9 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     if settings.retention.enabled:
         tasks["retention"] = asyncio.create_task(retention_loop(lambda: writer.pool, settings.retention, metrics),
                                                  name="retention")
+    # Judges the series whose readings waited for the watermark, and the silences of no_data rules.
+    evaluator = Evaluator(lambda: writer.pool, stage, versions, on_result=metrics.count_alerts)
+    tasks["evaluator"] = asyncio.create_task(evaluator.run(), name="evaluator")
     # Sends the firing notifications that silences held back, once they end (one worker at a time).
     tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool), name="silences")
     if settings.quality.every > 0:
@@ -335,11 +344,15 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     await bridge.stop()
     dispatch_stop.set()  # committed events stay in the outbox: the next start delivers them
     server.should_exit = True
-    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality", "silences"):
+    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality", "silences", "evaluator"):
         if name in tasks:
             tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5.0)
+    if not aborted:  # the other workers need not wait LIVE seconds to know this one's versions are gone
+        with contextlib.suppress(Exception):
+            async with writer.pool.acquire(timeout=2) as conn:
+                await asyncio.wait_for(versions.leave(conn), 2.0)
     if aborted:
         writer.pool.terminate()  # a graceful close would wait on connections stuck in a dead network
     else:

@@ -254,6 +254,25 @@ def _seconds(v: float) -> str:
 _CONDITION = {"above": "> {}", "below": "< {}", "outside": "outside {}"}
 
 
+def _fires_when(r: dict[str, Any]) -> tuple[str, str]:
+    """A rule's condition and clear level in words, e.g. "> 55.5", "no data for 15m (per device)",
+    "rate over 10m > 0.5/min", "avg over 1h (clock, coverage 0.75) > 55.5". A rule of a kind this
+    release does not know (a newer service) shows as its threshold."""
+    condition = _CONDITION[r["kind"]].format(_number(r["threshold"]))
+    clear = _number(r["clear"])
+    signal = r.get("signal", "value")
+    if signal == "no_data" and r.get("no_data") is not None:
+        per = " (per device)" if r.get("per") == "device" else ""
+        return f"no data for {_seconds(r['no_data'])}{per}", "a reading"
+    if signal == "rate" and r.get("rate"):
+        return f"rate over {_seconds(r['rate']['over'])} {condition}/min", f"{clear}/min"
+    if signal == "window" and r.get("window"):
+        w = r["window"]
+        how = w["align"] + (f", coverage {_number(w['coverage'])}" if w["coverage"] else "")
+        return f"{w['agg']} over {_seconds(w['over'])} ({how}) {condition}", clear
+    return condition, clear
+
+
 def _print_rules(view: dict[str, Any]) -> None:
     if not view["rules"]:
         print("no [[rules]]: nothing alerts")
@@ -263,8 +282,9 @@ def _print_rules(view: dict[str, Any]) -> None:
             scope = ", ".join(r["devices"]) or "every device"
             if r["where"]:
                 scope += " where " + ", ".join(f"{k}={v}" for k, v in r["where"].items())
-            rows.append([r["name"], r["metric"], _CONDITION[r["kind"]].format(_number(r["threshold"])),
-                         _number(r["clear"]), _seconds(r["for"]) if r["for"] else "-", r["severity"],
+            fires, clear = _fires_when(r)
+            rows.append([r["name"], r["metric"] or "any metric", fires, clear,
+                         _seconds(r["for"]) if r["for"] else "-", r["severity"],
                          ", ".join(w["name"] for w in r["webhooks"]) or "-", scope,
                          ", ".join(f"{k}={v}" for k, v in r["labels"].items())])
         table("rules", ["rule", "metric", "fires when", "clear", "for", "severity", "webhooks", "devices",
@@ -353,7 +373,8 @@ def _filters(args: argparse.Namespace) -> str:
     return f" ({', '.join(shown)})" if shown else ""
 
 
-_SERIES = ("JOIN devices d ON d.id = {t}.device_id JOIN metrics m ON m.id = {t}.metric_id")
+# A per-device no_data rule's series has metric 0, which is no metric: shown as "*".
+_SERIES = ("JOIN devices d ON d.id = {t}.device_id LEFT JOIN metrics m ON m.id = {t}.metric_id")
 
 Query = tuple[str, dict[str, Any], list[tuple[str, str]]]
 
@@ -367,8 +388,9 @@ def _list_query(args: argparse.Namespace) -> Query:
         params["rule"] = args.rule
     # The series' last event gives the severity and threshold it fired with (alert_events_series index).
     query = (
-        "SELECT s.rule || '/' || d.uid AS alert, s.rule, d.uid AS device, m.name AS metric, s.status, e.severity,"
-        " s.last_value AS value, e.threshold, s.episode_start AS since, s.last_time AS event_time, s.updated_at,"
+        "SELECT s.rule || '/' || d.uid AS alert, s.rule, d.uid AS device, COALESCE(m.name, '*') AS metric,"
+        " s.status, e.severity, s.last_value AS value, e.threshold, s.episode_start AS since,"
+        " s.last_time AS event_time, s.updated_at,"
         " a.acked_by, a.acked_at, a.comment AS ack_comment, h.silenced_by"
         " FROM alert_state s " + _SERIES.format(t="s") +
         # The ack and the hold of the current episode only (ingest.alerts.silence).
@@ -379,7 +401,7 @@ def _list_query(args: argparse.Namespace) -> Query:
         " LEFT JOIN LATERAL (SELECT severity, threshold FROM alert_events x WHERE x.rule = s.rule"
         " AND x.device_id = s.device_id AND x.metric_id = s.metric_id ORDER BY x.id DESC LIMIT 1) e ON true"
         " WHERE " + " AND ".join(where) +
-        " ORDER BY s.status = 'firing' DESC, s.status = 'pending' DESC, s.episode_start, s.rule, d.uid, m.name"
+        " ORDER BY s.status = 'firing' DESC, s.status = 'pending' DESC, s.episode_start, s.rule, d.uid, metric"
         " LIMIT %(limit)s"
     )
     columns = [("alert", "alert"), ("metric", "metric"), ("status", "status"),
@@ -402,8 +424,8 @@ def _history_query(args: argparse.Namespace) -> Query:
         where.append("e.event_time >= %(since)s")
         params["since"] = args.since
     query = (
-        "SELECT e.id, e.event_time, e.rule, d.uid AS device, m.name AS metric, e.status, e.severity, e.value,"
-        " e.threshold, e.starts_at, e.notified, e.silenced_by, e.released_at, e.created_at"
+        "SELECT e.id, e.event_time, e.rule, d.uid AS device, COALESCE(m.name, '*') AS metric, e.status,"
+        " e.severity, e.value, e.threshold, e.starts_at, e.notified, e.silenced_by, e.released_at, e.created_at"
         " FROM alert_events e " + _SERIES.format(t="e") +
         (" WHERE " + " AND ".join(where) if where else "") +
         " ORDER BY e.id DESC LIMIT %(limit)s"
@@ -425,7 +447,7 @@ def _deliveries_query(args: argparse.Namespace) -> Query:
         params["webhook"] = args.webhook
     query = (
         "SELECT o.id, o.webhook, o.status, o.attempts, o.last_status, o.last_error, e.rule, d.uid AS device,"
-        " m.name AS metric, e.status AS event, o.created_at, o.delivered_at,"
+        " COALESCE(m.name, '*') AS metric, e.status AS event, o.created_at, o.delivered_at,"
         " CASE WHEN o.status = 'pending' THEN o.next_attempt_at END AS next_attempt_at"
         " FROM alert_outbox o JOIN alert_events e ON e.id = o.event_id " + _SERIES.format(t="e") +
         " WHERE " + " AND ".join(where) +

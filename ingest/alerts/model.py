@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -58,12 +59,27 @@ class Webhook:
     external_url: str = ""  # body = "alertmanager": the payload's externalURL (compile_alerts fills it in)
 
 
+Signal = Literal["value", "rate", "window", "no_data"]
+Agg = Literal["avg", "min", "max", "count"]
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """A threshold rule. ``kind``: above (value > threshold), below (value < threshold) or outside
-    (value < low or value > high). The episode ends when the value is back past ``clear`` (for
-    outside: inside [clear_low, clear_high]); ``for_seconds``: the condition must hold this long in
-    event time before the rule fires."""
+    """An alert rule. ``signal`` says what is judged (ingest.alerts.evaluate):
+
+    - value: each reading's value;
+    - rate: the rate of change per minute over ``over`` seconds, at each reading;
+    - window: the aggregate ``agg`` (avg, min, max, count) of the readings of a window of ``over``
+      seconds, clock-aligned (``align`` = "clock": judged once when the window has passed) or rolling
+      (at each reading, over the ``over`` seconds up to it); a window with fewer than ``coverage`` x
+      the readings the device's expected interval promises is not judged;
+    - no_data: the series (``per`` = "series") or the device (``per`` = "device", any metric; then
+      ``metric`` is "") silent for longer than ``threshold`` seconds fires; a reading resolves it.
+
+    ``kind`` is the condition on what is judged: above (> threshold), below (< threshold) or outside
+    (< low or > high). The episode ends when the judged value is back past ``clear`` (for outside:
+    inside [clear_low, clear_high]); ``for_seconds``: the condition must hold this long in event time
+    before the rule fires. A no_data rule is kind "above" with the silence in seconds as its value."""
 
     name: str
     metric: str
@@ -79,6 +95,26 @@ class Rule:
     labels: tuple[tuple[str, str], ...] = ()
     devices: tuple[str, ...] = ()  # globs; empty: every device
     where: tuple[tuple[str, str], ...] = ()  # device attributes that must equal these
+    signal: Signal = "value"
+    over: float = 0.0  # rate, window: the span in seconds
+    agg: Agg = "avg"  # window
+    align: Literal["clock", "rolling"] = "clock"  # window
+    coverage: float = 0.0  # window: the share of the expected readings a window needs to be judged
+    per: Literal["series", "device"] = "series"  # no_data
+
+    @property
+    def per_device(self) -> bool:
+        """A no_data rule on the device: its state is keyed (rule, device, metric 0)."""
+        return self.signal == "no_data" and self.per == "device"
+
+    @property
+    def version(self) -> str:
+        """A fingerprint of what decides this rule's events (not its webhooks, summary or labels):
+        stored with each series' state, so that workers holding different versions of the rule after a
+        reload do not take turns on one series (ingest.alerts.versions)."""
+        parts = (self.metric, self.kind, self.threshold, self.high, self.clear, self.clear_high, self.for_seconds,
+                 self.devices, self.where, self.signal, self.over, self.agg, self.align, self.coverage, self.per)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def selects(self, device: str, attributes: dict[str, object] | None) -> bool:
         if self.devices and not any(fnmatchcase(device, g) for g in self.devices):

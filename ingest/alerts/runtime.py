@@ -23,7 +23,7 @@ from ingest.alerts.settings import RuleSettings, WebhookSettings, compile_alerts
 from ingest.errors import ConfigError
 from ingest.settings import load_settings, mask_url
 
-__all__ = ["AlertRuntime", "RuleSet", "RuleSetView", "RuleView", "WebhookView", "load_rules"]
+__all__ = ["AlertRuntime", "RateView", "RuleSet", "RuleSetView", "RuleView", "WebhookView", "WindowView", "load_rules"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,21 @@ class RuleSet:
     retry_max: float = 300.0
     mqtt: bool = False  # alerts.mqtt: every notified event also published (ingest.alerts.mqtt_channel)
     mqtt_prefix: str = "sensor-ingest"
+    lateness: float = 2.0  # alerts.lateness: series are judged up to the clock minus this
+    no_data_grace: float | None = None  # alerts.no_data_grace (None: the longest no_data duration)
+
+    @property
+    def grace(self) -> float:
+        """Seconds after a start before the no-data job judges silences."""
+        if self.no_data_grace is not None:
+            return self.no_data_grace
+        return max((r.threshold for r in self.rules if r.signal == "no_data"), default=0.0)
 
     def for_metric(self, metric: str) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if r.metric == metric)
+        """The rules a reading of ``metric`` feeds: those on the metric, then the per-device no_data
+        rules (readings of any metric are a sign of life of their device)."""
+        return (tuple(r for r in self.rules if r.metric == metric and not r.per_device)
+                + tuple(r for r in self.rules if r.per_device))
 
 
 class AlertRuntime:
@@ -49,19 +61,25 @@ class AlertRuntime:
         self.config = config
         self._on_change: list[Callable[[RuleSet], None]] = []
         self._by_metric: dict[str, tuple[Rule, ...]] = {}
+        self._any: tuple[Rule, ...] = ()
         self._index()
 
     def _index(self) -> None:
         by: dict[str, list[Rule]] = {}
         for r in self.active.rules:
-            by.setdefault(r.metric, []).append(r)
-        self._by_metric = {m: tuple(rs) for m, rs in by.items()}
+            if not r.per_device:
+                by.setdefault(r.metric, []).append(r)
+        self._any = tuple(r for r in self.active.rules if r.per_device)
+        self._by_metric = {m: (*rs, *self._any) for m, rs in by.items()}
 
     def rules_for(self, metric: str) -> tuple[Rule, ...]:
-        return self._by_metric.get(metric, ())
+        """As RuleSet.for_metric: the rules on ``metric``, then the per-device no_data rules, which
+        readings of every metric feed."""
+        return self._by_metric.get(metric, self._any)
 
     @property
     def metrics(self) -> frozenset[str]:
+        """The metrics rules name (a per-device no_data rule names none: it takes every metric)."""
         return frozenset(self._by_metric)
 
     def on_change(self, callback: Callable[[RuleSet], None]) -> None:
@@ -118,7 +136,8 @@ def load_rules(path: Path) -> tuple[RuleSet | None, list[str]]:
     if problems:  # load_settings checks these already; kept for a file that changed in between
         return None, problems
     a = settings.alerts
-    return RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix), []
+    return RuleSet(rules, hooks, a.max_notify_age, a.retry_max, a.mqtt, a.mqtt_prefix, a.lateness,
+                   a.no_data_grace), []
 
 
 _ENTRY = re.compile(r"^(rules|webhooks)\[(\d+)\](?! \()")
@@ -192,6 +211,9 @@ def _changes(old: RuleSet, new: RuleSet) -> list[str]:
     for key in ("max_notify_age", "retry_max"):
         if getattr(old, key) != getattr(new, key):
             out.append(f"alerts.{key}: {getattr(old, key):g}s -> {getattr(new, key):g}s")
+    for key in ("lateness", "no_data_grace"):
+        if getattr(old, key) != getattr(new, key):
+            out.append(f"alerts.{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}")
     for key in ("mqtt", "mqtt_prefix"):
         if getattr(old, key) != getattr(new, key):
             out.append(f"alerts.{key}: {getattr(old, key)!r} -> {getattr(new, key)!r}")
@@ -208,9 +230,32 @@ class WebhookView(_View):
     url: str = Field(description="passwords and secret query parameters masked")
 
 
+def _unset(v: object) -> bool:
+    return v is None
+
+
+class RateView(_View):
+    over: float = Field(description="seconds the change is measured over")
+    above: float | None = Field(None, exclude_if=_unset, description="fires above this rate per minute")
+    below: float | None = Field(None, exclude_if=_unset, description="fires below this rate per minute")
+
+
+class WindowView(_View):
+    agg: str = Field(description="avg, min, max or count")
+    over: float = Field(description="seconds")
+    align: str = Field(description="clock or rolling")
+    coverage: float = Field(description="the share of the expected readings a window needs to be judged")
+
+
 class RuleView(_View):
+    """A rule as GET /v1/rules shows it. Each kind's parameters appear only on rules of that kind; a
+    threshold rule looks as it did before the other kinds (plus ``signal``). The kinds' names are
+    plain strings here, so that `rules list` of this release still reads a newer service's kinds."""
+
     name: str
-    metric: str
+    metric: str = Field(description='the metric; "" for a no_data rule per device (readings of any metric)')
+    signal: str = Field("value", description="the kind: value (a threshold on each reading), rate, window or "
+                        "no_data; absent from a service of the release before them: value")
     kind: Literal["above", "below", "outside"]
     threshold: float | tuple[float, float] = Field(description="above, below: the level; outside: [low, high]")
     clear: float | tuple[float, float] = Field(description="the level that ends an episode (the threshold "
@@ -222,6 +267,10 @@ class RuleView(_View):
     where: dict[str, str] = Field(description="device attributes that must equal these")
     labels: dict[str, str]
     summary: str
+    no_data: float | None = Field(None, exclude_if=_unset, description="no_data: seconds of silence that fire")
+    per: str | None = Field(None, exclude_if=_unset, description="no_data: what is silent, series or device")
+    rate: RateView | None = Field(None, exclude_if=_unset, description="rate: the span and the level per minute")
+    window: WindowView | None = Field(None, exclude_if=_unset, description="window: the aggregate and its window")
 
 
 class RuleSetView(_View):
@@ -232,6 +281,17 @@ class RuleSetView(_View):
     webhooks: list[WebhookView]
     max_notify_age: float
     retry_max: float
+
+
+def _parameters(r: Rule) -> dict[str, Any]:
+    """The RuleView keys of the rule's kind (none for a threshold on each value)."""
+    if r.signal == "no_data":
+        return {"no_data": r.threshold, "per": r.per}
+    if r.signal == "rate":
+        return {"rate": RateView(over=r.over, **{r.kind: r.threshold})}
+    if r.signal == "window":
+        return {"window": WindowView(agg=r.agg, over=r.over, align=r.align, coverage=r.coverage)}
+    return {}
 
 
 def view_of(active: RuleSet, config: Path | None = None) -> RuleSetView:
@@ -248,9 +308,11 @@ def view_of(active: RuleSet, config: Path | None = None) -> RuleSetView:
             threshold = r.threshold
             clear = r.threshold if r.clear is None else r.clear
         rules.append(RuleView(
-            name=r.name, metric=r.metric, kind=r.kind, threshold=threshold, clear=clear, for_=r.for_seconds,
-            severity=r.severity, webhooks=[hooks.get(h) or WebhookView(name=h, url="") for h in r.webhooks],
+            name=r.name, metric=r.metric, signal=r.signal, kind=r.kind, threshold=threshold, clear=clear,
+            for_=r.for_seconds, severity=r.severity,
+            webhooks=[hooks.get(h) or WebhookView(name=h, url="") for h in r.webhooks],
             devices=list(r.devices), where=dict(r.where), labels=dict(r.labels), summary=r.summary,
+            **_parameters(r),
         ))
     return RuleSetView(config=None if config is None else str(config), rules=rules, webhooks=list(hooks.values()),
                        max_notify_age=active.max_notify_age, retry_max=active.retry_max)

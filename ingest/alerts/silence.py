@@ -168,7 +168,8 @@ def event_labels(rule: Rule, device: str, attributes: Mapping[str, object] | Non
     """The labels a silence is matched against (see the module's docstring for the precedence)."""
     labels = {k: t for k, v in (attributes or {}).items() if (t := _text(v)) is not None}
     labels.update(rule.labels)
-    labels.update(alertname=rule.name, rule=rule.name, device=device, metric=rule.metric, severity=rule.severity)
+    labels.update(alertname=rule.name, rule=rule.name, device=device, metric=rule.metric or "*",
+                  severity=rule.severity)
     return labels
 
 

@@ -342,10 +342,11 @@ def _expire(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
 
 
 _SERIES = """
-SELECT s.rule, s.device_id, s.metric_id, d.uid AS device, m.name AS metric, s.status, s.episode_start
-FROM alert_state s JOIN devices d ON d.id = s.device_id JOIN metrics m ON m.id = s.metric_id
-WHERE s.rule = %(rule)s AND (d.uid = %(rest)s OR d.uid || '/' || m.name = %(rest)s)
-ORDER BY d.uid, m.name
+SELECT s.rule, s.device_id, s.metric_id, d.uid AS device, COALESCE(m.name, '*') AS metric, s.status,
+       s.episode_start
+FROM alert_state s JOIN devices d ON d.id = s.device_id LEFT JOIN metrics m ON m.id = s.metric_id
+WHERE s.rule = %(rule)s AND (d.uid = %(rest)s OR d.uid || '/' || COALESCE(m.name, '*') = %(rest)s)
+ORDER BY d.uid, 5
 """
 _ACK = """
 INSERT INTO alert_acks (rule, device_id, metric_id, episode_start, acked_by, comment)

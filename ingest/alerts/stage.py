@@ -1,15 +1,22 @@
-"""The writer's alert stage, inside the batch's transaction (ingest.store.writer).
+"""The writer's alert stage, inside the batch's transaction (ingest.store.writer), and the judging
+of series the evaluator (ingest.alerts.evaluator) does after it.
 
-Given the readings that are new in this transaction (a redelivered duplicate is not new), for each
-series (rule, device, metric) a rule selects: its alert_state row is created if missing and locked,
-all in one sorted order (so that workers writing the same series wait for each other, never
-deadlock); the pure evaluation (ingest.alerts.evaluate) runs on the new readings in event-time
-order; the state, the events and, for the events young enough to notify, one outbox row per webhook
+A batch: given the readings that are new in this transaction (a redelivered duplicate is not new),
+for each series (rule, device, metric; a per-device no_data rule: metric 0) a rule selects, its
+alert_state row is created if missing and locked, all in one sorted order (so that workers writing
+the same series wait for each other, never deadlock). A reading at or before what the series has
+judged already is late (stored, counted, not judged); the others set the series' due_at (the
+watermark they wait for, ingest.alerts.evaluate.due). Then every locked series that is due (due_at
+<= the stage's clock minus alerts.lateness) and that this worker's version of the rule may judge
+(ingest.alerts.versions) is judged from the stored rows (these included), in event-time order, up to
+that watermark (``judge_locked``, shared with the evaluator). The state, the events and, for the
+events young enough to notify (or judged on the present: a silence), one outbox row per webhook
 (and one for MQTT, webhook "mqtt:alerts", when alerts.mqtt is on) are written, except for the
 events an active silence holds back (ingest.alerts.silence decides, one query for the batch:
 recorded with silenced_by, their rows kept in alert_held); ``NOTIFY sensor_ingest_outbox`` wakes
 the dispatcher when the transaction commits. A crash before the commit loses none of it and repeats
-none of it: it is all rolled back with the readings, and the redelivered messages evaluate again.
+none of it: it is all rolled back with the readings, and the redelivered messages evaluate again;
+a crash after it leaves due_at set, and any worker's evaluator judges the series.
 """
 
 from __future__ import annotations
@@ -18,24 +25,28 @@ import functools
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ingest.alerts.body import Annotations, StandardBody, alertmanager_body
-from ingest.alerts.evaluate import Event, State, evaluate
+from ingest.alerts.evaluate import Event, State, due, is_late, judge, since
 from ingest.alerts.model import Rule
 from ingest.alerts.mqtt_channel import CHANNEL_NAME as MQTT_CHANNEL
-from ingest.alerts.runtime import AlertRuntime
-from ingest.alerts.silence import Candidate, event_labels, judge
+from ingest.alerts.runtime import AlertRuntime, RuleSet
+from ingest.alerts.silence import Candidate, event_labels
+from ingest.alerts.silence import judge as judge_silences
+from ingest.alerts.versions import Versions
 from ingest.model import Reading
 
 if TYPE_CHECKING:
     import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["NOTIFY_CHANNEL", "AlertStage", "NewReading", "StageResult"]
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+__all__ = ["NOTIFY_CHANNEL", "AlertStage", "Device", "Locked", "NewReading", "StageResult"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +56,10 @@ INSERT INTO alert_state (rule, device_id, metric_id, status)
 SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) ORDER BY 1, 2, 3
 ON CONFLICT DO NOTHING
 """
-_LOCK = """
-SELECT s.rule, s.device_id, s.metric_id, s.status, s.episode_start, s.last_time, s.last_value
+_COLUMNS = "s.rule, s.device_id, s.metric_id, s.status, s.episode_start, s.last_time, s.last_value, " \
+    "s.evaluated_to, s.due_at, s.version"
+_LOCK = f"""
+SELECT {_COLUMNS}
 FROM alert_state s JOIN unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
   ON s.rule = k.r AND s.device_id = k.d AND s.metric_id = k.m
 ORDER BY s.rule, s.device_id, s.metric_id
@@ -54,10 +67,27 @@ FOR UPDATE OF s
 """
 _SAVE = """
 UPDATE alert_state AS s SET status = t.status, episode_start = t.start, last_time = t.last_time,
-    last_value = t.last_value, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::float8[])
-    AS t(rule, device_id, metric_id, status, start, last_time, last_value)
+    last_value = t.last_value, evaluated_to = t.evaluated_to, due_at = t.due_at, version = t.version,
+    updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::float8[],
+            $8::timestamptz[], $9::timestamptz[], $10::text[])
+    AS t(rule, device_id, metric_id, status, start, last_time, last_value, evaluated_to, due_at, version)
 WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_id
+"""
+# The stored rows of each series from its lower bound on (readings_key: one index range per series).
+_ROWS = """
+SELECT k.i, r.time, r.value
+FROM unnest($1::int[], $2::int[], $3::timestamptz[]) WITH ORDINALITY AS k(d, m, lo, i)
+CROSS JOIN LATERAL (SELECT time, value FROM readings
+                    WHERE device_id = k.d AND metric_id = k.m AND time >= k.lo ORDER BY time) r
+ORDER BY k.i, r.time
+"""
+# A per-device no_data rule: the times of the device's readings of any metric.
+_DEVICE_ROWS = """
+SELECT k.i, r.time
+FROM unnest($1::int[], $2::timestamptz[]) WITH ORDINALITY AS k(d, lo, i)
+CROSS JOIN LATERAL (SELECT DISTINCT time FROM readings WHERE device_id = k.d AND time >= k.lo) r
+ORDER BY k.i, r.time
 """
 _EVENTS = """
 INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, threshold, severity,
@@ -70,7 +100,7 @@ _OUTBOX = """
 INSERT INTO alert_outbox (event_id, webhook, series, body)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[])
 """
-_DEVICES = "SELECT id, uid, attributes FROM devices WHERE id = ANY($1::int[])"
+_DEVICES = "SELECT id, uid, attributes, expected_interval, source FROM devices WHERE id = ANY($1::int[])"
 _METRICS = "SELECT id, name, unit FROM metrics WHERE id = ANY($1::int[])"
 
 
@@ -82,7 +112,7 @@ class NewReading:
 
 
 class StageResult:
-    __slots__ = ("events", "late", "notified", "outbox", "silenced")
+    __slots__ = ("deferred", "events", "judged", "late", "notified", "outbox", "silenced", "uncovered")
 
     def __init__(self) -> None:
         self.events: Counter[tuple[str, str]] = Counter()  # (rule, status)
@@ -90,30 +120,76 @@ class StageResult:
         self.outbox = 0
         self.silenced = 0  # events held back by a silence (ingest.alerts.silence): recorded, not notified
         self.late = 0  # readings older than their series' last evaluated time: not evaluated
+        self.deferred = 0  # series left to a worker holding the version of the rule that judged them
+        self.uncovered = 0  # windows not judged for too little data
+        self.judged = 0  # series judged
 
 
 def series_key(rule: str, device_id: int, metric_id: int) -> str:
     return f"{rule}\x1f{device_id}\x1f{metric_id}"
 
 
-def _summary(rule: Rule, fields: dict[str, Any]) -> str:
+def _default_summary(rule: Rule, f: dict[str, Any], status: str) -> str:
+    """What the event says when its rule has no summary of its own, in the words of its kind."""
+    unit = f" {f['unit']}" if f["unit"] else ""
+    where = f"{f['device']} {f['metric']}" if f["metric"] != "*" else f"{f['device']}"
+    if rule.signal == "no_data":
+        if status == "firing":
+            return f"{rule.name}: no reading from {where} for {f['value']:g} s (threshold {f['threshold']:g} s)"
+        return f"{rule.name}: {where} reports again after {f['value']:g} s of silence"
+    if rule.signal == "rate":
+        return f"{rule.name}: {where} changes by {f['value']:.4g}{unit} over {rule.over:g} s " \
+               f"(threshold {f['threshold']:g}{unit})"
+    if rule.signal == "window":
+        return f"{rule.name}: {where} {rule.agg} over {rule.over:g} s ({rule.align}) is {f['value']:.4g}{unit} " \
+               f"(threshold {f['threshold']:g}{unit})"
+    return f"{rule.name}: {where} is {f['value']} (threshold {f['threshold']})"
+
+
+def _summary(rule: Rule, fields: dict[str, Any], status: str = "firing") -> str:
     try:
-        return rule.summary.format_map(fields) if rule.summary else f"{rule.name}: {fields['device']} " \
-            f"{fields['metric']} is {fields['value']} (threshold {fields['threshold']})"
-    except (KeyError, ValueError, IndexError):  # validated at load; a last guard, never a failed batch
+        return rule.summary.format_map(fields) if rule.summary else _default_summary(rule, fields, status)
+    except (KeyError, ValueError, IndexError, TypeError):  # validated at load; a last guard, never a failed batch
         return rule.summary
 
 
+@dataclass(frozen=True, slots=True)
+class Device:
+    uid: str
+    attributes: dict[str, Any]
+    interval: float | None  # the expected interval: the register's, else its source's (window coverage)
+
+
+@dataclass(slots=True)
+class Locked:
+    """A series under its row lock, as read."""
+
+    state: State
+    due_at: datetime | None
+    version: str | None
+
+
+Key: TypeAlias = tuple[str, int, int]
+
+
 class AlertStage:
-    def __init__(self, runtime: AlertRuntime, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, runtime: AlertRuntime, clock: Callable[[], datetime] = lambda: datetime.now(UTC), *,
+                 intervals: Mapping[str, float] | None = None, versions: Versions | None = None) -> None:
+        """``intervals``: source name -> its declared expected_interval (window coverage of the devices
+        the register gives none); ``versions``: the live workers' rule versions (None: one worker)."""
         self.runtime = runtime
-        self._clock = clock
+        self.clock = clock
+        self.intervals = dict(intervals or {})
+        self.versions = versions
+        self._unknown_logged: set[tuple[str, int]] = set()
 
     def wants(self, metric: str) -> bool:
         return bool(self.runtime.rules_for(metric))
 
-    async def run(self, conn: PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection[asyncpg.Record],
-                  new: Sequence[NewReading]) -> StageResult:
+    def watermark(self, active: RuleSet, now: datetime) -> datetime:
+        return now - timedelta(seconds=active.lateness)
+
+    async def run(self, conn: Conn, new: Sequence[NewReading]) -> StageResult:
         result = StageResult()
         # One rule set for the whole batch: a reload during an await below must not pair the new set's
         # rules with the old set's webhooks (an event notified with no outbox row).
@@ -122,45 +198,117 @@ class AlertStage:
         candidates = [n for n in new if not isinstance(n.reading.value, str) and rules_for(n.reading.metric)]
         if not candidates:
             return result
-        devices = {i: (uid, _attrs(a)) for i, uid, a in
-                   await conn.fetch(_DEVICES, sorted({n.device_id for n in candidates}))}
-        series: dict[tuple[str, int, int], list[tuple[datetime, float]]] = {}
+        devices = await self.devices(conn, {n.device_id for n in candidates})
+        times: dict[Key, list[datetime]] = {}
         rules: dict[str, Rule] = {}
         for n in candidates:
-            uid, attrs = devices.get(n.device_id, (n.reading.device, {}))
+            dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
             for rule in rules_for(n.reading.metric):
-                if rule.selects(uid, attrs):
+                if rule.selects(dev.uid, dev.attributes):
                     rules[rule.name] = rule
-                    series.setdefault((rule.name, n.device_id, n.metric_id), []).append(
-                        (n.reading.time, float(n.reading.value)))
-        if not series:
+                    times.setdefault((rule.name, n.device_id, 0 if rule.per_device else n.metric_id), []).append(
+                        n.reading.time)
+        if not times:
             return result
-        keys = sorted(series)
+        keys = sorted(times)
         cols = [list(c) for c in zip(*keys, strict=True)]
         await conn.execute(_ENSURE, *cols, ["ok"] * len(keys))
-        states = {(r, d, m): State(status, start, last_t, last_v) for r, d, m, status, start, last_t, last_v in
-                  await conn.fetch(_LOCK, *cols)}
-        saved: list[tuple[str, int, int, str, datetime | None, datetime | None, float | None]] = []
-        fired: list[tuple[tuple[str, int, int], Event]] = []
+        locked = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in await conn.fetch(_LOCK, *cols)}
         for key in keys:
-            state, events, late = evaluate(rules[key[0]], states.get(key, State()), series[key])
-            result.late += late
-            saved.append((*key, state.status, state.episode_start, state.last_time, state.last_value))
-            fired += [(key, e) for e in events]
-        await conn.execute(_SAVE, *[list(c) for c in zip(*saved, strict=True)])
-        if not fired:
-            return result
-        now = self._clock()
+            rule = rules[key[0]]
+            row = locked.setdefault(key, Locked(State(), None, None))
+            waiting = [due(rule, t) for t in times[key] if not is_late(rule, row.state, t)]
+            result.late += len(times[key]) - len(waiting)
+            if waiting:
+                first = min(waiting)
+                row.due_at = first if row.due_at is None or first < row.due_at else row.due_at
+        await self.judge_locked(conn, active, rules, {k: locked[k] for k in keys}, devices, result)
+        return result
+
+    async def devices(self, conn: Conn, ids: set[int]) -> dict[int, Device]:
+        return {i: Device(uid, _attrs(a), own if own is not None else self.intervals.get(src or ""))
+                for i, uid, a, own, src in await conn.fetch(_DEVICES, sorted(ids))}
+
+    async def judge_locked(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], locked: dict[Key, Locked],
+                           devices: dict[int, Device], result: StageResult, *, silent: bool = False) -> None:
+        """Judge the locked series that are due and this worker may judge, save every locked series'
+        state and due_at, and record the events. ``silent``: the no-data job (judge silences too)."""
+        now = self.clock()
+        to = self.watermark(active, now)
+        judged: list[Key] = []
+        for key, row in locked.items():
+            if not (silent or (row.due_at is not None and row.due_at <= to)):
+                continue
+            if self.versions is not None and not self.versions.decide(rules[key[0]], row.version):
+                result.deferred += 1
+                continue
+            judged.append(key)
+        result.judged += len(judged)
+        rows = await self._rows(conn, rules, {k: locked[k] for k in judged}, silent)
+        fired: list[tuple[Key, Event]] = []
+        for key in judged:
+            rule, row = rules[key[0]], locked[key]
+            dev = devices.get(key[1]) or Device(str(key[1]), {}, None)
+            out = judge(rule, row.state, rows.get(key, []), to, interval=dev.interval, silent=silent)
+            if out.unknown_interval and (rule.name, key[1]) not in self._unknown_logged:
+                self._unknown_logged.add((rule.name, key[1]))
+                log.warning("rule %s: device %s has no expected interval (register it with `sensor-ingest devices "
+                            "import`, or set expected_interval on its source), so its windows cannot be judged for "
+                            "coverage %g and are not judged", rule.name, dev.uid, rule.coverage)
+            result.uncovered += out.uncovered
+            row.state, row.due_at, row.version = out.state, out.due, rule.version
+            fired += [(key, e) for e in out.events]
+        saved = [(*k, r.state.status, r.state.episode_start, r.state.last_time, r.state.last_value,
+                  r.state.evaluated_to, r.due_at, r.version) for k, r in locked.items()]
+        if saved:
+            await conn.execute(_SAVE, *[list(c) for c in zip(*saved, strict=True)])
+        if fired:
+            await self._record(conn, active, rules, devices, fired, now, result)
+
+    async def _rows(self, conn: Conn, rules: Mapping[str, Rule], locked: dict[Key, Locked],
+                    silent: bool) -> dict[Key, list[tuple[datetime, float]]]:
+        """The stored rows each series' judgement needs, from ``since`` on, in time order."""
+        per_series: list[tuple[Key, datetime]] = []
+        per_device: list[tuple[Key, datetime]] = []
+        for key, row in locked.items():
+            rule = rules[key[0]]
+            if row.due_at is None:
+                if silent:  # the no-data job on a series with nothing waiting: no rows to read
+                    continue
+                raise AssertionError(f"{key} judged with nothing due")
+            lo = since(rule, row.state, row.due_at)
+            (per_device if rule.per_device else per_series).append((key, lo))
+        out: dict[Key, list[tuple[datetime, float]]] = {}
+        if per_series:
+            for i, t, v in await conn.fetch(_ROWS, [k[1] for k, _ in per_series], [k[2] for k, _ in per_series],
+                                            [lo for _, lo in per_series]):
+                out.setdefault(per_series[i - 1][0], []).append((t, v))
+        if per_device:
+            for i, t in await conn.fetch(_DEVICE_ROWS, [k[1] for k, _ in per_device], [lo for _, lo in per_device]):
+                out.setdefault(per_device[i - 1][0], []).append((t, 0.0))
+        return out
+
+    async def _record(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], devices: dict[int, Device],
+                      fired: list[tuple[Key, Event]], now: datetime, result: StageResult) -> None:
         horizon = now - timedelta(seconds=active.max_notify_age)
-        holds = await judge(conn, now, [Candidate(k, e.status, e.starts_at, e.event_time >= horizon, functools.partial(
-            event_labels, rules[k[0]], *devices.get(k[1], (str(k[1]), {})))) for k, e in fired])
+
+        def device(d: int) -> tuple[str, dict[str, Any]]:
+            dev = devices.get(d)
+            return (dev.uid, dev.attributes) if dev is not None else (str(d), {})
+
+        def young(e: Event) -> bool:
+            return e.current or e.event_time >= horizon
+
+        holds = await judge_silences(conn, now, [Candidate(k, e.status, e.starts_at, young(e), functools.partial(
+            event_labels, rules[k[0]], *device(k[1]))) for k, e in fired])
         rows = [(k[0], k[1], k[2], e.status, e.event_time, e.starts_at, e.value, e.threshold, rules[k[0]].severity,
-                 e.event_time >= horizon and by is None, by) for (k, e), by in zip(fired, holds.by, strict=True)]
+                 young(e) and by is None, by) for (k, e), by in zip(fired, holds.by, strict=True)]
         ids = {(r, d, m, s, t): i for i, r, d, m, s, t in
                await conn.fetch(_EVENTS, *[list(c) for c in zip(*rows, strict=True)])}
         event_ids = [ids[(k[0], k[1], k[2], e.status, e.event_time)] for k, e in fired]
         held = holds.held_events(event_ids)
         units = {i: (name, unit) for i, name, unit in await conn.fetch(_METRICS, sorted({k[2] for k, _ in fired}))}
+        units[0] = ("*", None)  # a per-device no_data rule: any metric
         outbox: list[tuple[int, str, str, str]] = []
         # The rows of events a silence holds never go to the outbox here, even when the same batch ends
         # their episode: those of a firing still held at the end of the batch wait in alert_held.
@@ -174,20 +322,24 @@ class AlertStage:
                     continue  # the end of an episode whose firing was never sent: nothing to send
             elif not row[-2]:
                 log.info("alert %s on device %s: %s event at %s is older than alerts.max_notify_age; recorded, "
-                         "not notified", rule.name, devices.get(key[1], ("?",))[0], e.status, e.event_time.isoformat())
+                         "not notified", rule.name, device(key[1])[0], e.status, e.event_time.isoformat())
                 continue
             else:
                 result.notified += 1
             event_id = ids[(key[0], key[1], key[2], e.status, e.event_time)]
-            uid, attrs = devices.get(key[1], (str(key[1]), {}))
+            uid, attrs = device(key[1])
             metric, unit = units.get(key[2], (str(key[2]), None))
+            if rule.signal == "no_data":  # the value is the silence in seconds
+                unit = "s"
+            elif rule.signal == "rate":  # the value is a change per minute
+                unit = f"{unit}/min" if unit else "1/min"
             fields = {"device": uid, "metric": metric, "value": e.value, "threshold": e.threshold, "rule": rule.name,
                       "severity": rule.severity, "unit": unit or ""}
             event = StandardBody(
                 id=f"evt_{event_id}", status=e.status, rule=rule.name, severity=rule.severity, device=uid,
                 metric=metric, value=e.value, unit=unit, threshold=e.threshold, starts_at=e.starts_at,
                 ends_at=e.event_time if e.status == "resolved" else None, event_time=e.event_time,
-                labels=dict(rule.labels), annotations=Annotations(summary=_summary(rule, fields)),
+                labels=dict(rule.labels), annotations=Annotations(summary=_summary(rule, fields, e.status)),
                 device_attributes=attrs,
             )
             standard: str | None = None  # rendered once, for the first standard webhook that needs it
@@ -207,8 +359,12 @@ class AlertStage:
         if outbox:
             await conn.execute(_OUTBOX, *[list(c) for c in zip(*outbox, strict=True)])
             await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-            result.outbox = len(outbox)
-        return result
+            result.outbox += len(outbox)
+
+
+def _locked(r: asyncpg.Record) -> Locked:
+    return Locked(State(r["status"], r["episode_start"], r["last_time"], r["last_value"], r["evaluated_to"]),
+                  r["due_at"], r["version"])
 
 
 def _attrs(raw: object) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def test_check_json_is_the_view_of_get_v1_rules(tmp_path: Path, capsys: pytest.C
     view = json.loads(out)
     pm25, river = view["rules"]
     assert pm25 == {
-        "name": "pm25-high", "metric": "pm2_5", "kind": "above", "threshold": 55.5, "clear": 50.0, "for": 120.0,
+        "name": "pm25-high", "metric": "pm2_5", "signal": "value", "kind": "above", "threshold": 55.5, "clear": 50.0,
+        "for": 120.0,
         "severity": "warning", "webhooks": [{"name": "city-ops", "url": "http://127.0.0.1:9000/hook?token=***"}],
         "devices": ["hn-aq-*"], "where": {"district": "hoan-kiem"}, "labels": {"team": "environment"},
         "summary": "PM2.5 at {device} is {value} (threshold {threshold})",
@@ -376,3 +377,74 @@ def test_help_explains_each_command(command: list[str], capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert out.startswith(f"usage: sensor-ingest {' '.join(command)}")
     assert "SENSOR_INGEST_" in out or "secret_env" in out
+
+
+# -- `rules list` of the no_data, rate and window kinds (the body of GET /v1/rules, printed) -------------------
+
+
+def _listed(body: dict[str, object], capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """The table rows `rules list` prints for BODY, by rule name (as _rules_list reads the answer)."""
+    from ingest.alerts.cli import _print_rules
+    from ingest.alerts.runtime import RuleSetView
+
+    _print_rules(RuleSetView.model_validate(body).model_dump(mode="json", by_alias=True))
+    out = capsys.readouterr().out
+    return {line.split()[0]: line for line in out.splitlines() if line.split()}
+
+
+KINDS = """
+[[rules]]
+name = "gateway-silent"
+no_data = "30m"
+per = "device"
+devices = ["hn-gw-*"]
+webhooks = ["city-ops"]
+
+[[rules]]
+name = "level-silent"
+metric = "water_level"
+no_data = "15m"
+
+[[rules]]
+name = "river-falling"
+metric = "water_level"
+rate = { over = "10m", below = -0.5 }
+clear = -0.2
+
+[[rules]]
+name = "noise-max"
+metric = "noise"
+window = { agg = "max", over = "5m", align = "rolling" }
+outside = [30, 85]
+"""
+
+
+@pytest.mark.usefixtures("secret")
+def test_rules_list_shows_each_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ingest.alerts.runtime import view_of
+
+    active, problems = load_rules(_write(tmp_path, WEBHOOK + RULE + KINDS))
+    assert active is not None, problems
+    rows = _listed(view_of(active).model_dump(mode="json", by_alias=True), capsys)
+
+    assert "> 55.5" in rows["pm25-high"]
+    assert "any metric" in rows["gateway-silent"]
+    assert "no data for 30m (per device)" in rows["gateway-silent"]
+    assert "hn-gw-*" in rows["gateway-silent"]
+    assert "city-ops" in rows["gateway-silent"]
+    assert "no data for 15m " in rows["level-silent"]
+    assert "(per device)" not in rows["level-silent"]
+    assert "rate over 10m < -0.5/min" in rows["river-falling"]
+    assert "-0.2/min" in rows["river-falling"]
+    assert "max over 5m (rolling) outside [30, 85]" in rows["noise-max"]
+
+
+def test_rules_list_reads_an_older_and_a_newer_service(capsys: pytest.CaptureFixture[str]) -> None:
+    rule = {"name": "r", "metric": "m", "kind": "above", "threshold": 5.0, "clear": 4.0, "for": 0.0,
+            "severity": "warning", "webhooks": [], "devices": [], "where": {}, "labels": {}, "summary": ""}
+    base: dict[str, object] = {"config": None, "webhooks": [], "max_notify_age": 3600.0, "retry_max": 300.0}
+    # Before the kinds: no signal.
+    assert "> 5" in _listed({**base, "rules": [rule]}, capsys)["r"]
+    # A kind this release does not know, with its own keys: listed by its threshold, not refused.
+    newer = {**rule, "signal": "forecast", "forecast": {"horizon": 3600}}
+    assert "> 5" in _listed({**base, "rules": [newer]}, capsys)["r"]

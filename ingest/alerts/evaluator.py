@@ -1,0 +1,167 @@
+"""The evaluator: each worker's timer that judges what batches could not judge yet.
+
+Every ``tick`` seconds (a quarter of alerts.lateness, between 0.1 s and 1 s), in one transaction:
+the series whose due_at the watermark (the clock minus alerts.lateness) has passed, of the rules this
+worker holds, up to CLAIM of them, are taken with FOR UPDATE SKIP LOCKED in the stage's sorted order
+(a series a batch or another worker holds now is left for the next tick: no wait, no deadlock) and
+judged from the stored rows by the stage's own ``judge_locked``; a full claim is followed at once by
+another. Then, once this worker has been up for the grace (alerts.no_data_grace, default the longest
+no_data duration), the no-data job: under pg_try_advisory_xact_lock(LOCK_KEY), so that one worker of
+many runs each round, the series of no_data rules that fire nothing, wait for nothing and whose last
+reading is older than the watermark minus the rule's duration are taken the same way and judged
+silent. The first round of the job after a start comes after the grace, so that a service down for
+a while first writes what the broker kept for it: a device whose readings were only held up by the
+outage is not paged for.
+
+Every BEAT_EVERY seconds (and after a reload) the worker writes the versions of the rules it holds
+(ingest.alerts.versions) and reads those of the live workers. A failure of a round (the database
+away, a deadlock) is logged once and the round is tried again at the next tick: the due_at of the
+series stays, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from ingest.alerts.stage import _COLUMNS, AlertStage, Key, Locked, StageResult, _locked
+from ingest.alerts.versions import BEAT_EVERY, Versions
+from ingest.store.classify import describe
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["CLAIM", "LOCK_KEY", "Evaluator"]
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 7215160004  # pg_try_advisory_xact_lock key of the no-data job
+CLAIM = 2000  # series per transaction
+
+# The series of the rules this worker holds, except those another version keeps (Versions.blocking:
+# r.mine its version, r.blocking "*" or the versions that keep it off): a claim never returns a
+# series the worker would leave, so a full claim always makes progress.
+_MINE = """(s.version IS NULL OR s.version = r.mine OR (r.blocking <> '*'
+    AND NOT s.version = ANY(string_to_array(r.blocking, ','))))"""
+_DUE = f"""
+SELECT {_COLUMNS}
+FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[]) AS r(name, mine, blocking) ON s.rule = r.name
+WHERE s.due_at <= $1 AND {_MINE}
+ORDER BY s.rule, s.device_id, s.metric_id
+LIMIT $5
+FOR UPDATE OF s SKIP LOCKED
+"""
+_SILENT = f"""
+SELECT {_COLUMNS}
+FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[], $5::float8[]) AS r(name, mine, blocking, gap)
+  ON s.rule = r.name
+WHERE s.status = 'ok' AND s.due_at IS NULL AND s.last_time < $1::timestamptz - make_interval(secs => r.gap)
+  AND {_MINE}
+ORDER BY s.rule, s.device_id, s.metric_id
+LIMIT $6
+FOR UPDATE OF s SKIP LOCKED
+"""
+
+
+class Evaluator:
+    """``pool()``: the writer's current pool; ``on_result``: counts what a round recorded (metrics)."""
+
+    def __init__(self, pool: Callable[[], asyncpg.Pool], stage: AlertStage, versions: Versions, *,
+                 on_result: Callable[[StageResult], None] = lambda _: None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.stage = stage
+        self.versions = versions
+        self.on_result = on_result
+        self._monotonic = monotonic
+        self.started = monotonic()
+        self._beat_at = 0.0
+        self.stage.runtime.on_change(lambda _active: self._beat_soon())
+
+    def _beat_soon(self) -> None:
+        self._beat_at = 0.0
+
+    @property
+    def tick(self) -> float:
+        return min(1.0, max(0.1, self.stage.runtime.active.lateness / 4))
+
+    async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        failing = False
+        while True:
+            try:
+                p = self.pool()
+                if not p.is_closing():
+                    async with p.acquire(timeout=30) as conn:
+                        await asyncio.wait_for(self.round(conn), 120)
+                if failing:
+                    log.info("alerts: the evaluator runs again")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning("alerts: an evaluator round failed (%s); retrying every %.1fs", describe(exc),
+                                self.tick)
+                failing = True
+            await sleep(self.tick)
+
+    async def round(self, conn: asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[
+            asyncpg.Record]) -> StageResult:
+        """One round: the beat if due, every due series, then the no-data job if past the grace."""
+        total = StageResult()
+        active = self.stage.runtime.active
+        now = self._monotonic()
+        if now >= self._beat_at:
+            await self.versions.beat(conn, active.rules)
+            self._beat_at = now + BEAT_EVERY
+        if not active.rules:
+            return total
+        names = [r.name for r in active.rules]
+        mine = [r.version for r in active.rules]
+        blocking = [self.versions.blocking(r) for r in active.rules]
+        while True:
+            result = StageResult()
+            async with conn.transaction():
+                to = self.stage.watermark(active, self.stage.clock())
+                claimed = await conn.fetch(_DUE, to, names, mine, blocking, CLAIM)
+                await self._judge(conn, claimed, result, silent=False)
+            self._count(result, total)
+            if len(claimed) < CLAIM:
+                break
+        silent = [r for r in active.rules if r.signal == "no_data"]
+        if silent and now - self.started >= active.grace:
+            while True:
+                result = StageResult()
+                async with conn.transaction():
+                    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY):
+                        break
+                    to = self.stage.watermark(active, self.stage.clock())
+                    claimed = await conn.fetch(_SILENT, to, [r.name for r in silent], [r.version for r in silent],
+                                               [self.versions.blocking(r) for r in silent],
+                                               [r.threshold for r in silent], CLAIM)
+                    await self._judge(conn, claimed, result, silent=True)
+                self._count(result, total)
+                if len(claimed) < CLAIM:
+                    break
+        return total
+
+    async def _judge(self, conn: asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[
+            asyncpg.Record], claimed: list[asyncpg.Record], result: StageResult, *, silent: bool) -> None:
+        if not claimed:
+            return
+        active = self.stage.runtime.active
+        rules = {r.name: r for r in active.rules}
+        locked: dict[Key, Locked] = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in claimed
+                                     if r["rule"] in rules}
+        devices = await self.stage.devices(conn, {k[1] for k in locked})
+        await self.stage.judge_locked(conn, active, rules, locked, devices, result, silent=silent)
+
+    def _count(self, result: StageResult, total: StageResult) -> None:
+        if result.events or result.deferred or result.uncovered:
+            self.on_result(result)
+        total.events.update(result.events)
+        for name in ("notified", "outbox", "silenced", "deferred", "uncovered", "judged"):
+            setattr(total, name, getattr(total, name) + getattr(result, name))
