@@ -425,8 +425,8 @@ def profile_summary(path: Path, top: int = 15) -> str:
         for f in set(frames):
             incl[f] = incl.get(f, 0) + count
     lines = [f"profile ({total} samples) {path}", "  self%  incl%  function"]
-    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    for f, samples in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * samples / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
     return "\n".join(lines)
 
 
@@ -510,6 +510,19 @@ SELECT count(*) FILTER (WHERE o.status <> 'pending'), count(*)
 FROM alert_outbox o JOIN alert_events e ON e.id = o.event_id JOIN devices d ON d.id = e.device_id
 WHERE d.uid LIKE %s
 """
+
+# The run's series whose readings still wait for the watermark (alerts.lateness) to be judged.
+_WAITING = """
+SELECT count(*) FROM alert_state s JOIN devices d ON d.id = s.device_id
+WHERE d.uid LIKE %s AND s.due_at IS NOT NULL
+"""
+
+
+def _judged(url: str, run: str) -> int:
+    """0 once every reading of the run's series has been judged (then -(the series waiting))."""
+    with psycopg.connect(url) as c:
+        row = c.execute(_WAITING, (run + "-%",)).fetchone()
+    return -int(row[0]) if row else 0
 
 
 def alert_devices(run: str, per_process: int) -> str:
@@ -703,7 +716,9 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
             load = publish(_spec(svc, plan, run, 0, rate, plan.warmup_seconds + plan.live_seconds), plan.publishers)
             _wait_stored(lambda: acked_by_ingest(http) - before, load.total_acked, name)
             wall = time.monotonic() - t0
-            # The events were committed with their readings: the outbox is complete once all is stored.
+            # Every reading stored; the last ones are judged once the watermark (the clock minus
+            # alerts.lateness) has passed them; then the outbox is complete.
+            _wait_stored(lambda: _judged(svc.database_url, run), 0, f"{name} judgements")
             outbox = _outbox_settled(svc.database_url, run)[1]
             _wait_stored(lambda: _outbox_settled(svc.database_url, run)[0], outbox, f"{name} deliveries")
             delivered_wall = time.monotonic() - t0
