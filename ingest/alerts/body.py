@@ -41,13 +41,16 @@ class StandardBody(BaseModel):
     rule: str
     severity: str
     device: str = Field(description="the device id as stored (devices.uid)")
-    metric: str = Field(description="the stored metric name")
-    value: float = Field(description="the reading that fired or resolved the episode, in the metric's unit")
-    unit: str | None = Field(None, description="the metric's unit (metrics.unit)")
+    metric: str = Field(description='the stored metric name ("*": a per-device no_data rule, any metric)')
+    value: float = Field(description="what was judged, in `unit`: the reading (threshold rules), the change per "
+                         "minute (rate), the window's aggregate (window), the seconds of silence (no_data)")
+    unit: str | None = Field(None, description="the unit of value: the metric's (metrics.unit); rate: it per "
+                             "minute, e.g. cm/min; no_data: s")
     threshold: float = Field(description="the level the value was judged against")
     starts_at: datetime = Field(description="event time the episode's condition first held")
-    ends_at: datetime | None = Field(None, description="resolved: event time of the reading that ended it")
-    event_time: datetime = Field(description="event time of the reading that caused this event")
+    ends_at: datetime | None = Field(None, description="resolved: the event time that ended it")
+    event_time: datetime = Field(description="the event time that caused this event: the reading's; a clock "
+                                 "window's end; no_data firing: the last reading + the duration")
     labels: dict[str, str] = Field(default_factory=dict, description="the rule's labels")
     annotations: Annotations
     device_attributes: dict[str, Any] = Field(default_factory=dict, description="devices.attributes")
