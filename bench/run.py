@@ -80,6 +80,7 @@ class Plan:
     payload_bytes: int
     alerts_rate: float | None = None  # offered messages/s of ingest-alerts; None: live_rate (resolved in main)
     alert_devices: int = 2  # devices per publisher process that the alert rules select (1 to 5)
+    alerts_lateness: float = 2.0  # [alerts] lateness of ingest-alerts' service: every alert waits this long
 
 
 QUICK = Plan(drain_messages=100_000, live_rate=3_000, live_seconds=20, warmup_seconds=5,
@@ -536,12 +537,15 @@ def alert_devices(run: str, per_process: int) -> str:
     return f"{run}-p*-d0[0-{per_process - 1}]00"
 
 
-def alert_config(run: str, url: str, per_process: int) -> str:
-    """One [[webhooks]] entry (``url``, its secret from ALERT_SECRET_ENV) and a [[rules]] entry per
-    threshold T of ALERT_THRESHOLDS: `temperature` above T, clear T - ALERT_HYSTERESIS, on the
-    devices of alert_devices()."""
+def alert_config(run: str, url: str, per_process: int, lateness: float = 2.0) -> str:
+    """[alerts] lateness, one [[webhooks]] entry (``url``, its secret from ALERT_SECRET_ENV) and a
+    [[rules]] entry per threshold T of ALERT_THRESHOLDS: `temperature` above T, clear
+    T - ALERT_HYSTERESIS, on the devices of alert_devices()."""
     glob = alert_devices(run, per_process)
     parts = [f"""
+[alerts]
+lateness = {lateness}
+
 [[webhooks]]
 name = "bench"
 url = "{url}"
@@ -705,7 +709,8 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     rate = plan.alerts_rate or plan.live_rate
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     with Receiver(secret) as receiver:
-        consumer, http = ingest_consumer(work, svc, name, extra=alert_config(run, receiver.url, plan.alert_devices),
+        consumer, http = ingest_consumer(work, svc, name, extra=alert_config(run, receiver.url, plan.alert_devices,
+                                                                          plan.alerts_lateness),
                                          env={ALERT_SECRET_ENV: secret})
         pid = consumer.start()
         try:
@@ -745,7 +750,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     return Result(name, n, n * per_msg, round(span, 2), round(wall, 2), round(n / span, 1),
                   round(n * per_msg / span, 1), lat, usage, verified, {
                       "offered_per_s": rate, "warmup_s": plan.warmup_seconds, "measured_s": plan.live_seconds,
-                      "rules": len(ALERT_THRESHOLDS),
+                      "rules": len(ALERT_THRESHOLDS), "lateness_s": plan.alerts_lateness,
                       "thresholds_degc": [ALERT_THRESHOLDS[0], ALERT_THRESHOLDS[-1]], "clear_below": ALERT_HYSTERESIS,
                       "alert_devices": plan.alert_devices * plan.publishers,
                       "devices_glob": alert_devices(run, plan.alert_devices), "webhooks": 1,
@@ -805,7 +810,8 @@ def alerts_table(r: Result) -> list[Any]:
         f"[bold]{r.name}[/bold]: {x['offered_per_s']:,.0f} msg/s offered for {x['warmup_s']:g} s of warm-up and "
         f"{x['measured_s']:g} s measured",
         f"{x['rules']} threshold rules (temperature above {x['thresholds_degc'][0]:g} to {x['thresholds_degc'][1]:g} "
-        f"degC, clear {x['clear_below']:g} below) on {x['alert_devices']} devices, {x['webhooks']} webhook",
+        f"degC, clear {x['clear_below']:g} below) on {x['alert_devices']} devices, {x['webhooks']} webhook, "
+        f"alerts.lateness {x.get('lateness_s', 0):g} s (every alert waits that long)",
         f"{x['events_delivered']:,} events delivered ({x['firing']:,} firing, {x['resolved']:,} resolved), each "
         f"exactly once; {x['events_per_s']:,.1f} events/s after the warm-up",
         t,
@@ -829,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="offered messages/s in ingest-alerts (all publishers; default: the --live-rate)")
     ap.add_argument("--alert-devices", type=int, choices=range(1, 6), metavar="1-5",
                     help="devices per publisher process that ingest-alerts' 20 rules select (default 2)")
+    ap.add_argument("--alerts-lateness", type=float, metavar="SECONDS",
+                    help="alerts.lateness of ingest-alerts' service (default 2, the service's default): every "
+                    "alert waits this long for readings that come out of order")
     ap.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--database-url", help="use this running PostgreSQL (a bench_* database is created)")
     ap.add_argument("--mqtt-url", help="use this running broker")
@@ -841,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--database-url and --mqtt-url go together (or neither: private services are started)")
     plan = FULL if args.full else QUICK
     names = ("drain_messages", "baseline_messages", "live_rate", "live_seconds", "warmup_seconds", "publishers",
-             "payload_bytes", "alerts_rate", "alert_devices")
+             "payload_bytes", "alerts_rate", "alert_devices", "alerts_lateness")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     plan = Plan(**{**asdict(plan), **overrides})
     if plan.alerts_rate is None:

@@ -306,7 +306,8 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
         tasks["retention"] = asyncio.create_task(retention_loop(lambda: writer.pool, settings.retention, metrics),
                                                  name="retention")
     # Judges the series whose readings waited for the watermark, and the silences of no_data rules.
-    evaluator = Evaluator(lambda: writer.pool, stage, versions, on_result=metrics.count_alerts)
+    evaluator = Evaluator(lambda: writer.pool, stage, versions, on_result=metrics.count_alerts,
+                          ready=lambda: bridge.connected and database_ok())
     tasks["evaluator"] = asyncio.create_task(evaluator.run(), name="evaluator")
     # Sends the firing notifications that silences held back, once they end (one worker at a time).
     tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool), name="silences")

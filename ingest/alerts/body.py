@@ -136,7 +136,8 @@ def _description(event: StandardBody) -> str:
             f"rule {event.rule}, severity {event.severity})")
 
 
-def alertmanager_body(event: StandardBody, receiver: str, external_url: str) -> AlertmanagerBody:
+def alertmanager_body(event: StandardBody, receiver: str, external_url: str,
+                      description: str | None = None) -> AlertmanagerBody:
     """The Alertmanager payload of one event, as Alertmanager would send it for a group of one alert.
     ``receiver``: the webhook's name; ``external_url``: the backlink.
 
@@ -146,7 +147,7 @@ def alertmanager_body(event: StandardBody, receiver: str, external_url: str) -> 
     resolving reading's event time once resolved."""
     labels = {**event.labels, "alertname": event.rule, "device": event.device, "metric": event.metric,
               "severity": event.severity}
-    annotations = {"summary": event.annotations.summary, "description": _description(event),
+    annotations = {"summary": event.annotations.summary, "description": description or _description(event),
                    "value": str(event.value), "threshold": str(event.threshold),
                    "event_time": rfc3339(event.event_time), "event_id": event.id}
     if event.unit:

@@ -20,13 +20,16 @@ What is judged (``Rule.signal``), each an observation (time, value) fed to the m
   over / interval readings, ``interval`` being the device's expected interval; with coverage > 0 and
   no interval known, no window is judged (``Judged.uncovered`` counts them, the caller warns).
 - no_data: the silence since the last reading. ``judge(..., silent=True)`` (the no-data job, one
-  worker at a time, after its grace) fires when the watermark is more than ``threshold`` seconds
-  past the last reading: event time last reading + threshold (so every worker that could judge it
-  gives the same time), value the seconds of silence at the watermark; ``Event.current`` is set,
-  since the series is silent now, whatever the age of that event time. The first reading after it
-  resolves it, at its time (never before the episode's start: a reading from inside the gap that
-  came later than the lateness ends it at its start), value the length of the gap. A gap that a
-  reading fills before the job judges it (a backlog redelivered after an outage) never fires.
+  worker at a time, after its grace, on series from which nothing has arrived for ``threshold``
+  seconds either, so that a device whose clock runs behind is not silent while it reports) fires
+  when the watermark is more than ``threshold`` seconds past the last reading: event time last
+  reading + threshold (so every worker that could judge it gives the same time), value the seconds
+  of silence at the watermark; ``Event.current`` is set, since the series is silent now, whatever
+  the age of that event time. The first reading after it resolves it, at its time (never before the
+  episode's start: a reading from inside the gap that came later than the lateness ends it at its
+  start), value the length of the gap, ``current`` too: a receiver is never left with a silence
+  that does not end. A gap that a reading fills before the job judges it (a backlog redelivered
+  after an outage) never fires.
 
 Watermark and lateness. ``to``, the watermark, is the service's clock minus alerts.lateness: rows
 after it are not judged yet (``Judged.due`` says when they can be), so that readings of a series that
@@ -46,7 +49,7 @@ from typing import Literal
 
 from ingest.alerts.model import Rule
 
-__all__ = ["Event", "Judged", "State", "due", "evaluate", "is_late", "judge", "since"]
+__all__ = ["Event", "Judged", "State", "clock_window", "due", "evaluate", "is_late", "judge", "since"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -87,8 +90,11 @@ def window_end(rule: Rule, t: datetime) -> datetime:
     return _EPOCH + timedelta(seconds=(k + 1) * span)
 
 
-def _clock(rule: Rule) -> bool:
+def clock_window(rule: Rule) -> bool:
     return rule.signal == "window" and rule.align == "clock"
+
+
+_clock = clock_window
 
 
 def due(rule: Rule, t: datetime) -> datetime:
@@ -179,18 +185,21 @@ def _covered(rule: Rule, n: int, interval: float | None) -> bool | None:
 
 
 def judge(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: datetime, *,
-          interval: float | None = None, silent: bool = False) -> Judged:
+          interval: float | None = None, silent: bool = False, quiet: bool = True) -> Judged:
     """Judge a series up to the watermark ``to``.
 
     ``rows``: the stored readings of the series from ``since(rule, state, due)`` on, in time order,
     any number after ``to`` (they wait: ``Judged.due``); rows at or before the state's last judged
     time serve as history (rate, windows) and are not judged again. ``interval``: the device's
     expected interval in seconds (window coverage). ``silent``: judge the silence at ``to`` too
-    (no_data rules; the no-data job only)."""
+    (no_data rules; the no-data job only). ``quiet``: no reading of the series has arrived for
+    alerts.lateness (the service's clock); until then the clock window holding the latest row waits
+    unless a row after it is stored, so that a past window being back-filled over several batches is
+    judged whole, not on its first batch."""
     if rule.signal == "no_data":
         return _no_data(rule, state, rows, to, silent)
     if _clock(rule):
-        return _clock_windows(rule, state, rows, to, interval)
+        return _clock_windows(rule, state, rows, to, interval, quiet)
     last = state.last_time
     fresh = [(t, v) for t, v in rows if (last is None or t > last) and t <= to]
     waiting = next((t for t, _ in rows if t > to and (last is None or t > last)), None)  # not history
@@ -231,16 +240,18 @@ def judge(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: 
 
 
 def _clock_windows(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: datetime,
-                   interval: float | None) -> Judged:
+                   interval: float | None, quiet: bool) -> Judged:
     start = state.evaluated_to
     windows: dict[datetime, list[float]] = {}
     last_t = state.last_time
     pending: datetime | None = None
+    latest = rows[-1][0] if rows else None
     for t, v in rows:
         if start is not None and t < start:
             continue
         end = window_end(rule, t)
-        if end > to:
+        if end > to or (not quiet and latest is not None and latest < end):
+            # after the watermark; or the window of the latest row while readings still arrive
             pending = end if pending is None else min(pending, end)
             continue
         windows.setdefault(end, []).append(v)
@@ -281,8 +292,9 @@ def _no_data(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], t
             assert start is not None
             value = (t - last).total_seconds() if last is not None else 0.0
             # A reading from inside the gap that came after the job fired (later than alerts.lateness):
-            # the device was not silent after all; the episode ends where it began, never before.
-            events.append(Event("resolved", max(t, start), start, value, rule.threshold))
+            # the device was not silent after all; the episode ends where it began, never before. Sent
+            # whatever its age, as its firing was: a receiver is never left with a silence that never ends.
+            events.append(Event("resolved", max(t, start), start, value, rule.threshold, current=True))
             status, start = "ok", None
         last = t
     if silent and waiting is None and status == "ok" and last is not None and to - last > gap:

@@ -5,13 +5,16 @@ the series whose due_at the watermark (the clock minus alerts.lateness) has pass
 worker holds, up to CLAIM of them, are taken with FOR UPDATE SKIP LOCKED in the stage's sorted order
 (a series a batch or another worker holds now is left for the next tick: no wait, no deadlock) and
 judged from the stored rows by the stage's own ``judge_locked``; a full claim is followed at once by
-another. Then, once this worker has been up for the grace (alerts.no_data_grace, default the longest
-no_data duration), the no-data job: under pg_try_advisory_xact_lock(LOCK_KEY), so that one worker of
+another. Then the no-data job: under pg_try_advisory_xact_lock(LOCK_KEY), so that one worker of
 many runs each round, the series of no_data rules that fire nothing, wait for nothing and whose last
-reading is older than the watermark minus the rule's duration are taken the same way and judged
-silent. The first round of the job after a start comes after the grace, so that a service down for
-a while first writes what the broker kept for it: a device whose readings were only held up by the
-outage is not paged for.
+reading is older than the watermark minus the rule's duration, and from which nothing has arrived
+for that long either (a device whose clock runs behind is not silent while it reports), are taken the
+same way and judged silent. Silences are first judged a grace after the start
+(alerts.no_data_grace, default the longest no_data duration, as the rules were then: a reload
+during the grace does not lengthen it), and the grace starts again whenever the service stops
+taking messages (``ready()`` false: the broker or the database away), so that a service
+down for a while first writes what the broker kept for it: a device whose readings were only held up
+by the outage is not paged for.
 
 Every BEAT_EVERY seconds (and after a reload) the worker writes the versions of the rules it holds
 (ingest.alerts.versions) and reads those of the live workers. A failure of a round (the database
@@ -27,6 +30,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from ingest.alerts.evaluate import clock_window
+from ingest.alerts.runtime import RuleSet
 from ingest.alerts.stage import _COLUMNS, AlertStage, Key, Locked, StageResult, _locked
 from ingest.alerts.versions import BEAT_EVERY, Versions
 from ingest.store.classify import describe
@@ -46,10 +51,13 @@ CLAIM = 2000  # series per transaction
 # series the worker would leave, so a full claim always makes progress.
 _MINE = """(s.version IS NULL OR s.version = r.mine OR (r.blocking <> '*'
     AND NOT s.version = ANY(string_to_array(r.blocking, ','))))"""
+# A clock window rule's series from which a reading arrived within the lateness (seen_at after the
+# watermark) waits: the window holding its latest reading is judged once its readings stop arriving.
 _DUE = f"""
 SELECT {_COLUMNS}
-FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[]) AS r(name, mine, blocking) ON s.rule = r.name
-WHERE s.due_at <= $1 AND {_MINE}
+FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[], $6::bool[]) AS r(name, mine, blocking, clock)
+  ON s.rule = r.name
+WHERE s.due_at <= $1 AND {_MINE} AND (NOT r.clock OR s.seen_at IS NULL OR s.seen_at <= $1)
 ORDER BY s.rule, s.device_id, s.metric_id
 LIMIT $5
 FOR UPDATE OF s SKIP LOCKED
@@ -59,6 +67,7 @@ SELECT {_COLUMNS}
 FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[], $5::float8[]) AS r(name, mine, blocking, gap)
   ON s.rule = r.name
 WHERE s.status = 'ok' AND s.due_at IS NULL AND s.last_time < $1::timestamptz - make_interval(secs => r.gap)
+  AND (s.seen_at IS NULL OR s.seen_at < $7::timestamptz - make_interval(secs => r.gap))
   AND {_MINE}
 ORDER BY s.rule, s.device_id, s.metric_id
 LIMIT $6
@@ -71,13 +80,19 @@ class Evaluator:
 
     def __init__(self, pool: Callable[[], asyncpg.Pool], stage: AlertStage, versions: Versions, *,
                  on_result: Callable[[StageResult], None] = lambda _: None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        """``ready()``: the service takes and stores messages now (broker connected, database
+        answering); while it does not, the grace of the no-data job starts again."""
         self.pool = pool
         self.stage = stage
         self.versions = versions
         self.on_result = on_result
         self._monotonic = monotonic
-        self.started = monotonic()
+        self._ready = ready
+        self.started = monotonic()  # the start, or the end of the last outage: the grace counts from here
+        self.grace = stage.runtime.active.grace  # fixed when it starts: a reload does not lengthen it
+        self._was_ready = True
         self._beat_at = 0.0
         self.stage.runtime.on_change(lambda _active: self._beat_soon())
 
@@ -102,6 +117,8 @@ class Evaluator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # The database away (most likely): the no-data grace starts again once it is back.
+                self.started, self.grace = self._monotonic(), self.stage.runtime.active.grace
                 if not failing:
                     log.warning("alerts: an evaluator round failed (%s); retrying every %.1fs", describe(exc),
                                 self.tick)
@@ -114,45 +131,57 @@ class Evaluator:
         total = StageResult()
         active = self.stage.runtime.active
         now = self._monotonic()
+        if not self._ready():
+            self.started, self.grace = now, active.grace
+            if self._was_ready:
+                log.info("alerts: the service is not taking messages (broker or database away); no silence is "
+                         "judged until it has been back for the no-data grace")
+            self._was_ready = False
+        else:
+            self._was_ready = True
         if now >= self._beat_at:
             await self.versions.beat(conn, active.rules)
             self._beat_at = now + BEAT_EVERY
-        if not active.rules:
-            return total
-        names = [r.name for r in active.rules]
-        mine = [r.version for r in active.rules]
-        blocking = [self.versions.blocking(r) for r in active.rules]
-        while True:
+        while True:  # the due series, CLAIM at a time, each claim with the rule set of that moment
+            active = self.stage.runtime.active
+            if not active.rules:
+                return total
             result = StageResult()
             async with conn.transaction():
                 to = self.stage.watermark(active, self.stage.clock())
-                claimed = await conn.fetch(_DUE, to, names, mine, blocking, CLAIM)
-                await self._judge(conn, claimed, result, silent=False)
+                claimed = await conn.fetch(_DUE, to, [r.name for r in active.rules], [r.version for r in active.rules],
+                                           [self.versions.blocking(r) for r in active.rules], CLAIM,
+                                           [clock_window(r) for r in active.rules])
+                await self._judge(conn, active, claimed, result, silent=False)
             self._count(result, total)
-            if len(claimed) < CLAIM:
+            if len(claimed) < CLAIM or result.judged + result.dropped <= result.stuck:  # done, or no progress
                 break
-        silent = [r for r in active.rules if r.signal == "no_data"]
-        if silent and now - self.started >= active.grace:
-            while True:
-                result = StageResult()
-                async with conn.transaction():
-                    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY):
-                        break
-                    to = self.stage.watermark(active, self.stage.clock())
-                    claimed = await conn.fetch(_SILENT, to, [r.name for r in silent], [r.version for r in silent],
-                                               [self.versions.blocking(r) for r in silent],
-                                               [r.threshold for r in silent], CLAIM)
-                    await self._judge(conn, claimed, result, silent=True)
-                self._count(result, total)
-                if len(claimed) < CLAIM:
+        if now - self.started < self.grace:
+            return total
+        while True:
+            active = self.stage.runtime.active
+            silent = [r for r in active.rules if r.signal == "no_data"]
+            if not silent:
+                break
+            result = StageResult()
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY):
                     break
+                clock = self.stage.clock()
+                claimed = await conn.fetch(_SILENT, self.stage.watermark(active, clock), [r.name for r in silent],
+                                           [r.version for r in silent], [self.versions.blocking(r) for r in silent],
+                                           [r.threshold for r in silent], CLAIM, clock)
+                await self._judge(conn, active, claimed, result, silent=True)
+            self._count(result, total)
+            if len(claimed) < CLAIM or result.judged + result.dropped <= result.stuck:
+                break
         return total
 
     async def _judge(self, conn: asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[
-            asyncpg.Record], claimed: list[asyncpg.Record], result: StageResult, *, silent: bool) -> None:
+            asyncpg.Record], active: RuleSet, claimed: list[asyncpg.Record], result: StageResult, *,
+            silent: bool) -> None:
         if not claimed:
             return
-        active = self.stage.runtime.active
         rules = {r.name: r for r in active.rules}
         locked: dict[Key, Locked] = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in claimed
                                      if r["rule"] in rules}
@@ -163,5 +192,5 @@ class Evaluator:
         if result.events or result.deferred or result.uncovered:
             self.on_result(result)
         total.events.update(result.events)
-        for name in ("notified", "outbox", "silenced", "deferred", "uncovered", "judged"):
+        for name in ("notified", "outbox", "silenced", "deferred", "uncovered", "judged", "dropped", "stuck"):
             setattr(total, name, getattr(total, name) + getattr(result, name))

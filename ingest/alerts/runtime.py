@@ -41,7 +41,8 @@ class RuleSet:
 
     @property
     def grace(self) -> float:
-        """Seconds after a start before the no-data job judges silences."""
+        """Seconds after a start (or an outage) before the no-data job judges silences:
+        alerts.no_data_grace, else the longest no_data duration (the issue's default)."""
         if self.no_data_grace is not None:
             return self.no_data_grace
         return max((r.threshold for r in self.rules if r.signal == "no_data"), default=0.0)

@@ -359,6 +359,13 @@ class RuleSettings(_Section):
         if rate.over < 1:
             raise _fix(f"rule {name!r}: rate.over = {rate.over:g}s is shorter than a second",
                        'measure the change over at least "1s", e.g. over = "10m"')
+        # A level on the wrong side of zero holds for a steady series: every device of the rule would page.
+        if rate.above is not None and rate.above < 0:
+            raise _fix(f"rule {name!r}: rate.above = {rate.above:g} is a fall, so a steady series (rate 0) would "
+                       "fire", "for falls write below = a negative rate per minute; for rises above = a positive one")
+        if rate.below is not None and rate.below > 0:
+            raise _fix(f"rule {name!r}: rate.below = {rate.below:g} is a rise, so a steady series (rate 0) would "
+                       "fire", "for falls write below = a negative rate per minute, e.g. below = -0.5")
         self._check_clear(rate.above, rate.below, "rate's ")
 
     def _check_levels(self, levels: list[str]) -> None:
@@ -433,9 +440,9 @@ class AlertSettings(_Section):
                             'of its series, e.g. through another worker) and still be judged in event-time order: a '
                             'series is judged up to now minus this, e.g. "2s"; a reading later than that is stored '
                             'but not judged (counted as late)')
-    no_data_grace: float | None = Field(None, description='after a start, no_data rules are not judged for this long, '
-                                        'so that an outage of the service does not page for every device; default: '
-                                        'the longest no_data duration of the rules')
+    no_data_grace: float | None = Field(None, description='after a start, and after the broker or the database was '
+                                        'away, no silence is judged for this long, so that an outage does not page '
+                                        'for every device; default: the longest no_data duration of the rules')
 
     @field_validator("mqtt_prefix")
     @classmethod

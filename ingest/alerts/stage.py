@@ -1,22 +1,30 @@
 """The writer's alert stage, inside the batch's transaction (ingest.store.writer), and the judging
 of series the evaluator (ingest.alerts.evaluator) does after it.
 
-A batch: given the readings that are new in this transaction (a redelivered duplicate is not new),
-for each series (rule, device, metric; a per-device no_data rule: metric 0) a rule selects, its
-alert_state row is created if missing and locked, all in one sorted order (so that workers writing
-the same series wait for each other, never deadlock). A reading at or before what the series has
-judged already is late (stored, counted, not judged); the others set the series' due_at (the
-watermark they wait for, ingest.alerts.evaluate.due). Then every locked series that is due (due_at
-<= the stage's clock minus alerts.lateness) and that this worker's version of the rule may judge
-(ingest.alerts.versions) is judged from the stored rows (these included), in event-time order, up to
-that watermark (``judge_locked``, shared with the evaluator). The state, the events and, for the
-events young enough to notify (or judged on the present: a silence), one outbox row per webhook
-(and one for MQTT, webhook "mqtt:alerts", when alerts.mqtt is on) are written, except for the
-events an active silence holds back (ingest.alerts.silence decides, one query for the batch:
-recorded with silenced_by, their rows kept in alert_held); ``NOTIFY sensor_ingest_outbox`` wakes
-the dispatcher when the transaction commits. A crash before the commit loses none of it and repeats
-none of it: it is all rolled back with the readings, and the redelivered messages evaluate again;
-a crash after it leaves due_at set, and any worker's evaluator judges the series.
+A batch, before it stores its readings (``lock``): for each series (rule, device, metric; a
+per-device no_data rule: metric 0) a rule selects among its numeric readings, the alert_state row
+is created if missing and locked, all in one sorted order (so that workers writing the same series
+wait for each other, never deadlock), and so that no evaluator judges the series past readings this
+transaction holds uncommitted. After it stored them (``run``), for the readings new in this
+transaction (a redelivered duplicate is not new): a reading at or before what its series has judged
+already is late (stored, counted, not judged); the others set the series' due_at (the watermark they
+wait for, ingest.alerts.evaluate.due), due_to (the latest of them) and seen_at (the stage's clock).
+Then every locked series that is due (due_at <= the stage's clock minus alerts.lateness) and that
+this worker's version of the rule may judge (ingest.alerts.versions) is judged from the stored rows
+(these included), in event-time order, up to that watermark (``judge_locked``, shared with the
+evaluator). The state, the events and, for the events young enough to notify (or judged on the
+present: a silence and its end), one outbox row per webhook (and one for MQTT, webhook
+"mqtt:alerts", when alerts.mqtt is on) are written, except for the events an active silence holds
+back (ingest.alerts.silence decides, one query for the batch: recorded with silenced_by, their rows
+kept in alert_held); ``NOTIFY sensor_ingest_outbox`` wakes the dispatcher when the transaction
+commits. A crash before the commit repeats none of it: it is all rolled back with the readings, and
+the redelivered messages are evaluated again, unless, with several workers, the others judged
+their series past them meanwhile (then they are late: the lateness bounds the whole way from a
+reading's time to its commit, redelivery included). A crash after it leaves due_at set, and any
+worker's evaluator judges the series.
+
+The watermark is each worker's own clock: the workers' clocks must agree (NTP) to well within
+alerts.lateness.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[]) ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 """
 _COLUMNS = "s.rule, s.device_id, s.metric_id, s.status, s.episode_start, s.last_time, s.last_value, " \
-    "s.evaluated_to, s.due_at, s.version"
+    "s.evaluated_to, s.due_at, s.version, s.seen_at, s.due_to"
 _LOCK = f"""
 SELECT {_COLUMNS}
 FROM alert_state s JOIN unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
@@ -68,11 +76,16 @@ FOR UPDATE OF s
 _SAVE = """
 UPDATE alert_state AS s SET status = t.status, episode_start = t.start, last_time = t.last_time,
     last_value = t.last_value, evaluated_to = t.evaluated_to, due_at = t.due_at, version = t.version,
-    updated_at = now()
+    seen_at = t.seen_at, due_to = t.due_to, updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::float8[],
-            $8::timestamptz[], $9::timestamptz[], $10::text[])
-    AS t(rule, device_id, metric_id, status, start, last_time, last_value, evaluated_to, due_at, version)
+            $8::timestamptz[], $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[])
+    AS t(rule, device_id, metric_id, status, start, last_time, last_value, evaluated_to, due_at, version, seen_at,
+         due_to)
 WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_id
+"""
+_FORGET = """
+DELETE FROM alert_state s USING unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
+WHERE s.rule = k.r AND s.device_id = k.d AND s.metric_id = k.m AND s.status = 'ok'
 """
 # The stored rows of each series from its lower bound on (readings_key: one index range per series).
 _ROWS = """
@@ -82,13 +95,7 @@ CROSS JOIN LATERAL (SELECT time, value FROM readings
                     WHERE device_id = k.d AND metric_id = k.m AND time >= k.lo ORDER BY time) r
 ORDER BY k.i, r.time
 """
-# A per-device no_data rule: the times of the device's readings of any metric.
-_DEVICE_ROWS = """
-SELECT k.i, r.time
-FROM unnest($1::int[], $2::timestamptz[]) WITH ORDINALITY AS k(d, lo, i)
-CROSS JOIN LATERAL (SELECT DISTINCT time FROM readings WHERE device_id = k.d AND time >= k.lo) r
-ORDER BY k.i, r.time
-"""
+_METRIC_NAMES = "SELECT id, name FROM metrics WHERE id = ANY($1::int[])"
 _EVENTS = """
 INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, threshold, severity,
                           notified, silenced_by)
@@ -112,7 +119,8 @@ class NewReading:
 
 
 class StageResult:
-    __slots__ = ("deferred", "events", "judged", "late", "notified", "outbox", "silenced", "uncovered")
+    __slots__ = ("deferred", "dropped", "events", "judged", "late", "notified", "outbox", "silenced", "stuck",
+                 "uncovered")
 
     def __init__(self) -> None:
         self.events: Counter[tuple[str, str]] = Counter()  # (rule, status)
@@ -123,6 +131,8 @@ class StageResult:
         self.deferred = 0  # series left to a worker holding the version of the rule that judged them
         self.uncovered = 0  # windows not judged for too little data
         self.judged = 0  # series judged
+        self.dropped = 0  # series no longer their rule's (a reload, a device's attributes): not judged
+        self.stuck = 0  # series judged that are still due after it (no progress)
 
 
 def series_key(rule: str, device_id: int, metric_id: int) -> str:
@@ -137,12 +147,13 @@ def _default_summary(rule: Rule, f: dict[str, Any], status: str) -> str:
         if status == "firing":
             return f"{rule.name}: no reading from {where} for {f['value']:g} s (threshold {f['threshold']:g} s)"
         return f"{rule.name}: {where} reports again after {f['value']:g} s of silence"
+    now = "is" if status == "firing" else "is back to"
     if rule.signal == "rate":
-        return f"{rule.name}: {where} changes by {f['value']:.4g}{unit} over {rule.over:g} s " \
+        return f"{rule.name}: the rate of change of {where} over {rule.over:g} s {now} {f['value']:.4g}{unit} " \
                f"(threshold {f['threshold']:g}{unit})"
     if rule.signal == "window":
-        return f"{rule.name}: {where} {rule.agg} over {rule.over:g} s ({rule.align}) is {f['value']:.4g}{unit} " \
-               f"(threshold {f['threshold']:g}{unit})"
+        return f"{rule.name}: the {rule.agg} of {where} over {rule.over:g} s ({rule.align}) {now} " \
+               f"{f['value']:.4g}{unit} (threshold {f['threshold']:g}{unit})"
     return f"{rule.name}: {where} is {f['value']} (threshold {f['threshold']})"
 
 
@@ -160,6 +171,9 @@ class Device:
     interval: float | None  # the expected interval: the register's, else its source's (window coverage)
 
 
+Key: TypeAlias = tuple[str, int, int]
+
+
 @dataclass(slots=True)
 class Locked:
     """A series under its row lock, as read."""
@@ -167,9 +181,19 @@ class Locked:
     state: State
     due_at: datetime | None
     version: str | None
+    seen_at: datetime | None = None  # when a reading of it last arrived (the stage's clock)
+    due_to: datetime | None = None  # the latest reading waiting
 
 
-Key: TypeAlias = tuple[str, int, int]
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What AlertStage.lock took for a batch: its rule set, the series' rules and devices, the rows."""
+
+    active: RuleSet
+    rules: dict[str, Rule]
+    devices: dict[int, Device]
+    locked: dict[Key, Locked]
+
 
 
 class AlertStage:
@@ -189,40 +213,72 @@ class AlertStage:
     def watermark(self, active: RuleSet, now: datetime) -> datetime:
         return now - timedelta(seconds=active.lateness)
 
-    async def run(self, conn: Conn, new: Sequence[NewReading]) -> StageResult:
-        result = StageResult()
+    async def lock(self, conn: Conn, readings: Sequence[NewReading]) -> Prepared | None:
+        """Before the batch stores its readings: create and lock the alert_state rows of every series
+        they belong to (sorted order), so that no evaluator judges a series past readings this
+        transaction is about to store and has not committed. None: no rule wants any of them."""
         # One rule set for the whole batch: a reload during an await below must not pair the new set's
         # rules with the old set's webhooks (an event notified with no outbox row).
         active = self.runtime.active
         rules_for = functools.cache(active.for_metric)
-        candidates = [n for n in new if not isinstance(n.reading.value, str) and rules_for(n.reading.metric)]
+        candidates = [n for n in readings if not isinstance(n.reading.value, str) and rules_for(n.reading.metric)]
         if not candidates:
-            return result
+            return None
         devices = await self.devices(conn, {n.device_id for n in candidates})
-        times: dict[Key, list[datetime]] = {}
+        keys: set[Key] = set()
         rules: dict[str, Rule] = {}
         for n in candidates:
             dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
             for rule in rules_for(n.reading.metric):
                 if rule.selects(dev.uid, dev.attributes):
                     rules[rule.name] = rule
-                    times.setdefault((rule.name, n.device_id, 0 if rule.per_device else n.metric_id), []).append(
-                        n.reading.time)
+                    keys.add((rule.name, n.device_id, 0 if rule.per_device else n.metric_id))
+        if not keys:
+            return None
+        ordered = sorted(keys)
+        cols = [list(c) for c in zip(*ordered, strict=True)]
+        await conn.execute(_ENSURE, *cols, ["ok"] * len(ordered))
+        locked = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in await conn.fetch(_LOCK, *cols)}
+        return Prepared(active, rules, devices, locked)
+
+    async def run(self, conn: Conn, new: Sequence[NewReading], prepared: Prepared | None = None) -> StageResult:
+        """After the batch stored its readings: ``new``, those new in this transaction (a redelivered
+        duplicate is not new), set their series' due_at, and what is due is judged. ``prepared``: what
+        ``lock`` took before the readings were stored (None: it is taken now)."""
+        result = StageResult()
+        if prepared is None:
+            prepared = await self.lock(conn, new)
+            if prepared is None:
+                return result
+        active, rules, devices, locked = prepared.active, prepared.rules, prepared.devices, prepared.locked
+        rules_for = functools.cache(active.for_metric)
+        times: dict[Key, list[datetime]] = {}
+        for n in new:
+            if isinstance(n.reading.value, str):
+                continue
+            dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
+            for rule in rules_for(n.reading.metric):
+                key = (rule.name, n.device_id, 0 if rule.per_device else n.metric_id)
+                if key in locked and rule.selects(dev.uid, dev.attributes):
+                    times.setdefault(key, []).append(n.reading.time)
         if not times:
             return result
         keys = sorted(times)
-        cols = [list(c) for c in zip(*keys, strict=True)]
-        await conn.execute(_ENSURE, *cols, ["ok"] * len(keys))
-        locked = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in await conn.fetch(_LOCK, *cols)}
+        arrived = self.clock()
         for key in keys:
             rule = rules[key[0]]
-            row = locked.setdefault(key, Locked(State(), None, None))
-            waiting = [due(rule, t) for t in times[key] if not is_late(rule, row.state, t)]
-            result.late += len(times[key]) - len(waiting)
+            row = locked[key]
+            row.seen_at = arrived
+            waiting = [t for t in times[key] if not is_late(rule, row.state, t)]
+            if not rule.per_device:  # a device's readings of several metrics at one time are not late
+                result.late += len(times[key]) - len(waiting)
             if waiting:
-                first = min(waiting)
+                first = min(due(rule, t) for t in waiting)
                 row.due_at = first if row.due_at is None or first < row.due_at else row.due_at
-        await self.judge_locked(conn, active, rules, {k: locked[k] for k in keys}, devices, result)
+                last = max(waiting)
+                row.due_to = last if row.due_to is None or last > row.due_to else row.due_to
+        # Their series were built from the rule's own metric and selection: no ownership to check.
+        await self.judge_locked(conn, active, rules, {k: locked[k] for k in keys}, devices, result, owned=True)
         return result
 
     async def devices(self, conn: Conn, ids: set[int]) -> dict[int, Device]:
@@ -230,17 +286,37 @@ class AlertStage:
                 for i, uid, a, own, src in await conn.fetch(_DEVICES, sorted(ids))}
 
     async def judge_locked(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], locked: dict[Key, Locked],
-                           devices: dict[int, Device], result: StageResult, *, silent: bool = False) -> None:
+                           devices: dict[int, Device], result: StageResult, *, silent: bool = False,
+                           owned: bool = False) -> None:
         """Judge the locked series that are due and this worker may judge, save every locked series'
-        state and due_at, and record the events. ``silent``: the no-data job (judge silences too)."""
+        state and due_at, and record the events. ``silent``: the no-data job (judge silences too).
+        ``owned``: the caller knows every series is still its rule's (else the metric of each is read
+        and checked against the rule's: a reload can change a rule's metric or per)."""
         now = self.clock()
         to = self.watermark(active, now)
         judged: list[Key] = []
+        gone: list[Key] = []
+        names: dict[int, str] = {}
+        if not owned:
+            ids = sorted({k[2] for k in locked if k[2]})
+            names = {i: name for i, name in await conn.fetch(_METRIC_NAMES, ids)} if ids else {}
         for key, row in locked.items():
             if not (silent or (row.due_at is not None and row.due_at <= to)):
                 continue
-            if self.versions is not None and not self.versions.decide(rules[key[0]], row.version):
+            rule = rules[key[0]]
+            if self.versions is not None and not self.versions.decide(rule, row.version):
                 result.deferred += 1
+                continue
+            dev = devices.get(key[1])
+            mine = (key[2] == 0) if rule.per_device else (owned or names.get(key[2]) == rule.metric)
+            if not mine or (dev is not None and not rule.selects(dev.uid, dev.attributes)):
+                # A reload narrowed the rule or changed its metric or per, or the device's attributes
+                # changed: the series is no longer the rule's. Its readings are not judged; a state with
+                # nothing open goes.
+                row.due_at = row.due_to = None
+                result.dropped += 1
+                if row.state.status == "ok":
+                    gone.append(key)
                 continue
             judged.append(key)
         result.judged += len(judged)
@@ -249,7 +325,8 @@ class AlertStage:
         for key in judged:
             rule, row = rules[key[0]], locked[key]
             dev = devices.get(key[1]) or Device(str(key[1]), {}, None)
-            out = judge(rule, row.state, rows.get(key, []), to, interval=dev.interval, silent=silent)
+            quiet = row.seen_at is None or row.seen_at <= now - timedelta(seconds=active.lateness)
+            out = judge(rule, row.state, rows.get(key, []), to, interval=dev.interval, silent=silent, quiet=quiet)
             if out.unknown_interval and (rule.name, key[1]) not in self._unknown_logged:
                 self._unknown_logged.add((rule.name, key[1]))
                 log.warning("rule %s: device %s has no expected interval (register it with `sensor-ingest devices "
@@ -257,11 +334,21 @@ class AlertStage:
                             "coverage %g and are not judged", rule.name, dev.uid, rule.coverage)
             result.uncovered += out.uncovered
             row.state, row.due_at, row.version = out.state, out.due, rule.version
+            if out.due is None:
+                row.due_to = None
+            if row.due_at is not None and row.due_at <= to:
+                # Still due: a clock window waiting for its readings to stop arriving (``quiet``). A
+                # claim holding only such series makes no progress: the round ends; they are tried at
+                # the next tick, for at most alerts.lateness.
+                result.stuck += 1
             fired += [(key, e) for e in out.events]
         saved = [(*k, r.state.status, r.state.episode_start, r.state.last_time, r.state.last_value,
-                  r.state.evaluated_to, r.due_at, r.version) for k, r in locked.items()]
+                  r.state.evaluated_to, r.due_at, r.version, r.seen_at, r.due_to)
+                 for k, r in locked.items() if k not in gone]
         if saved:
             await conn.execute(_SAVE, *[list(c) for c in zip(*saved, strict=True)])
+        if gone:
+            await conn.execute(_FORGET, *[list(c) for c in zip(*gone, strict=True)])
         if fired:
             await self._record(conn, active, rules, devices, fired, now, result)
 
@@ -269,23 +356,26 @@ class AlertStage:
                     silent: bool) -> dict[Key, list[tuple[datetime, float]]]:
         """The stored rows each series' judgement needs, from ``since`` on, in time order."""
         per_series: list[tuple[Key, datetime]] = []
-        per_device: list[tuple[Key, datetime]] = []
+        out: dict[Key, list[tuple[datetime, float]]] = {}
         for key, row in locked.items():
             rule = rules[key[0]]
             if row.due_at is None:
                 if silent:  # the no-data job on a series with nothing waiting: no rows to read
                     continue
                 raise AssertionError(f"{key} judged with nothing due")
-            lo = since(rule, row.state, row.due_at)
-            (per_device if rule.per_device else per_series).append((key, lo))
-        out: dict[Key, list[tuple[datetime, float]]] = {}
+            if rule.per_device:
+                # A device's silence needs only its earliest and latest waiting reading times: the
+                # first ends a firing episode, the latest is its last reading once the watermark passes
+                # it (rows between change nothing). Reading them back would scan every metric of the
+                # device in the index (device, metric, time).
+                times = sorted({row.due_at, row.due_to or row.due_at})
+                out[key] = [(t, 0.0) for t in times]
+                continue
+            per_series.append((key, since(rule, row.state, row.due_at)))
         if per_series:
             for i, t, v in await conn.fetch(_ROWS, [k[1] for k, _ in per_series], [k[2] for k, _ in per_series],
                                             [lo for _, lo in per_series]):
                 out.setdefault(per_series[i - 1][0], []).append((t, v))
-        if per_device:
-            for i, t in await conn.fetch(_DEVICE_ROWS, [k[1] for k, _ in per_device], [lo for _, lo in per_device]):
-                out.setdefault(per_device[i - 1][0], []).append((t, 0.0))
         return out
 
     async def _record(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], devices: dict[int, Device],
@@ -349,7 +439,9 @@ class AlertStage:
                 if webhook is None:
                     continue
                 if webhook.body == "alertmanager":  # per webhook: its name is the payload's receiver
-                    body = alertmanager_body(event, webhook.name, webhook.external_url).model_dump_json()
+                    # the rule's kind in words when it is not a plain threshold (the default summary's)
+                    said = None if rule.signal == "value" else _default_summary(rule, fields, e.status)
+                    body = alertmanager_body(event, webhook.name, webhook.external_url, said).model_dump_json()
                 else:
                     body = standard = standard or event.model_dump_json()
                 target.append((event_id, hook, series_key(*key), body))
@@ -364,7 +456,7 @@ class AlertStage:
 
 def _locked(r: asyncpg.Record) -> Locked:
     return Locked(State(r["status"], r["episode_start"], r["last_time"], r["last_value"], r["evaluated_to"]),
-                  r["due_at"], r["version"])
+                  r["due_at"], r["version"], r["seen_at"], r["due_to"])
 
 
 def _attrs(raw: object) -> dict[str, Any]:

@@ -50,6 +50,9 @@ async def create_pool(settings: DatabaseSettings, application_name: str = "senso
             # connection alive (a proxy or load balancer: TCP keepalives are answered) does, and its
             # locks would hold every retry of the same rows until then.
             "idle_in_transaction_session_timeout": str(int(settings.command_timeout * 1000)),
+            # The alert judge's lateral index reads get poor row estimates, for which JIT compiling
+            # (hundreds of ms) costs far more than the few ms the queries take.
+            "jit": "off",
             "tcp_keepalives_idle": "10",
             "tcp_keepalives_interval": "5",
             "tcp_keepalives_count": "3",

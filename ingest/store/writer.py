@@ -290,18 +290,27 @@ class Writer:
                     self._calibration_epoch = epoch
                 if self._calibrations:
                     result.calibrated = self._calibrate(rows, row_of, clashes)
+            prepared = None
+            if rows and self._alerts is not None:
+                # The series' alert_state rows are locked before the readings are stored, so that no
+                # evaluator judges a series past readings this transaction holds uncommitted.
+                wants = self._alerts.wants
+                candidates = [NewReading(r, rows[n][1], rows[n][2]) for n, (_, r) in enumerate(row_of)
+                              if wants(r.metric)]
+                if candidates:
+                    prepared = await self._alerts.lock(conn, candidates)
             if rows:
                 result.conflict_path, fresh = await self._store(
                     conn, "readings", rows, row_of, redelivered, result, clashes)
                 new_rows = len(rows) if fresh is None else len(fresh)
-                if self._alerts is not None:
+                if self._alerts is not None and prepared is not None:
                     # Only readings new in this transaction are evaluated: a redelivered duplicate
                     # must not fire again.
                     wanted = [NewReading(row_of[n][1], rows[n][1], rows[n][2])
                               for n in (range(len(rows)) if fresh is None else fresh)
                               if self._alerts.wants(row_of[n][1].metric)]
                     if wanted:
-                        result.alerts = await self._alerts.run(conn, wanted)
+                        result.alerts = await self._alerts.run(conn, wanted, prepared)
             if texts:
                 _, fresh = await self._store(conn, "states", texts, text_of, True, result, clashes)
                 new_texts = len(texts) if fresh is None else len(fresh)

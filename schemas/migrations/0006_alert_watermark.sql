@@ -10,7 +10,10 @@
 ALTER TABLE alert_state
     ADD COLUMN evaluated_to timestamptz,  -- clock windows: the end of the last window judged
     ADD COLUMN due_at       timestamptz,  -- the watermark the next judgement needs; NULL: nothing waits
-    ADD COLUMN version      text;         -- the fingerprint of the rule that judged the series last
+    ADD COLUMN due_to       timestamptz,  -- the latest reading waiting (a per-device no_data rule is judged
+                                          -- from due_at and due_to alone, not by reading back)
+    ADD COLUMN version      text,         -- the fingerprint of the rule that judged the series last
+    ADD COLUMN seen_at      timestamptz;  -- when a reading of the series last arrived (the service's clock)
 
 -- The evaluator's scan: the series with readings waiting.
 CREATE INDEX alert_state_due ON alert_state (due_at) WHERE due_at IS NOT NULL;

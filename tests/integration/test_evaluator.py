@@ -1,23 +1,29 @@
 """The evaluator (ingest.alerts.evaluator) with the writer's alert stage (ingest.alerts.stage) and the
 rule versions of several workers (ingest.alerts.versions) on a real TimescaleDB: the watermark, late
 readings, SKIP LOCKED, the no-data job under its advisory lock and grace, version hand-overs, clock
-windows and their coverage, per-device silences. Every clock (the stage's event-time clock and the
+windows and their coverage, per-device silences; silence judged on arrival too (seen_at), the grace
+after an outage and across a reload, past windows back-filled over several batches, series a rule no
+longer selects, the Alertmanager description of each kind. Every clock (the stage's event-time clock and the
 evaluator's monotonic one) is the test's; rounds are called directly, never ``run``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import pytest
 
+from ingest.alerts import evaluator as evaluator_module
 from ingest.alerts.evaluator import LOCK_KEY, Evaluator
-from ingest.alerts.model import Rule
+from ingest.alerts.model import Rule, Webhook
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.stage import AlertStage, StageResult
 from ingest.alerts.versions import Versions
@@ -87,17 +93,19 @@ class Worker:
             return await asyncio.wait_for(self.evaluator.round(conn), 30)
 
 
-def rules(*rules: Rule, max_notify_age: float = 3600.0, no_data_grace: float | None = None) -> RuleSet:
-    return RuleSet(rules, dict(HOOKS), max_notify_age=max_notify_age, lateness=LATENESS, no_data_grace=no_data_grace)
+def rules(*rules: Rule, max_notify_age: float = 3600.0, no_data_grace: float | None = None,
+          hooks: dict[str, Webhook] | None = None) -> RuleSet:
+    return RuleSet(rules, dict(HOOKS if hooks is None else hooks), max_notify_age=max_notify_age, lateness=LATENESS,
+                   no_data_grace=no_data_grace)
 
 
 def worker(pool: asyncpg.Pool, active: RuleSet, clock: Clock, *, name: str = "worker-a",
-           intervals: dict[str, float] | None = None) -> Worker:
+           intervals: dict[str, float] | None = None, ready: Callable[[], bool] = lambda: True) -> Worker:
     versions = Versions(name, T0)
     stage = AlertStage(AlertRuntime(active), clock=clock, intervals=intervals, versions=versions)
     ticks = Ticks()
     return Worker(Writer(pool, alerts=stage), stage, versions, Evaluator(lambda: pool, stage, versions,
-                                                                         monotonic=ticks), ticks)
+                                                                         monotonic=ticks, ready=ready), ticks)
 
 
 async def state(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
@@ -486,6 +494,8 @@ async def test_a_window_with_too_little_data_is_not_judged(pool: asyncpg.Pool) -
     # Coverage 0.75 of a 10 min window: 7.5 readings at the source's 60 s interval, 3.75 at 120 s.
     covered = pm25(signal="window", agg="avg", over=600.0, align="clock", coverage=0.75)
     clock = Clock(at(25))  # both windows, [0, 10) and [10, 20), have passed the watermark
+    # (The window holding a series' latest reading waits besides until nothing of the series has
+    # arrived for the lateness: the batch judges the windows before it, the next round the rest.)
     w = worker(pool, rules(covered), clock, intervals={"native": 60.0})
     await w.write(outcome(1, [reading("hn-aq-3", -30, 1.0)]))
     await pool.execute("UPDATE devices SET expected_interval = 120 WHERE uid = 'hn-aq-3'")  # the register's wins
@@ -495,14 +505,22 @@ async def test_a_window_with_too_little_data_is_not_judged(pool: asyncpg.Pool) -
     registered = [reading("hn-aq-3", t, 60.0) for t in (0, 2, 4, 6)]  # 4 of 5
     other = Outcome(RawMessage("other/d2/up", b"{}", T0, 1, 9, 1, 9, False), "other", unknown)
     result = await w.write(outcome(2, thin + full), other, outcome(3, registered))
-    assert judged(result) == (3, Counter({("pm25-high", "firing"): 2}), 0, 0, 2, 4)
+    # Judged now: hn-aq-1's thin window and hn-aq-3's window of its reading at -30 min (one of 3.75).
+    assert judged(result) == (3, NOTHING, 0, 0, 2, 0)
     d1, m = await ids(pool, "hn-aq-1")
+    d2, _ = await ids(pool, "hn-aq-2")
     d3, _ = await ids(pool, "hn-aq-3")
+    v = covered.version
+    assert await state(pool) == sorted([
+        ("pm25-high", d1, m, "ok", None, at(6), None, at(10), at(20), v),
+        ("pm25-high", d2, m, "ok", None, None, None, None, at(20), v),
+        ("pm25-high", d3, m, "ok", None, at(-30), None, at(-20), at(10), v),
+    ])
+    clock.now = at(26)  # a lateness after the batch: the windows of the latest readings are judged
+    assert judged(await w.round(pool)) == (3, Counter({("pm25-high", "firing"): 2}), 0, 0, 1, 4)
     assert [e[1:6] for e in await happened(pool)] == sorted(
         [(d1, m, "firing", at(20), at(20)), (d3, m, "firing", at(10), at(10))])
     # The thin window and the window of the unknown interval are passed over, not waited for.
-    d2, _ = await ids(pool, "hn-aq-2")
-    v = covered.version
     assert await state(pool) == sorted([
         ("pm25-high", d1, m, "firing", at(20), at(17), 60.0, at(20), None, v),
         ("pm25-high", d2, m, "ok", None, at(19), None, at(20), None, v),
@@ -540,3 +558,354 @@ async def test_a_device_silence_is_one_state_of_every_metric_and_says_metric_sta
     assert [(b["status"], b["device"], b["metric"], b["unit"], b["value"]) for _, _, b in sent] == [
         ("firing", "hn-aq-1", "*", "s", 2280.0), ("resolved", "hn-aq-1", "*", "s", 2400.0)]
     assert await count(pool, "alert_state") == 1
+
+
+# 8. Arrival as well as event time (R2 B1, B2) ------------------------------------------------------------------
+
+
+async def seen(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
+    """alert_state: (rule, device, metric, seen_at): when a reading of each series last arrived."""
+    return [tuple(r) for r in await pool.fetch(
+        "SELECT rule, device_id, metric_id, seen_at FROM alert_state ORDER BY rule, device_id, metric_id")]
+
+
+@pytest.mark.asyncio
+async def test_a_device_whose_clock_runs_two_hours_behind_is_not_silent_while_it_reports(pool: asyncpg.Pool) -> None:
+    # A reading a minute, each timed 2 h before it arrives: each is judged as it is stored (the
+    # watermark passed it long ago), so its series' last reading is always 2 h old, far more than the
+    # rule's 15 min; but something arrived within the 15 min, so the device is not silent.
+    clock = Clock(at(120))
+    w = worker(pool, rules(SILENT, no_data_grace=0.0), clock)
+    for k in range(20):
+        clock.now = at(120 + k)
+        assert judged(await w.write(outcome(k + 1, [level("hn-wl-1", k, 1.2)]))) == (1, NOTHING, 0, 0, 0, 0)
+        clock.now = at(120.5 + k)
+        assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    d = await pool.fetchval("SELECT id FROM devices WHERE uid = 'hn-wl-1'")
+    m = await pool.fetchval("SELECT id FROM metrics WHERE name = 'water_level'")
+    assert await seen(pool) == [("level-silent", d, m, at(139))]  # the stage's clock at the last batch
+    assert await state(pool) == [("level-silent", d, m, "ok", None, at(19), None, None, None, SILENT.version)]
+    # It stops. 15 min after the last arrival: not yet; just past: fires once, at last reading + 15 min
+    # (2 h ago, and sent all the same: the device is silent now).
+    clock.now = at(154)
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    clock.now = at(154.5)
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    clock.now = at(200)
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    # It comes back: the resolved is at its (2 h old) reading, and sent too.
+    clock.now = at(201)
+    back = await w.write(outcome(30, [level("hn-wl-1", 81, 1.3)]))
+    assert judged(back) == (1, Counter({("level-silent", "resolved"): 1}), 0, 0, 0, 1)
+    assert await happened(pool) == [
+        ("level-silent", d, m, "firing", at(34), at(34), (153.5 - 19) * 60, 900.0, "warning", True),
+        ("level-silent", d, m, "resolved", at(81), at(34), 62 * 60.0, 900.0, "warning", True),
+    ]
+    assert [(b["status"], b["event_time"]) for _, _, b in await bodies(pool)] == [
+        ("firing", "2026-11-25T03:34:00Z"), ("resolved", "2026-11-25T04:21:00Z")]
+
+
+@pytest.mark.asyncio
+async def test_the_resolved_of_a_silence_is_sent_however_old_its_time(pool: asyncpg.Pool) -> None:
+    # A gateway away for 2 h: the job fires promptly (event time T0 + 15 min). Back, the gateway uploads
+    # its buffer from T0 + 1 min on: the silence ends at its start, T0 + 15 min, which is now 2 h old,
+    # older than alerts.max_notify_age (1 h). The receiver must get it, or the alert stays open there.
+    clock = Clock(at(0))
+    w = worker(pool, rules(SILENT, no_data_grace=0.0), clock)
+    d, m = await _silent_series(pool, w, clock)
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    clock.now = at(135)
+    buffer = [level("hn-wl-1", t, 1.2) for t in range(1, 135, 5)]  # every 5 min from T0 + 1 min
+    back = await w.write(outcome(2, buffer))
+    assert judged(back) == (1, Counter({("level-silent", "resolved"): 1}), 0, 0, 0, 1)
+    assert await happened(pool) == [
+        ("level-silent", d, m, "firing", at(15), at(15), 1740.0, 900.0, "warning", True),
+        ("level-silent", d, m, "resolved", at(15), at(15), 60.0, 900.0, "warning", True),
+    ]
+    assert [(hook, b["status"], b["starts_at"], b["ends_at"]) for _, hook, b in await bodies(pool)] == [
+        ("city-ops", "firing", "2026-11-25T03:15:00Z", None),
+        ("city-ops", "resolved", "2026-11-25T03:15:00Z", "2026-11-25T03:15:00Z"),
+    ]
+    assert await state(pool) == [("level-silent", d, m, "ok", None, at(131), 60.0, None, None, SILENT.version)]
+
+
+# 9. The grace after an outage and after a reload (R2 B3, B4) ---------------------------------------------------
+
+NOT_TAKING = "the service is not taking messages"
+
+
+def outages(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(NOT_TAKING in r.getMessage() for r in caplog.records if r.name == "ingest.alerts.evaluator")
+
+
+@pytest.mark.asyncio
+async def test_the_grace_starts_again_while_the_service_is_not_taking_messages(
+        pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.alerts.evaluator")
+    up = [True]
+    clock = Clock(at(0))
+    w = worker(pool, rules(SILENT, no_data_grace=120.0), clock, ready=lambda: up[0])
+    d, m = await _silent_series(pool, w, clock)  # silent for 29 min: fires once the grace allows
+    start = w.evaluator.started
+    w.ticks.now = start + 60
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    # The broker or the database goes away 100 s after the start, for 100 s: past the first grace, and
+    # still nothing is judged.
+    up[0] = False
+    for after in (100.0, 130.0, 170.0, 200.0):
+        w.ticks.now = start + after
+        assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    assert outages(caplog) == 1  # once per outage, not per round
+    # Back: the grace counts from the last round that found it away.
+    up[0] = True
+    w.ticks.now = start + 200 + 119
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    w.ticks.now = start + 200 + 120
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    assert [e[:6] for e in await happened(pool)] == [("level-silent", d, m, "firing", at(15), at(15))]
+    assert outages(caplog) == 1
+    # A second outage is logged again, once.
+    up[0] = False
+    for after in (400.0, 401.0):
+        w.ticks.now = start + after
+        assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    assert outages(caplog) == 2
+
+
+BATTERY_SILENT = Rule("battery-silent", "battery", "above", 7 * 86400.0, webhooks=("city-ops",), signal="no_data")
+
+
+@pytest.mark.asyncio
+async def test_a_reload_during_the_grace_does_not_lengthen_it(pool: asyncpg.Pool) -> None:
+    # The grace is the longest no_data duration of the rules at the start (15 min here); a reload that
+    # adds a rule of 7 days during it does not hold the 15 min rule back for a week.
+    clock = Clock(at(0))
+    w = worker(pool, rules(SILENT), clock)
+    d, m = await _silent_series(pool, w, clock)
+    start = w.evaluator.started
+    w.ticks.now = start + 600
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    w.stage.runtime.replace(rules(SILENT, BATTERY_SILENT))
+    w.ticks.now = start + 899
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    w.ticks.now = start + 900
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    assert [e[:6] for e in await happened(pool)] == [("level-silent", d, m, "firing", at(15), at(15))]
+
+
+# 10. A past clock window back-filled over several batches (R2 B5) -------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_past_window_back_filled_in_two_batches_is_judged_once_on_both(pool: asyncpg.Pool) -> None:
+    # [0, 10) ended 110 minutes ago. Its readings come in two batches 15 s apart: 90 x 5, then 60 x 5.
+    # The mean is 75; judged on the first batch it would be 90, and the second batch would be late.
+    clock = Clock(at(120))
+    w = worker(pool, rules(WINDOW, max_notify_age=3 * 3600.0), clock)  # notified, though 2 h old
+    assert judged(await w.write(outcome(1, [reading("hn-aq-1", t, 90.0) for t in range(5)]))) == (
+        1, NOTHING, 0, 0, 0, 0)
+    d, m = await ids(pool, "hn-aq-1")
+    v = WINDOW.version
+    [waits] = await state(pool)
+    assert (waits[:8], waits[9]) == (("pm25-high", d, m, "ok", None, None, None, None), v)
+    assert waits[8] is not None  # due_at: something waits
+    assert await seen(pool) == [("pm25-high", d, m, at(120))]
+    clock.now = at(120.25)
+    assert judged(await w.write(outcome(2, [reading("hn-aq-1", t, 60.0) for t in range(5, 10)]))) == (
+        1, NOTHING, 0, 0, 0, 0)
+    assert await seen(pool) == [("pm25-high", d, m, at(120.25))]
+    # 45 s after the last arrival (the lateness is 60 s): the window still waits.
+    clock.now = at(121)
+    assert (await w.round(pool)).events == NOTHING
+    assert await count(pool, "alert_events") == 0
+    # A lateness after it: judged once, on all ten readings.
+    clock.now = at(121.25)
+    assert judged(await w.round(pool)) == (1, FIRED, 0, 0, 0, 2)
+    assert await happened(pool) == [("pm25-high", d, m, "firing", at(10), at(10), 75.0, 55.5, "critical", True)]
+    assert await state(pool) == [("pm25-high", d, m, "firing", at(10), at(9), 75.0, at(10), None, v)]
+    clock.now = at(130)
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_round_ends_while_more_back_filled_windows_wait_than_one_claim_takes(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five devices back-fill [0, 10) at once (a gateway fleet after an outage); a claim takes 2. Within
+    # the lateness of their arrival the windows wait: a round must still end (the bound of 30 s in
+    # Worker.round is a bound on a hang), and the next round after the lateness judges them all.
+    monkeypatch.setattr(evaluator_module, "CLAIM", 2)
+    clock = Clock(at(120))
+    w = worker(pool, rules(WINDOW, max_notify_age=3 * 3600.0), clock)
+    fleet = [reading(f"hn-aq-{i}", t, 90.0) for i in range(1, 6) for t in range(10)]
+    assert judged(await w.write(outcome(1, fleet))) == (5, NOTHING, 0, 0, 0, 0)
+    clock.now = at(120.5)
+    assert (await w.round(pool)).events == NOTHING
+    clock.now = at(121)
+    assert judged(await w.round(pool)) == (5, Counter({("pm25-high", "firing"): 5}), 0, 0, 0, 10)
+    assert [s[3] for s in await state(pool)] == ["firing"] * 5
+
+
+# 11. Series a rule no longer selects (R2 B6) -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_reload_that_narrows_devices_takes_the_others_out_of_the_no_data_job(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "CLAIM", 2)  # more dropped series than one claim takes
+    wide, narrow = replace(SILENT, devices=("hn-wl-*",)), replace(SILENT, devices=("hn-wl-0*",))
+    clock = Clock(at(1))
+    w = worker(pool, rules(wide, no_data_grace=0.0), clock)
+    kept, dropped = ["hn-wl-01", "hn-wl-02"], [f"hn-wl-{i}" for i in range(1, 6)]
+    assert judged(await w.write(outcome(1, [level(u, 0, 1.2) for u in kept + dropped]))) == (7, NOTHING, 0, 0, 0, 0)
+    assert await count(pool, "alert_state") == 7
+    w.stage.runtime.replace(rules(narrow, no_data_grace=0.0))
+    clock.now = at(30)  # all seven silent for 29 min
+    assert judged(await w.round(pool)) == (2, Counter({("level-silent", "firing"): 2}), 0, 0, 0, 2)
+    uids = {i: u for i, u in await pool.fetch("SELECT id, uid FROM devices")}
+    assert sorted((uids[s[1]], s[3]) for s in await state(pool)) == [("hn-wl-01", "firing"), ("hn-wl-02", "firing")]
+    assert sorted(uids[e[1]] for e in await happened(pool)) == kept
+    clock.now = at(60)
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    assert await count(pool, "alert_events") == 2
+
+
+@pytest.mark.asyncio
+async def test_due_readings_of_a_series_the_rule_no_longer_selects_are_not_judged(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluator_module, "CLAIM", 2)
+    wide, narrow = pm25(devices=("hn-aq-*",), clear=None), pm25(devices=("hn-aq-0*",), clear=None)
+    clock = Clock(at(10))  # the watermark: at(9)
+    w = worker(pool, rules(wide), clock)
+    # hn-aq-1 fires now; then every device has a breach (hn-aq-1: a clear) waiting for the watermark.
+    assert judged(await w.write(outcome(1, [reading("hn-aq-1", 5, 60.0)]))) == (1, FIRED, 0, 0, 0, 2)
+    dropped = [f"hn-aq-{i}" for i in range(2, 6)]
+    waiting = [reading("hn-aq-01", 9.5, 60.0), reading("hn-aq-1", 9.5, 40.0)] + [reading(u, 9.5, 70.0)
+                                                                                for u in dropped]
+    assert judged(await w.write(outcome(2, waiting))) == (0, NOTHING, 0, 0, 0, 0)
+    w.stage.runtime.replace(rules(narrow))
+    clock.now = at(11)
+    assert judged(await w.round(pool)) == (1, FIRED, 0, 0, 0, 2)
+    uids = {i: u for i, u in await pool.fetch("SELECT id, uid FROM devices")}
+    assert [(uids[e[1]], e[3], e[4]) for e in await happened(pool)] == [("hn-aq-1", "firing", at(5)),
+                                                                        ("hn-aq-01", "firing", at(9.5))]
+    # The dropped ok states are gone; hn-aq-1's open episode stays as it was, nothing waiting.
+    rows = {uids[s[1]]: s for s in await state(pool)}
+    assert sorted(rows) == ["hn-aq-01", "hn-aq-1"]
+    assert rows["hn-aq-1"][3:10] == ("firing", at(5), at(5), 60.0, None, None, wide.version)
+    assert rows["hn-aq-01"][3:10] == ("firing", at(9.5), at(9.5), 60.0, None, None, narrow.version)
+    clock.now = at(20)
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_device_whose_attributes_no_longer_match_where_is_not_paged_for_while_it_reports(
+        pool: asyncpg.Pool) -> None:
+    rule = replace(SILENT, where=(("district", "hoan-kiem"),))
+    clock = Clock(at(1))
+    w = worker(pool, rules(rule, no_data_grace=0.0), clock)
+    moved = {"district": "ba-dinh"}
+    assert judged(await w.write(outcome(1, [level("hn-wl-1", 0, 1.2)], attributes={"district": "hoan-kiem"}),
+                                outcome(2, [level("hn-wl-2", 0, 1.2)], attributes={"district": "hoan-kiem"}))) == (
+        2, NOTHING, 0, 0, 0, 0)
+    # hn-wl-1 moves to another district and goes on reporting every 5 min; the rule no longer takes its
+    # readings. hn-wl-2 falls silent.
+    for k, t in enumerate(range(5, 31, 5)):
+        clock.now = at(t + 0.5)
+        ignored = await w.write(outcome(10 + k, [level("hn-wl-1", t, 1.2)], attributes=moved))
+        assert ignored is None or judged(ignored) == (0, NOTHING, 0, 0, 0, 0)  # the stage takes none of it
+    clock.now = at(31)
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    d2 = await pool.fetchval("SELECT id FROM devices WHERE uid = 'hn-wl-2'")
+    assert [(e[1], e[3]) for e in await happened(pool)] == [(d2, "firing")]
+    assert [(s[1], s[3]) for s in await state(pool)] == [(d2, "firing")]
+
+
+@pytest.mark.asyncio
+async def test_a_reload_that_moves_a_rule_to_another_metric_leaves_the_old_series(pool: asyncpg.Pool) -> None:
+    # Same name, another metric: the series of water_level are no longer the rule's; nothing fires for
+    # them and their states go. A series of the new metric is the rule's from its first reading.
+    clock = Clock(at(1))
+    w = worker(pool, rules(SILENT, no_data_grace=0.0), clock)
+    assert judged(await w.write(outcome(1, [level("hn-wl-1", 0, 1.2), level("hn-wl-2", 0, 1.2)]))) == (
+        2, NOTHING, 0, 0, 0, 0)
+    flow = replace(SILENT, metric="flow")
+    w.stage.runtime.replace(rules(flow, no_data_grace=0.0))
+    assert judged(await w.write(outcome(2, [Reading("hn-wl-1", "flow", at(0), 3.0, "m3/s")]))) == (
+        1, NOTHING, 0, 0, 0, 0)
+    clock.now = at(30)
+    assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
+    d = await pool.fetchval("SELECT id FROM devices WHERE uid = 'hn-wl-1'")
+    f = await pool.fetchval("SELECT id FROM metrics WHERE name = 'flow'")
+    assert [e[1:4] for e in await happened(pool)] == [(d, f, "firing")]
+    assert [s[1:4] for s in await state(pool)] == [(d, f, "firing")]
+
+
+# 12. The Alertmanager body of each kind (R2 D5) ----------------------------------------------------------------
+
+AM = Webhook("am", "http://127.0.0.1:9/am", secrets.token_bytes(24), body="alertmanager",
+             external_url="http://ingest.example/")
+
+
+@pytest.mark.asyncio
+async def test_an_alertmanager_body_describes_a_silence_a_rate_and_a_window_in_their_words(pool: asyncpg.Pool) -> None:
+    rising = pm25(name="pm25-rising", signal="rate", over=600.0, threshold=1.0, clear=None, webhooks=("am",))
+    hourly = pm25(name="pm25-10m", signal="window", agg="avg", over=600.0, align="clock", webhooks=("am",))
+    silent = replace(DEVICE_SILENT, webhooks=("am",))
+    clock = Clock(at(11))
+    w = worker(pool, rules(rising, hourly, silent, no_data_grace=0.0, hooks={"am": AM}), clock)
+    # 60, 60, 75 at 0, 5, 10 min: the rate at 10 min is 1.5/min (fires); [0, 10) averages 60 (fires,
+    # judged now: a later reading is stored).
+    first = await w.write(outcome(1, [reading("hn-aq-1", t, v) for t, v in ((0, 60.0), (5, 60.0), (10, 75.0))]))
+    # (the reading at 0 has no reference for a rate: not judged)
+    assert judged(first) == (3, Counter({("pm25-rising", "firing"): 1, ("pm25-10m", "firing"): 1}), 0, 0, 1, 2)
+    clock.now = at(30)  # silent since 10 min: fires at 25 min
+    assert judged(await w.round(pool))[1] == Counter({("device-silent", "firing"): 1})
+    clock.now = at(32)
+    back = await w.write(outcome(2, [Reading("hn-aq-1", "pm10", at(31), 30.0, UNIT)]))
+    assert judged(back) == (1, Counter({("device-silent", "resolved"): 1}), 0, 0, 0, 1)
+    sent = {(b["alerts"][0]["labels"]["alertname"], b["status"]): b for _, hook, b in await bodies(pool)
+            if hook == "am"}
+    said = {k: (b["alerts"][0]["annotations"]["summary"], b["alerts"][0]["annotations"]["description"],
+                b["alerts"][0]["labels"]["metric"]) for k, b in sent.items()}
+    assert said == {
+        ("pm25-rising", "firing"): (
+            "PM2.5 at hn-aq-1 is 1.5 µg/m³/min (threshold 1.0)",
+            "pm25-rising: the rate of change of hn-aq-1 pm2_5 over 600 s is 1.5 µg/m³/min (threshold 1 µg/m³/min)",
+            "pm2_5"),
+        ("pm25-10m", "firing"): (
+            "PM2.5 at hn-aq-1 is 60.0 µg/m³ (threshold 55.5)",
+            "pm25-10m: the avg of hn-aq-1 pm2_5 over 600 s (clock) is 60 µg/m³ (threshold 55.5 µg/m³)",
+            "pm2_5"),
+        ("device-silent", "firing"): (
+            "device-silent: no reading from hn-aq-1 for 1140 s (threshold 900 s)",
+            "device-silent: no reading from hn-aq-1 for 1140 s (threshold 900 s)", "*"),
+        ("device-silent", "resolved"): (
+            "device-silent: hn-aq-1 reports again after 1260 s of silence",
+            "device-silent: hn-aq-1 reports again after 1260 s of silence", "*"),
+    }
+    for b in sent.values():
+        assert b["commonAnnotations"] == b["alerts"][0]["annotations"]
+    assert sent[("device-silent", "firing")]["groupKey"] == \
+        '{}:{alertname="device-silent", device="hn-aq-1", metric="*"}'
+
+
+
+@pytest.mark.asyncio
+async def test_windows_waiting_for_their_back_fill_do_not_hold_back_other_due_series(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # More series wait for their back-fill to stop than one claim takes, and they sort first (rule
+    # "a-window"). A value breach of another device is due in this round: it must be judged in it, not
+    # after the back-fill has stopped (a fleet uploading its buffers for minutes would hold every
+    # other due series back that long).
+    monkeypatch.setattr(evaluator_module, "CLAIM", 2)
+    first = pm25(name="a-window", signal="window", agg="avg", over=600.0, align="clock", devices=("hn-aq-?",))
+    clock = Clock(at(120.1))
+    w = worker(pool, rules(first, pm25(devices=("hn-aq-99",)), max_notify_age=3 * 3600.0), clock)
+    assert judged(await w.write(outcome(1, [reading("hn-aq-99", 120.05, 90.0)]))) == (0, NOTHING, 0, 0, 0, 0)
+    clock.now = at(120.5)
+    fleet = [reading(f"hn-aq-{i}", t, 90.0) for i in range(1, 4) for t in range(10)]
+    assert judged(await w.write(outcome(2, fleet))) == (3, NOTHING, 0, 0, 0, 0)  # their windows wait
+    clock.now = at(121.06)  # the watermark has passed the breach; the fleet's readings came 34 s ago
+    assert (await w.round(pool)).events == Counter({("pm25-high", "firing"): 1})
+    clock.now = at(121.5)  # a lateness after the fleet's last arrival: its windows are judged
+    assert (await w.round(pool)).events == Counter({("a-window", "firing"): 3})

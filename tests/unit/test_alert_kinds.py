@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
@@ -363,7 +363,7 @@ def test_no_data_fires_once_and_resolves_once() -> None:
     assert (again.events, again.state) == ([], fired.state)
     # A reading resolves it at its time, value the length of the gap.
     back = judge(r, again.state, rows_at([(3000, 1), (3060, 1)]), at(3100))
-    assert back.events == [resolve(3000, 960, 2940.0, 900.0)]
+    assert back.events == [replace(resolve(3000, 960, 2940.0, 900.0), current=True)]
     assert back.state == state("ok", None, 3060, 2940.0)
     # The regular judgement (not the job) never fires on silence.
     assert judge(r, back.state, [], at(10**6)).events == []
@@ -391,7 +391,7 @@ def test_no_data_per_device_takes_readings_of_every_metric_once_per_time() -> No
     r = no_data(60, per="device")
     assert r.per_device
     out = judge(r, state("firing", 60, 0, 100.0), rows_at([(100, 0), (100, 0), (130, 0)]), at(200))
-    assert out.events == [resolve(100, 60, 100.0, 60)]
+    assert out.events == [replace(resolve(100, 60, 100.0, 60), current=True)]
     assert (out.judged, out.state.last_time) == (2, at(130))
 
 
@@ -623,5 +623,59 @@ def test_a_reading_from_inside_the_gap_after_the_job_fired_resolves_at_the_episo
     fired = judge(rule, State("ok", None, at(0), 1.0), [], at(1000), silent=True)
     assert [e.status for e in fired.events] == ["firing"]
     out = judge(rule, fired.state, [(at(500), 3.0)], at(1100))
-    assert out.events == [Event("resolved", at(900), at(900), 500.0, 900.0)]
+    assert out.events == [Event("resolved", at(900), at(900), 500.0, 900.0, current=True)]
     assert out.state.status == "ok"
+
+
+# -- back-fills of a past clock window (judge(..., quiet=False)): while readings of the series still
+# arrive, the window holding the latest row waits, however old, unless a row after it is stored; so a
+# window back-filled over several batches is judged once, whole.
+
+DAY = 24 * HOUR
+
+
+def test_while_readings_arrive_the_window_of_the_latest_row_waits_for_its_end_however_old() -> None:
+    r = window("above", 30, over=HOUR)
+    first_half = rows_at(hour(0, [80] * 6))  # 00:00 to 00:25, stored a day later
+    out = judge(r, State(), first_half, at(DAY), quiet=False)
+    assert (out.events, out.judged, out.uncovered, out.due, out.state) == ([], 0, 0, at(HOUR), State())
+    assert not is_late(r, out.state, at(59 * MIN))  # the rest of the window can still come
+    # Nothing has arrived for the lateness: the same rows are judged (what every batch did before).
+    assert judge(r, State(), first_half, at(DAY)).events == [fire(HOUR, HOUR, 80, 30)]
+
+
+def test_a_row_after_the_window_closes_it_while_readings_arrive() -> None:
+    r = window("above", 30, over=HOUR)
+    rows = rows_at(hour(0, [80] * 12) + hour(1, [10]))
+    out = judge(r, State(), rows, at(DAY), quiet=False)
+    # Hour 0 is judged (a row of hour 1 is stored); hour 1 holds the latest row and waits.
+    assert (out.events, out.judged, out.due) == ([fire(HOUR, HOUR, 80, 30)], 1, at(2 * HOUR))
+    assert out.state == state("firing", HOUR, 55 * MIN, 80.0, HOUR)
+    # A window after the watermark waits as before, quiet or not.
+    assert judge(r, State(), rows, at(HOUR) - US, quiet=False).due == at(HOUR)
+
+
+@pytest.mark.parametrize("coverage", [0.0, 0.75])
+def test_a_past_window_back_filled_over_two_batches_is_judged_once_on_all_its_readings(coverage: float) -> None:
+    # Hour 0 arrives a day late in two batches a moment apart: 6 readings of 80, then 6 of 20. Its
+    # mean is 50. Judged on the first batch it would be 80 (coverage 0.75 of 12: 6 readings are too
+    # few, and the window would be passed over unjudged), and the second half would be late.
+    r = window("above", 30, over=HOUR, coverage=coverage)
+    first, second = rows_at(hour(0, [80] * 6)), rows_at(every(5 * MIN, 30 * MIN, [20] * 6))
+    one = judge(r, State(), first, at(DAY), interval=300, quiet=False)  # the first batch
+    assert (one.events, one.due, one.uncovered) == ([], at(HOUR), 0)
+    assert not any(is_late(r, one.state, t) for t, _ in second)
+    stored = first + second
+    assert since(r, one.state, at(HOUR)) <= stored[0][0]  # the next judgement fetches the whole window
+    two = judge(r, one.state, stored, at(DAY) + 5 * US, interval=300, quiet=False)  # the second batch
+    assert (two.events, two.due, two.judged) == ([], at(HOUR), 0)
+    three = judge(r, two.state, stored, at(DAY) + timedelta(seconds=3), interval=300)  # quiet: the evaluator
+    assert (three.events, three.judged, three.uncovered, three.due) == ([fire(HOUR, HOUR, 50.0, 30)], 1, 0, None)
+    assert three.state == state("firing", HOUR, 55 * MIN, 50.0, HOUR)
+
+
+@pytest.mark.parametrize("kind", ["value", "rate", "rolling", "no_data"])
+def test_quiet_concerns_clock_windows_alone(kind: str) -> None:
+    r = KINDS[kind]
+    rows = rows_at(every(60, 0, [1, 99, 99, 1, 99, 1] * 4))
+    assert judge(r, State(), rows, at(DAY), quiet=False) == judge(r, State(), rows, at(DAY))

@@ -145,6 +145,27 @@ def test_a_metric_without_a_unit_has_no_unit_annotation() -> None:
                                                                "rule level-high, severity critical)")
 
 
+def test_a_description_given_is_the_description_of_the_alert_and_of_the_group() -> None:
+    # The stage gives the words of the rule's kind for a no_data, rate or window event (a silence in
+    # seconds is not "back to 1803 s"); a per-device silence is on metric "*", a label value as any.
+    said = "gateway-silent: hn-gw-1 reports again after 1803.25 s of silence"
+    silence = event("resolved", rule="gateway-silent", device="hn-gw-1", metric="*", value=1803.25, unit="s",
+                    threshold=1800.0)
+    body = wire(alertmanager_body(silence, "pager", "http://h/", said))
+    check(body)
+    (alert,) = body["alerts"]
+    assert alert["annotations"]["description"] == body["commonAnnotations"]["description"] == said
+    assert alert["annotations"]["summary"] == "level at hn-lv-01 is 5.5 (threshold 5.0)"  # the event's own
+    assert (alert["labels"]["metric"], body["groupLabels"]["metric"]) == ("*", "*")
+    assert body["groupKey"] == '{}:{alertname="gateway-silent", device="hn-gw-1", metric="*"}'
+    # Given none (a threshold rule's event), the description is the value against the threshold.
+    plain = wire(alertmanager_body(silence, "pager", "http://h/"))
+    assert plain["alerts"][0]["annotations"]["description"] == (
+        "* at hn-gw-1 is back to 1803.25 s (threshold 1800.0 s; rule gateway-silent, severity critical)")
+    assert {k: v for k, v in plain["alerts"][0].items() if k != "annotations"} == \
+        {k: v for k, v in alert.items() if k != "annotations"}  # the description changes nothing else
+
+
 def test_the_event_fields_win_over_a_rule_label_of_the_same_name() -> None:
     # compile_alerts refuses such a rule for an alertmanager webhook; the builder still never lets a
     # rule label hide the rule's name or the device.

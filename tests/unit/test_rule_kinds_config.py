@@ -8,6 +8,7 @@ the fix; a no_data rule per device is fed readings of every metric.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,13 @@ def test_rate_above_compiles_to_its_level_and_span() -> None:
 def test_rate_below_is_a_fall() -> None:
     rule = compiled({"name": "r", "metric": "m", "rate": {"over": "5m", "below": -0.5}, "clear": -0.2})
     assert (rule.signal, rule.kind, rule.threshold, rule.clear, rule.over) == ("rate", "below", -0.5, -0.2, 300.0)
+
+
+@pytest.mark.parametrize(("level", "kind"), [("above", "above"), ("below", "below")])
+def test_a_rate_level_of_zero_is_accepted(level: str, kind: str) -> None:
+    # Any rise (or fall) at all; a steady series, rate 0, does not fire (the levels are strict).
+    rule = compiled({"name": "r", "metric": "m", "rate": {"over": "10m", level: 0}})
+    assert (rule.kind, rule.threshold, rule.breached(0.0)) == (kind, 0.0, False)
 
 
 def test_window_compiles_with_its_level_and_clear() -> None:
@@ -190,6 +198,15 @@ REFUSED: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
     "rate clear range": (
         {"metric": "m", "rate": {"over": "10m", "above": 0.5}, "clear": [0, 1]},
         ["rule 'x': clear is a range only with outside"], ["write one number"]),
+    # A level on the wrong side of zero holds for a steady series (rate 0): every device would page.
+    "rate rise of a negative rate": (
+        {"metric": "m", "rate": {"over": "10m", "above": -0.5}},
+        ["rule 'x': rate.above = -0.5 is a fall, so a steady series (rate 0) would fire"],
+        ["for falls write below = a negative rate per minute", "for rises above = a positive one"]),
+    "rate fall of a positive rate": (
+        {"metric": "m", "rate": {"over": "10m", "below": 0.5}},
+        ["rule 'x': rate.below = 0.5 is a rise, so a steady series (rate 0) would fire"],
+        ["for falls write below = a negative rate per minute, e.g. below = -0.5"]),
     "window without a level": (
         {"metric": "m", "window": {"over": "1h"}},
         ["rule 'x' sets window and none of above, below, outside"],
@@ -354,6 +371,15 @@ def test_without_per_device_rules_an_unnamed_metric_has_none() -> None:
     assert runtime.rules_for("noise") == ()
     assert [r.name for r in runtime.rules_for("pm2_5")] == ["pm25-high"]
     assert runtime.active.for_metric("noise") == ()
+
+
+def test_the_no_data_grace_is_the_setting_else_the_longest_no_data_duration() -> None:
+    battery = {"name": "battery-silent", "metric": "battery", "no_data": "7d"}
+    assert rule_set(LEVEL_SILENT, GATEWAY_SILENT, PM25_HIGH).grace == 1800.0
+    assert rule_set(LEVEL_SILENT, battery).grace == 7 * 86400.0
+    assert rule_set(PM25_HIGH, RIVER_RISING).grace == 0.0  # no no_data rule: nothing to hold back
+    assert replace(rule_set(LEVEL_SILENT, battery), no_data_grace=30.0).grace == 30.0
+    assert replace(rule_set(LEVEL_SILENT), no_data_grace=0.0).grace == 0.0
 
 
 # -- GET /v1/rules and `rules list` -----------------------------------------------------------------------------
