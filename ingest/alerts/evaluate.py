@@ -184,6 +184,14 @@ def _covered(rule: Rule, n: int, interval: float | None) -> bool | None:
     return n >= rule.coverage * (rule.over / interval) - 1e-9
 
 
+def _window(rule: Rule, t: datetime, values: Sequence[float],
+            interval: float | None) -> tuple[tuple[datetime, float] | None, bool]:
+    """A window's observation at t (None: too few readings for its coverage), and whether coverage
+    could not be judged for want of an interval."""
+    ok = _covered(rule, len(values), interval)
+    return ((t, _aggregate(rule, values)) if ok else None), ok is None
+
+
 def judge(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: datetime, *,
           interval: float | None = None, silent: bool = False, quiet: bool = True) -> Judged:
     """Judge a series up to the watermark ``to``.
@@ -225,14 +233,12 @@ def judge(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: 
             continue
         while lo < len(times) and times[lo] <= t - span:  # rolling window (t - over, t]
             lo += 1
-        values = [val for _, val in rows[lo:bisect_right(times, t)]]
-        ok = _covered(rule, len(values), interval)
-        if ok is None:
-            unknown = True
-        if not ok:
+        seen, no_interval = _window(rule, t, [val for _, val in rows[lo:bisect_right(times, t)]], interval)
+        unknown |= no_interval
+        if seen is None:
             uncovered += 1
-            continue
-        observations.append((t, _aggregate(rule, values)))
+        else:
+            observations.append(seen)
     new, events = _machine(rule, state, observations)
     if fresh and new.last_time != fresh[-1][0]:  # the last reading was not judged (no reference, too few)
         new = State(new.status, new.episode_start, fresh[-1][0], new.last_value, new.evaluated_to)
@@ -260,14 +266,12 @@ def _clock_windows(rule: Rule, state: State, rows: Sequence[tuple[datetime, floa
     uncovered = 0
     unknown = False
     for end in sorted(windows):
-        values = windows[end]
-        ok = _covered(rule, len(values), interval)
-        if ok is None:
-            unknown = True
-        if not ok:
+        seen, no_interval = _window(rule, end, windows[end], interval)
+        unknown |= no_interval
+        if seen is None:
             uncovered += 1
-            continue
-        observations.append((end, _aggregate(rule, values)))
+        else:
+            observations.append(seen)
     new, events = _machine(rule, state, observations)
     evaluated_to = max(windows) if windows else state.evaluated_to
     return Judged(State(new.status, new.episode_start, last_t, new.last_value, evaluated_to), events, pending,

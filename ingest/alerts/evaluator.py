@@ -11,10 +11,10 @@ reading is older than the watermark minus the rule's duration, and from which no
 for that long either (a device whose clock runs behind is not silent while it reports), are taken the
 same way and judged silent. Silences are first judged a grace after the start
 (alerts.no_data_grace, default the longest no_data duration, as the rules were then: a reload
-during the grace does not lengthen it), and the grace starts again whenever the service stops
-taking messages (``ready()`` false: the broker or the database away), so that a service
-down for a while first writes what the broker kept for it: a device whose readings were only held up
-by the outage is not paged for.
+during the grace does not lengthen it), and again after the service stopped taking messages
+(``ready()`` false, or rounds failing: the broker or the database away), for as long as it was away,
+at most that grace: what the broker kept for it is written first, so a device whose readings were
+only held up by the outage is not paged for.
 
 Every BEAT_EVERY seconds (and after a reload) the worker writes the versions of the rules it holds
 (ingest.alerts.versions) and reads those of the live workers. A failure of a round (the database
@@ -52,12 +52,14 @@ CLAIM = 2000  # series per transaction
 _MINE = """(s.version IS NULL OR s.version = r.mine OR (r.blocking <> '*'
     AND NOT s.version = ANY(string_to_array(r.blocking, ','))))"""
 # A clock window rule's series from which a reading arrived within the lateness (seen_at after the
-# watermark) waits: the window holding its latest reading is judged once its readings stop arriving.
+# watermark) waits: the window holding its latest reading is judged once its readings stop arriving,
+# or once a reading of a later window waits too (due_to at or after the due window's end).
 _DUE = f"""
 SELECT {_COLUMNS}
 FROM alert_state s JOIN unnest($2::text[], $3::text[], $4::text[], $6::bool[]) AS r(name, mine, blocking, clock)
   ON s.rule = r.name
-WHERE s.due_at <= $1 AND {_MINE} AND (NOT r.clock OR s.seen_at IS NULL OR s.seen_at <= $1)
+WHERE s.due_at <= $1 AND {_MINE}
+  AND (NOT r.clock OR s.seen_at IS NULL OR s.seen_at <= $1 OR s.due_to >= s.due_at)
 ORDER BY s.rule, s.device_id, s.metric_id
 LIMIT $5
 FOR UPDATE OF s SKIP LOCKED
@@ -92,7 +94,7 @@ class Evaluator:
         self._ready = ready
         self.started = monotonic()  # the start, or the end of the last outage: the grace counts from here
         self.grace = stage.runtime.active.grace  # fixed when it starts: a reload does not lengthen it
-        self._was_ready = True
+        self._away_since: float | None = None  # when the service stopped taking messages (None: it takes them)
         self._beat_at = 0.0
         self.stage.runtime.on_change(lambda _active: self._beat_soon())
 
@@ -117,8 +119,7 @@ class Evaluator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # The database away (most likely): the no-data grace starts again once it is back.
-                self.started, self.grace = self._monotonic(), self.stage.runtime.active.grace
+                self._away()  # the database away, most likely: the no-data grace starts again once it is back
                 if not failing:
                     log.warning("alerts: an evaluator round failed (%s); retrying every %.1fs", describe(exc),
                                 self.tick)
@@ -132,13 +133,16 @@ class Evaluator:
         active = self.stage.runtime.active
         now = self._monotonic()
         if not self._ready():
-            self.started, self.grace = now, active.grace
-            if self._was_ready:
-                log.info("alerts: the service is not taking messages (broker or database away); no silence is "
-                         "judged until it has been back for the no-data grace")
-            self._was_ready = False
-        else:
-            self._was_ready = True
+            self._away()
+        elif self._away_since is not None:
+            # Back. What the broker kept meanwhile is written first: no silence is judged for as long
+            # as the service was away, up to the no-data grace. A device cannot have become silent for
+            # longer than the outage through the outage alone, so a blip costs a blip.
+            away = now - self._away_since
+            self.started, self.grace, self._away_since = now, min(active.grace, away), None
+            if away >= 1.0:
+                log.info("alerts: the service takes messages again after %.0fs; no silence is judged for %.0fs more",
+                         away, self.grace)
         if now >= self._beat_at:
             await self.versions.beat(conn, active.rules)
             self._beat_at = now + BEAT_EVERY
@@ -156,7 +160,7 @@ class Evaluator:
             self._count(result, total)
             if len(claimed) < CLAIM or result.judged + result.dropped <= result.stuck:  # done, or no progress
                 break
-        if now - self.started < self.grace:
+        if self._away_since is not None or now - self.started < self.grace:  # away, or within the grace
             return total
         while True:
             active = self.stage.runtime.active
@@ -187,6 +191,12 @@ class Evaluator:
                                      if r["rule"] in rules}
         devices = await self.stage.devices(conn, {k[1] for k in locked})
         await self.stage.judge_locked(conn, active, rules, locked, devices, result, silent=silent)
+
+    def _away(self) -> None:
+        if self._away_since is None:
+            self._away_since = self._monotonic()
+            log.info("alerts: the service is not taking messages (broker or database away); no silence is judged "
+                     "until it has been back for as long as it was away (at most the no-data grace)")
 
     def _count(self, result: StageResult, total: StageResult) -> None:
         if result.events or result.deferred or result.uncovered:

@@ -440,9 +440,10 @@ class AlertSettings(_Section):
                             'of its series, e.g. through another worker) and still be judged in event-time order: a '
                             'series is judged up to now minus this, e.g. "2s"; a reading later than that is stored '
                             'but not judged (counted as late)')
-    no_data_grace: float | None = Field(None, description='after a start, and after the broker or the database was '
-                                        'away, no silence is judged for this long, so that an outage does not page '
-                                        'for every device; default: the longest no_data duration of the rules')
+    no_data_grace: float | None = Field(None, description='after a start no silence is judged for this long (after '
+                                        'the broker or the database was away: as long as it was away, at most this), '
+                                        'so that an outage does not page for every device; default: the longest '
+                                        'no_data duration of the rules')
 
     @field_validator("mqtt_prefix")
     @classmethod

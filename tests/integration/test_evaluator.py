@@ -656,11 +656,14 @@ async def test_the_grace_starts_again_while_the_service_is_not_taking_messages(
         w.ticks.now = start + after
         assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
     assert outages(caplog) == 1  # once per outage, not per round
-    # Back: the grace counts from the last round that found it away.
+    # Back at the round at 201 s, after 101 s away (from the first round that found it away): no silence
+    # is judged for as long as it was away, 101 s (less than the grace of 120 s).
     up[0] = True
-    w.ticks.now = start + 200 + 119
+    w.ticks.now = start + 201
     assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
-    w.ticks.now = start + 200 + 120
+    w.ticks.now = start + 201 + 100
+    assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
+    w.ticks.now = start + 201 + 101
     assert judged(await w.round(pool)) == (1, SILENCE, 0, 0, 0, 1)
     assert [e[:6] for e in await happened(pool)] == [("level-silent", d, m, "firing", at(15), at(15))]
     assert outages(caplog) == 1
@@ -670,6 +673,25 @@ async def test_the_grace_starts_again_while_the_service_is_not_taking_messages(
         w.ticks.now = start + after
         assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
     assert outages(caplog) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_blip_of_the_service_costs_the_no_data_job_a_blip_not_the_grace(pool: asyncpg.Pool) -> None:
+    # An hour after the start, one round finds the service not taking messages (a retried write, say)
+    # and the next finds it back: the job then waits as long as it was away, not the whole grace.
+    up = [True]
+    clock = Clock(at(0))
+    w = worker(pool, rules(SILENT, no_data_grace=900.0), clock, ready=lambda: up[0])
+    await _silent_series(pool, w, clock)  # silent for 29 min: due to fire
+    start = w.evaluator.started
+    up[0] = False
+    w.ticks.now = start + 3600.0
+    assert judged(await w.round(pool))[1] == NOTHING
+    up[0] = True
+    w.ticks.now = start + 3600.5  # back after 0.5 s: the job waits 0.5 s, not 900 s
+    assert judged(await w.round(pool))[1] == NOTHING
+    w.ticks.now = start + 3601.0
+    assert judged(await w.round(pool))[1] == SILENCE
 
 
 BATTERY_SILENT = Rule("battery-silent", "battery", "above", 7 * 86400.0, webhooks=("city-ops",), signal="no_data")
