@@ -138,8 +138,11 @@ class Evaluator:
             # Back. What the broker kept meanwhile is written first: no silence is judged for as long
             # as the service was away, up to the no-data grace. A device cannot have become silent for
             # longer than the outage through the outage alone, so a blip costs a blip.
+            # The grace of a start still running (the broker connected a moment after the start) is
+            # never shortened by it.
             away = now - self._away_since
-            self.started, self.grace, self._away_since = now, min(active.grace, away), None
+            until = max(self.started + self.grace, now + min(active.grace, away))
+            self.started, self.grace, self._away_since = now, until - now, None
             if away >= 1.0:
                 log.info("alerts: the service takes messages again after %.0fs; no silence is judged for %.0fs more",
                          away, self.grace)

@@ -931,3 +931,21 @@ async def test_windows_waiting_for_their_back_fill_do_not_hold_back_other_due_se
     assert (await w.round(pool)).events == Counter({("pm25-high", "firing"): 1})
     clock.now = at(121.5)  # a lateness after the fleet's last arrival: its windows are judged
     assert (await w.round(pool)).events == Counter({("a-window", "firing"): 3})
+
+
+@pytest.mark.asyncio
+async def test_the_broker_connecting_a_moment_after_the_start_does_not_shorten_the_start_grace(
+        pool: asyncpg.Pool) -> None:
+    up = [False]  # at the start the broker is not connected yet
+    clock = Clock(at(0))
+    w = worker(pool, rules(SILENT, no_data_grace=120.0), clock, ready=lambda: up[0])
+    await _silent_series(pool, w, clock)
+    start = w.evaluator.started
+    w.ticks.now = start + 0.5
+    assert judged(await w.round(pool))[1] == NOTHING
+    up[0] = True
+    for after in (2.0, 60.0, 119.0):  # connected after 2 s: the grace of the start still holds
+        w.ticks.now = start + after
+        assert judged(await w.round(pool))[1] == NOTHING
+    w.ticks.now = start + 120.0
+    assert judged(await w.round(pool))[1] == SILENCE
