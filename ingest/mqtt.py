@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import select
 import ssl
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ingest.acks import AckTracker
 from ingest.metrics import Metrics
 from ingest.model import Clock, RawMessage, utc_now
+from ingest.mqttwire import PacketReader, Publish, queue_pubacks
 from ingest.routing import subscription_ids
 from ingest.settings import MqttSettings
 
@@ -57,24 +57,16 @@ __all__ = ["MqttBridge", "MqttConnectError", "configure_client"]
 
 log = logging.getLogger(__name__)
 
-# Packets read per readiness callback before the loop gets a turn (fairness with the writer task).
+# Messages handed over, and reads of up to mqttwire.READ_SIZE bytes, per readiness callback before
+# the loop gets a turn (fairness with the writer task).
 _MAX_PACKETS_PER_WAKE = 2000
+_MAX_READS_PER_WAKE = 8
 
 
 class MqttConnectError(Exception):
     def __init__(self, message: str, reason_code: int | None = None) -> None:
         self.reason_code = reason_code
         super().__init__(message)
-
-
-def _more_to_read(sock: Any) -> bool:
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return bool(readable)
 
 
 def configure_client(client: paho.Client, s: MqttSettings) -> None:
@@ -129,6 +121,7 @@ class MqttBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._sock: Any = None
+        self._reader: PacketReader | None = None
         self._connecting = False
         self._can_ack = False  # the current epoch's CONNACK accepted us (PUBACKs may go while _sock is open)
         self._read_holds: set[str] = set()  # reasons given to pause_reading(), each until its resume_reading()
@@ -230,8 +223,8 @@ class MqttBridge:
             return 0
         to_ack = self.tracker.take_acks()
         if to_ack:
-            for mid, qos in to_ack:
-                client.ack(mid, qos)
+            # One buffer of PUBACKs on paho's outgoing queue, in order with what paho sends itself.
+            queue_pubacks(client, [mid for mid, qos in to_ack if qos == 1])
             # Flush now rather than at the next writable callback: the broker frees its inflight slots
             # (Receive Maximum) only when it sees the PUBACKs.
             client.loop_write()
@@ -328,7 +321,6 @@ class MqttBridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
@@ -365,6 +357,7 @@ class MqttBridge:
         if sock is None:
             raise MqttConnectError("the connection closed during connect")
         self._sock = sock
+        self._reader = PacketReader(client, v5=True)
         if not self._read_holds:
             loop.add_reader(sock, self._on_readable)
         if client.want_write():
@@ -503,23 +496,59 @@ class MqttBridge:
     # ---- event-loop I/O -----------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
+        """Read what the socket holds, in large reads, and hand the messages over (ingest.mqttwire).
+
+        At most ``receive_maximum`` messages are unacknowledged: at a full window nothing more is taken
+        from the buffer or read from the socket (TCP flow control holds the rest at the broker) until
+        acknowledgements free it. Bounded per wake, for fairness with the writer task."""
+        client, reader = self._client, self._reader
+        if client is None or reader is None:
             return
         limit = self.settings.receive_maximum
-        for _ in range(_MAX_PACKETS_PER_WAKE):
+        handed = 0
+        for _ in range(_MAX_READS_PER_WAKE):
             if self._read_holds:
-                break
+                return
+            if reader.pending:
+                taken, alive = reader.step(limit - self.tracker.unacked, self._on_publishes)
+                handed += taken
+                if not alive or self._read_holds:
+                    return
             if self.tracker.unacked >= limit:
-                # paho reads one packet per loop_read() here, so the window is never overrun.
                 self._set_window_full(True)
                 if self._sock is not None and self._loop is not None:
                     self._loop.remove_reader(self._sock)
+                return
+            if handed >= _MAX_PACKETS_PER_WAKE:
                 break
-            rc = client.loop_read()
             sock = client.socket()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or not _more_to_read(sock):
-                break
+            if sock is None:
+                return
+            if not reader.fill(sock):
+                if reader.eof:
+                    reader.step(limit - self.tracker.unacked, self._on_publishes)
+                    if client.socket() is not None:
+                        reader.lost()
+                return
+        if self._loop is not None and reader.pending:
+            # What is already read may hold whole packets, which no readiness of the socket announces.
+            self._loop.call_soon(self._on_readable)
+
+    def _on_publishes(self, publishes: list[Publish]) -> None:
+        """The PUBLISHes of one read, in order: registered for acknowledgement and handed over."""
+        arrived, sink, identify, clock = self.tracker.arrived, self.sink, self.identify, self.clock
+        now, epoch = time.monotonic(), self.tracker.epoch
+        for p in publishes:
+            raw = p.topic
+            try:
+                topic = raw.decode()
+            except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
+                topic = raw.decode("utf-8", "replace")
+            # Identifiers also for a message in the same read as the CONNACK, before _identified is set.
+            # A clock reading per message, not per read: a reading without a time of its own takes
+            # the receive time, and two messages of one read must not become one row.
+            sink(RawMessage(topic, p.payload, clock(), p.qos, p.mid, epoch, arrived(p.mid, p.qos, now), p.dup,
+                            p.subscriptions if identify else ()))
 
     def _on_writable(self) -> None:
         if self._client is not None:
@@ -593,31 +622,6 @@ class MqttBridge:
             self._suback.set_exception(MqttConnectError(f"disconnected before SUBACK: {reason_code}"))
         if self._disconnected is not None:
             self._disconnected.set()
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
-            topic = bytes(msg._topic).decode("utf-8", "replace")
-        seq = self.tracker.arrived(msg.mid, msg.qos, time.monotonic())
-        subscriptions: tuple[int, ...] = ()
-        if self.identify:  # also for a message in the same read as the CONNACK, before _identified is set
-            ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            if ids:
-                subscriptions = tuple(ids) if isinstance(ids, list) else (int(ids),)
-        self.sink(
-            RawMessage(
-                topic=topic,
-                payload=bytes(msg.payload),
-                received_at=self.clock(),
-                qos=msg.qos,
-                mid=msg.mid,
-                epoch=self.tracker.epoch,
-                seq=seq,
-                redelivered=bool(msg.dup),
-                subscriptions=subscriptions,
-            )
-        )
 
     def _set_window_full(self, full: bool) -> None:
         if full == self._window_full:

@@ -55,7 +55,23 @@ def escape(text: str) -> str:
     return text
 
 
+# Names seen to be storable (not empty, no control character, no lone surrogate), whatever their
+# length, which is checked on every use against its own limit: a fleet repeats a few thousand device
+# ids, metric names and units on every message, so each is searched by the regexes once. Bounded:
+# cleared when full (a stream of ever-new names is only checked in full again).
+_STORABLE: set[str] = set()
+_STORABLE_MAX = 100_000
+
+
+def _remember(name: str) -> None:
+    if len(_STORABLE) >= _STORABLE_MAX:
+        _STORABLE.clear()
+    _STORABLE.add(name)
+
+
 def _bad_name(name: str, limit: int = MAX_NAME) -> str | None:
+    if name in _STORABLE:
+        return f"is {len(name)} characters long (limit {limit})" if len(name) > limit else None
     if not name:
         return "is empty"
     if len(name) > limit:
@@ -64,6 +80,7 @@ def _bad_name(name: str, limit: int = MAX_NAME) -> str | None:
         return "contains control characters"
     if not name.isascii() and _SURROGATE.search(name):
         return "holds a lone UTF-16 surrogate (not valid Unicode text)"
+    _remember(name)
     return None
 
 
@@ -107,19 +124,23 @@ def validate(
     latest = received_at + limits.max_future
     if time_policy != "device":
         readings = _retimed(list(readings), received_at, limits.earliest, latest, time_policy == "receive")
+    storable, max_metric = _STORABLE, limits.max_metric_name
     for r in readings:
-        why = _bad_name(r.device)
-        if why:
-            problems.append(Rejection("bad_device", f"device id {_quote(r.device)} {why}", r.device[:MAX_NAME]))
-            continue
-        why = _bad_name(r.metric, limits.max_metric_name)
+        device, metric = r.device, r.metric
+        # The common case first: names already seen storable, within their limits.
+        if not (device in storable and len(device) <= MAX_NAME):
+            why = _bad_name(device)
+            if why:
+                problems.append(Rejection("bad_device", f"device id {_quote(device)} {why}", device[:MAX_NAME]))
+                continue
+        why = None if metric in storable and len(metric) <= max_metric else _bad_name(metric, max_metric)
         if why:
             if len(r.metric) > limits.max_metric_name:
                 why = (f"is {len(r.metric)} characters long (limit ingest.max_metric_name_length = "
                        f"{limits.max_metric_name})")
             problems.append(Rejection("bad_metric", f"metric name {_quote(r.metric)} {why}", r.device))
             continue
-        if r.unit is not None:
+        if r.unit is not None and not (r.unit in storable and len(r.unit) <= MAX_UNIT):
             why = _bad_name(r.unit, MAX_UNIT)
             if why:
                 problems.append(Rejection("bad_text", f"{r.metric}: unit {_quote(r.unit)} {why}", r.device))

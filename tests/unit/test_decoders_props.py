@@ -190,3 +190,62 @@ def test_nesting_at_the_limit_is_not_too_deep(name: str) -> None:
     except DecodeError as exc:
         reason = exc.reason
     assert reason != "too_deep"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    st.floats(0, 253402300799.999, allow_nan=False),
+    st.integers(0, 253402300799),
+    # Times of this century at microsecond and half-microsecond steps: where rounding could differ.
+    st.integers(946684800_000000, 4102444800_000000).map(lambda us: us / 1e6),
+    st.integers(946684800_000000, 4102444800_000000).map(lambda us: (us + 0.5) / 1e6),
+))
+def test_the_fast_epoch_conversion_is_the_exact_one(seconds: float) -> None:
+    """epoch_to_utc uses datetime.fromtimestamp from 1970 on: the same instant as the epoch plus a
+    timedelta (the definition), to the microsecond, whatever the rounding."""
+    from datetime import timedelta
+
+    from ingest.decoders.jsonutil import epoch_to_utc
+
+    assert epoch_to_utc(seconds) == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
+
+
+def _outcome(payload: bytes, ctx: DecodeContext) -> Any:
+    from ingest.decoders import senml
+
+    try:
+        return senml.decode(payload, ctx)
+    except DecodeError as exc:
+        return (exc.reason, exc.detail)
+
+
+# Packs of mostly common records (what the fast path takes), with the odd other record among them.
+senml_common_record = st.fixed_dictionaries(
+    {"n": mostly(st.sampled_from(["temperature", "humidity", "", "x_"]), names),
+     "v": mostly(st.one_of(st.floats(allow_nan=True), st.integers(-10**6, 10**6)))},
+    optional={
+        "bn": mostly(st.sampled_from(["dev-a:", "hn-aq-0001/", "dev-b"])),
+        "bt": mostly(st.one_of(st.floats(2.0**28, 4e9), st.sampled_from([1.795575600e9, 2.0**28, 2.0**28 - 1]))),
+        "bu": mostly(names),
+        "bv": mostly(numbers),
+        "u": mostly(st.sampled_from(["Cel", "%RH", ""]), st.one_of(names, st.none())),
+        "t": mostly(st.one_of(st.floats(-1e6, 1e6), st.integers(-10**6, 10**6))),
+        "s": numbers,
+    },
+)
+senml_common = st.lists(mostly(senml_common_record, senml_record), min_size=1, max_size=8)
+
+
+@PROPS
+@given(value=st.one_of(senml_common, senml_like), ctx=contexts)
+def test_the_senml_fast_path_decodes_as_the_general_one(value: Any, ctx: DecodeContext) -> None:
+    """The fast path of the common record (a name, a number, an absolute time) gives exactly what the
+    general path gives: the same readings, problems and ignored count, or the same error."""
+    from ingest.decoders import senml
+
+    payload = _dump(value)
+    fast = _outcome(payload, ctx)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(senml, "_FAST_PATH", False)
+        general = _outcome(payload, ctx)
+    assert fast == general

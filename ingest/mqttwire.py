@@ -1,0 +1,306 @@
+"""The MQTT read path without paho's per-message objects: packets split from large socket reads,
+PUBLISH decoded here, every other packet handed to paho.
+
+Why: profiled on the drain (BENCHMARKS.md, issue #17), paho spent 42 % of the service's time on
+receiving: one ``recv()`` per header byte and one per body, an MQTT v5 ``Properties`` object built
+and parsed for every PUBLISH, an ``MQTTMessage``, a debug-log format and a topic-matcher walk.
+None of that is needed to hand a message to the pipeline. So the bridge reads the socket itself,
+up to ``READ_SIZE`` bytes at a time, and splits the bytes into packets:
+- a QoS 0 or 1 PUBLISH whose properties are all of the kinds a broker may send to a subscriber is
+  decoded here (topic, packet id, DUP, the Subscription Identifiers, payload);
+- anything else (CONNACK, SUBACK, PINGRESP, DISCONNECT, a QoS 2 PUBLISH, a packet this module cannot
+  read) goes to paho's own handler, as paho would have read it, so that connection state, keepalive
+  and errors stay paho's.
+
+PUBACKs likewise: the acknowledgements of one commit become one buffer queued on paho's outgoing
+queue (in order with whatever paho sends), written with one ``send()``.
+
+This uses paho internals (``_in_packet``, ``_packet_handle``, ``_loop_rc_handle``, ``_packet_queue``,
+``_last_bytes_received``, ``_msgtime_mutex``). They are pinned: ``PAHO_VERSION`` is the release they
+were read from, and tests/unit/test_mqttwire.py fails when the installed paho is another one or
+they change shape, so an upgrade is a deliberate step.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
+
+__all__ = ["PAHO_VERSION", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "puback_bytes", "queue_pubacks"]
+
+PAHO_VERSION = "2.2.0"
+READ_SIZE = 256 * 1024  # bytes per recv(): a few hundred small messages, or four maximal ones
+
+_PUBLISH = 0x30
+_PUBACK = 0x40
+
+# MQTT v5 properties a server may put on a PUBLISH (MQTT 5.0, 3.3.2.3), by identifier: how to skip
+# each. "varint" ones are read (0x0B, Subscription Identifier: the one the bridge needs).
+_BYTE, _TWO, _FOUR, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
+_PUBLISH_PROPERTIES = {
+    0x01: _BYTE,  # Payload Format Indicator
+    0x02: _FOUR,  # Message Expiry Interval
+    0x03: _UTF8,  # Content Type
+    0x08: _UTF8,  # Response Topic
+    0x09: _BINARY,  # Correlation Data
+    0x0B: _VARINT,  # Subscription Identifier (may repeat)
+    0x23: _TWO,  # Topic Alias (only when the client allowed aliases; the bridge never does)
+    0x26: _PAIR,  # User Property (may repeat)
+}
+
+
+class Publish:
+    """One decoded PUBLISH: what the bridge needs of it, nothing more."""
+
+    __slots__ = ("dup", "mid", "payload", "qos", "subscriptions", "topic")
+
+    def __init__(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool,
+                 subscriptions: tuple[int, ...]) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.mid = mid
+        self.dup = dup
+        self.subscriptions = subscriptions
+
+
+def _varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int] | None:
+    """A Variable Byte Integer at ``pos`` (value, position after it), or None if it does not fit."""
+    value = shift = 0
+    for _ in range(4):
+        if pos >= end:
+            return None
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+def decode_publish(header: int, body: bytes | bytearray | memoryview, v5: bool) -> Publish | None:
+    """The PUBLISH of fixed-header byte ``header`` and ``body`` (everything after the remaining
+    length), or None when it is not one this module reads (QoS 2, an empty topic, a property it
+    does not know, a length that does not fit): paho reads those, and refuses the malformed."""
+    qos = (header >> 1) & 0x03
+    if qos > 1:
+        return None
+    end = len(body)
+    if end < 2:
+        return None
+    tlen = (body[0] << 8) | body[1]
+    pos = 2 + tlen
+    if tlen == 0 or pos > end:
+        return None
+    topic = bytes(body[2:pos])
+    mid = 0
+    if qos:
+        if pos + 2 > end:
+            return None
+        mid = (body[pos] << 8) | body[pos + 1]
+        pos += 2
+        if mid == 0:
+            return None
+    subscriptions: tuple[int, ...] = ()
+    if v5:
+        got = _varint(body, pos, end)
+        if got is None:
+            return None
+        plen, pos = got
+        pend = pos + plen
+        if pend > end:
+            return None
+        if plen:
+            ids: list[int] = []
+            while pos < pend:
+                kind = _PUBLISH_PROPERTIES.get(body[pos])
+                ident = body[pos]
+                pos += 1
+                if kind is None:
+                    return None
+                if kind == _VARINT:
+                    got = _varint(body, pos, pend)
+                    if got is None:
+                        return None
+                    value, pos = got
+                    if ident == 0x0B:
+                        if value == 0:
+                            return None
+                        ids.append(value)
+                elif kind == _BYTE:
+                    pos += 1
+                elif kind == _TWO:
+                    if ident == 0x23:
+                        return None  # a topic alias: never allowed by the bridge, paho decides
+                    pos += 2
+                elif kind == _FOUR:
+                    pos += 4
+                else:
+                    for _ in range(2 if kind == _PAIR else 1):
+                        if pos + 2 > pend:
+                            return None
+                        pos += 2 + ((body[pos] << 8) | body[pos + 1])
+                if pos > pend:
+                    return None
+            subscriptions = tuple(ids)
+    return Publish(topic, bytes(body[pos:]), qos, mid, bool(header & 0x08), subscriptions)
+
+
+def puback_bytes(mids: list[int]) -> bytes:
+    """PUBACKs of ``mids`` (success, no properties: MQTT 3.1.1 and, with Remaining Length 2, MQTT 5)."""
+    out = bytearray(4 * len(mids))
+    i = 0
+    for mid in mids:
+        out[i] = _PUBACK
+        out[i + 1] = 2
+        out[i + 2] = mid >> 8
+        out[i + 3] = mid & 0xFF
+        i += 4
+    return bytes(out)
+
+
+def _fresh_in_packet() -> dict[str, Any]:
+    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+            "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+
+
+class PacketReader:
+    """Reads one paho client's socket in large chunks and splits the bytes into packets.
+
+    ``on_publish(publishes)`` receives the PUBLISHes of one step, in order; the other packets go to
+    paho between them, in their order. A step stops at ``limit()`` PUBLISHes still allowed (the
+    receive window) or at ``max_packets``; what is read and not yet taken waits in the buffer
+    (at most one read plus one partial packet) for the next ``step()``.
+    """
+
+    def __init__(self, client: paho.Client, v5: bool) -> None:
+        self.client = client
+        self.v5 = v5
+        self.buf = bytearray()
+        self.eof = False  # the socket said EOF or failed: paho is to see it (step() hands it over)
+
+    def reset(self) -> None:
+        """A new connection: nothing read from the old one is kept."""
+        self.buf.clear()
+        self.eof = False
+
+    @property
+    def pending(self) -> bool:
+        """Bytes read from the socket and not yet taken (maybe a whole packet)."""
+        return bool(self.buf)
+
+    def fill(self, sock: Any) -> bool:
+        """One ``recv()``. False when nothing came (would block); EOF and errors are left to paho."""
+        try:
+            data = sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+            return False
+        except ssl.SSLWantWriteError:
+            return False
+        except OSError:
+            self.eof = True
+            return False
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        client = self.client
+        with client._msgtime_mutex:
+            client._last_bytes_received = time.monotonic()
+        return True
+
+    def step(self, room: int, on_publish: Callable[[list[Publish]], None]) -> tuple[int, bool]:
+        """Take complete packets from the buffer: at most ``room`` PUBLISHes of QoS 1.
+
+        Returns (PUBLISHes handed over, whether the connection is still open). A packet for paho is
+        handled at its place in the order, after the PUBLISHes before it were handed over.
+        """
+        buf = self.buf
+        end = len(buf)
+        pos = 0
+        taken = 0
+        out: list[Publish] = []
+        alive = True
+        view = memoryview(buf)
+        try:
+            while pos + 2 <= end:
+                header = buf[pos]
+                # Remaining length: 1 to 4 bytes.
+                got = _varint(buf, pos + 1, end)
+                if got is None:
+                    if end - pos >= 5:  # five length bytes: a protocol error, paho says so
+                        if out:
+                            on_publish(out)
+                            out = []
+                        alive = self._to_paho(header, bytes(buf[pos + 1:pos + 5]), malformed=True)
+                        pos = end
+                    break
+                length, start = got
+                stop = start + length
+                if stop > end:
+                    break
+                if header & 0xF0 == _PUBLISH:
+                    qos = (header >> 1) & 0x03
+                    if qos == 1 and taken >= room:
+                        break
+                    publish = decode_publish(header, view[start:stop], self.v5)
+                    if publish is not None:
+                        out.append(publish)
+                        if publish.qos:
+                            taken += 1
+                        pos = stop
+                        continue
+                if out:
+                    on_publish(out)
+                    out = []
+                pos = stop
+                alive = self._to_paho(header, bytes(buf[start:stop]))
+                if not alive:
+                    break
+        finally:
+            view.release()
+        if out:
+            on_publish(out)
+        if alive:
+            del buf[:pos]
+        else:
+            buf.clear()
+        return taken, alive
+
+    def _to_paho(self, header: int, body: bytes, malformed: bool = False) -> bool:
+        """Hand one packet to paho's handler, as its own reader would; False if the connection ended."""
+        client = self.client
+        if malformed:
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        else:
+            packet = _fresh_in_packet()
+            packet.update(command=header, have_remaining=1, remaining_length=len(body), packet=bytearray(body))
+            client._in_packet = packet  # type: ignore[assignment]
+            try:
+                rc = client._packet_handle()
+            except MalformedPacket:
+                rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+            finally:
+                client._in_packet = _fresh_in_packet()  # type: ignore[assignment]
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            client._loop_rc_handle(rc)
+        return client.socket() is not None
+
+    def lost(self) -> None:
+        """The socket said EOF or failed: let paho read it and end the connection its way."""
+        self.buf.clear()
+        self.eof = False
+        self.client.loop_read()
+
+
+def queue_pubacks(client: paho.Client, mids: list[int]) -> None:
+    """Queue the PUBACKs of ``mids`` as one packet on paho's outgoing queue (after what is there)."""
+    if mids:
+        client._packet_queue(_PUBACK, puback_bytes(mids), 0, 0)
