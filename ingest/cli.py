@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from ingest.quarantine import add_quarantine_parsers, cmd_rejected, cmd_replay
 from ingest.register.cli import add_devices_parsers, cmd_devices
 from ingest.settings import ENV_SHORT_NAMES, Settings, SourceSettings, load_settings, mask_url
 from ingest.simulate.options import add_simulate_parser, cmd_simulate
+from ingest.supervisor import BACKOFF_FIRST, BACKOFF_MAX, MAX_CLIENT_ID, MAX_WORKERS, STEADY_AFTER, STOP_TIMEOUT
 
 __all__ = ["main"]
 
@@ -44,6 +46,50 @@ Passwords are read only from the environment, never from the file.
 """
 
 
+RUN_DESCRIPTION = f"""\
+Run the ingest service until SIGTERM or SIGINT, then flush, commit, acknowledge and disconnect (the
+broker keeps the session). Serves /healthz, /readyz and /metrics on SENSOR_INGEST_HTTP_ADDR. The
+database must be migrated first (sensor-ingest migrate).
+
+Several workers on one machine: --workers N (or ingest.workers = N), N from 2 to {MAX_WORKERS}. A supervisor
+process starts N worker processes, each the whole service, sharing the load through the
+MQTT shared subscription $share/<mqtt.shared_group>/<filter>. mqtt.shared_group is required: without
+it every worker would get every message, so the supervisor refuses to start (exit 2). Worker k gets:
+  client id  worker 1 mqtt.client_id itself (it keeps a single service's session), worker k >= 2
+             <mqtt.client_id>-k; stable, so a restarted worker finds its session and what is queued
+             there (ids past {MAX_CLIENT_ID} characters are refused)
+  HTTP       the port of http.addr + k - 1 on the same host (each worker its own /metrics, /readyz);
+             port 0: an ephemeral port each; a last port past 65535 is refused
+  logs       one stderr; "[wk]" before each text line, "worker": k in each JSON line
+Signals go to the supervisor (its pid; each worker has a process group of its own):
+  SIGTERM, SIGINT  SIGTERM to every worker, which flushes, commits, acknowledges and disconnects;
+                   one still running after {STOP_TIMEOUT:.0f} s is killed (the broker redelivers what it had
+                   not acknowledged). Exit 0 when every worker stopped cleanly.
+  SIGHUP           forwarded to every worker: each reloads its alert rules from the config file.
+                   (`sensor-ingest rules reload` asks worker 1's HTTP port only.)
+A worker that dies is started again after {BACKOFF_FIRST:.0f} s, the wait doubling each time up to {BACKOFF_MAX:.0f} s
+({BACKOFF_FIRST:.0f} s again after a run of {STEADY_AFTER:.0f} s). A worker that exits with code 2 (a configuration or
+database schema problem) stops them all, and the supervisor exits 2. Lowering N leaves the
+dropped workers' sessions at the broker: it goes on queueing their share of the group's messages
+there until mqtt.session_expiry, and those are stored only if a worker with that client id comes
+back before then.
+"""
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of workers") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{n} workers: give 1 to {MAX_WORKERS}")
+    return n
+
+
+def _worker_index(text: str) -> int:
+    return _workers(text)
+
+
 def _config_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = f"Environment (overrides the file):\n{_ENV_HELP}\nPasswords only from the environment."
@@ -62,11 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run", help="run the service: subscribe, decode, validate, store, acknowledge",
-        description="Run the ingest service until SIGTERM or SIGINT, then flush, commit, acknowledge "
-        "and disconnect (the broker keeps the session). Serves /healthz, /readyz and /metrics on "
-        "SENSOR_INGEST_HTTP_ADDR. The database must be migrated first (sensor-ingest migrate).",
+        description=RUN_DESCRIPTION,
     )
     _config_arg(p)
+    p.add_argument(
+        "--workers", metavar="N", type=_workers,
+        help=f"run N worker processes under a supervisor, sharing the load (1 to {MAX_WORKERS}; overrides "
+        "ingest.workers; default: ingest.workers, 1). N > 1 needs mqtt.shared_group: see above",
+    )
+    # How the supervisor starts worker k (ingest.supervisor.worker_command); not for people.
+    p.add_argument("--worker-index", metavar="K", type=_worker_index, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", metavar="PID", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "migrate", help="create or update the database schema (safe to run again, and concurrently)",
@@ -187,9 +239,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args.config)
+    if args.worker_index is not None:
+        from ingest.supervisor import run_worker
+
+        return run_worker(settings, args.config, args.worker_index, args.supervisor_pid)
+    workers = args.workers if args.workers is not None else settings.ingest.workers
+    if workers > 1:
+        from ingest.supervisor import supervise
+
+        asked = f"--workers {workers}" if args.workers is not None else f"ingest.workers = {workers}"
+        return supervise(settings, args.config, workers, asked=asked)
+    # One worker: the service in this process, as it has always run (same client id, same address).
     from ingest.service import run_service
 
-    settings = _settings(args.config)
     setup_logging(settings.log.level, settings.log.format)
     return asyncio.run(run_service(settings, args.config))
 
@@ -336,29 +399,35 @@ COMMANDS = {
 }
 
 
-def _error(text: str) -> None:
+def _error(text: str, prog: str = "sensor-ingest") -> None:
     # Masked once more: a driver's message (in MigrationError) may quote the connection string.
-    print(f"sensor-ingest: {mask_secrets(text)}", file=sys.stderr)
+    print(f"{prog}: {mask_secrets(text)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    worker: int | None = getattr(args, "worker_index", None)
+    prog = "sensor-ingest" if worker is None else f"sensor-ingest [w{worker}]"
+    if worker is not None:
+        # A worker the supervisor started: until the service puts its SIGHUP handler in place, a
+        # forwarded SIGHUP (a rule reload) must not end it; the file it is about to read is the new one.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # `run` sets up logging again with the configured level and format; until then, and for the
     # other commands, an unexpected error is logged (masked) here rather than printed raw by Python.
-    setup_logging("info", "text")
+    setup_logging("info", "text", worker=worker)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        _error(f"invalid configuration: {exc}")
+        _error(f"invalid configuration: {exc}", prog)
         return 2
     except DatabaseUnavailable as exc:
-        _error(str(exc))
+        _error(str(exc), prog)
         return 2
     except MigrationError as exc:
-        _error(f"migrate failed: {exc}")
+        _error(f"migrate failed: {exc}", prog)
         return 1
     except DecodeError as exc:
-        _error(str(exc))
+        _error(str(exc), prog)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["JsonFormatter", "SecretMaskingFilter", "is_secret_name", "mask_secrets", "setup_logging"]
+__all__ = ["JsonFormatter", "SecretMaskingFilter", "WorkerFilter", "is_secret_name", "mask_secrets", "setup_logging"]
 
 # A name whose value is a secret: password, sslpassword, db_passwd, pwd, client_secret, api_token ...
 _SECRET_NAME = r"\w*(?:password|passwd|pwd|secret|token)"
@@ -115,13 +115,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+class WorkerFilter(logging.Filter):
+    """Marks every record with the worker process it comes from (``sensor-ingest run --workers N``).
+
+    The number goes on the record as ``worker``: a field of its own in JSON lines, ``[w2]`` in text,
+    so that the interleaved output of N workers on one stderr can be told apart and filtered.
+    """
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
+    """``worker``: the worker number of a process the supervisor started (None: a process on its own)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(SecretMaskingFilter())
+    if worker is not None:
+        handler.addFilter(WorkerFilter(worker))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        text = _TextFormatter("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        tag = "" if worker is None else "[w%(worker)d] "
+        text = _TextFormatter(f"%(asctime)s.%(msecs)03dZ %(levelname)-7s {tag}%(name)s: %(message)s",
+                              "%Y-%m-%dT%H:%M:%S")
         text.converter = time.gmtime  # logs in UTC whatever the machine's zone
         handler.setFormatter(text)
     root = logging.getLogger()

@@ -299,6 +299,13 @@ class IngestSettings(_Section):
     max_new_metrics_per_minute: int = Field(
         100, ge=1, description="per source: likewise for new metric names (too_many_new_series)"
     )
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="worker processes `sensor-ingest run` starts on this machine (--workers overrides it). 1: "
+        "the service runs in the process itself. Above 1: a supervisor runs that many, sharing the load on "
+        "the mqtt.shared_group subscription (required); worker k has client id <mqtt.client_id>-k (worker 1 "
+        "the id itself) and listens on the port of http.addr + k - 1",
+    )
 
 
 class LogSettings(_Section):
