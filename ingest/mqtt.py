@@ -97,6 +97,7 @@ class MqttBridge:
         if not filters:
             raise ValueError("no subscription filters: configure at least one source")
         self.settings = settings
+        self.plain_filters = list(filters)
         self.filters = [f"$share/{settings.shared_group}/{f}" if settings.shared_group else f for f in filters]
         # Filters that one topic can match both of (a preset's +/sensor/+/state and
         # homeassistant/+/+/#) make the broker send such a topic once per filter (Mosquitto), or once
@@ -405,6 +406,12 @@ class MqttBridge:
             s.receive_maximum,
             granted or "no limits announced",
         )
+        if session_present and s.shared_group:
+            # A session of a run without shared_group (one process, before --workers) still holds the
+            # plain filters: the broker would send every message here once more, besides the group's
+            # share. Unsubscribing a filter the session does not hold is answered "No subscription
+            # existed" and changes nothing. Messages already queued in the session still come.
+            client.unsubscribe(list(self.plain_filters))
         self._suback = loop.create_future()
         opts = SubscribeOptions(qos=s.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         ids_available = cprops is None or getattr(cprops, "SubscriptionIdentifierAvailable", 1) != 0

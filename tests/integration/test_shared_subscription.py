@@ -209,3 +209,53 @@ def test_a_worker_that_stays_away_past_its_session_expiry_loses_its_unacknowledg
     lost_messages = {(device, t) for device, _, t, _ in lost}
     assert len(lost) == 2 * len(lost_messages)  # whole messages, both readings of each
     assert len(lost_messages) == held + len(away) - w1_away
+
+
+def test_a_session_from_before_the_shared_group_does_not_get_every_message_once_more(
+    tmp_path: Path, database_url: str, broker: Mosquitto, topic_prefix: str
+) -> None:
+    """One process ran without mqtt.shared_group (its session holds the plain filters); then it is
+    worker 1 of a group with the same client id. The bridge unsubscribes the plain filters of the
+    resumed session: each message reaches one worker once, not worker 1 a second time."""
+    alone = write_config(tmp_path / "alone.toml", prefix=topic_prefix, database_url=database_url,
+                         mqtt_url=broker.url)
+    single = IngestProcess(alone, tmp_path / "alone.log")
+    try:
+        single.start()
+    finally:
+        single.close()  # a graceful stop: the session and its plain subscription stay at the broker
+    workers = []
+    for i in range(2):
+        cfg = write_config(tmp_path / f"w{i}.toml", prefix=topic_prefix, database_url=database_url,
+                           mqtt_url=broker.url)
+        text = cfg.read_text().replace("keepalive = 10\n", f'keepalive = 10\nshared_group = "{topic_prefix}"\n')
+        # Worker 1 keeps the single process's id, worker 2 has its own (as `run --workers 2` names them).
+        own = _client_id(alone) + ("-2" if i else "")
+        cfg.write_text(text.replace(f'client_id = "{_client_id(cfg)}"', f'client_id = "{own}"'))
+        workers.append(IngestProcess(cfg, tmp_path / f"w{i}.log"))
+    assert _client_id(tmp_path / "w0.toml") == _client_id(alone) != _client_id(tmp_path / "w1.toml")
+    try:
+        for w in workers:
+            w.start()
+        messages, expected = fleet(topic_prefix, 1000, T0)
+        pub = Publisher(broker.port)
+        try:
+            pub.publish_all(messages)
+        finally:
+            pub.close()
+        wait_until(lambda: count(database_url, "readings") >= len(expected), HANG, "every reading")
+        wait_until(lambda: sum(w.metric(ACKED) for w in workers) >= len(messages), HANG, "every acknowledgement")
+        received = [w.metric(RECEIVED) for w in workers]
+        assert sum(received) == len(messages), received  # once each: no second copy for the old plain filter
+        assert all(r > 0 for r in received)
+        assert stored_readings(database_url) == expected
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _client_id(config: Path) -> str:
+    for line in config.read_text().splitlines():
+        if line.strip().startswith("client_id"):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise AssertionError(f"no client_id in {config}")
