@@ -249,3 +249,43 @@ def test_the_senml_fast_path_decodes_as_the_general_one(value: Any, ctx: DecodeC
         m.setattr(senml, "_FAST_PATH", False)
         general = _outcome(payload, ctx)
     assert fast == general
+
+
+# Native messages mostly of the common shape (what its fast path takes), with odd parts among them.
+native_common_leaf = mostly(st.one_of(
+    numbers, st.booleans(),
+    st.fixed_dictionaries({"value": st.one_of(numbers, st.booleans())},
+                          optional={"unit": mostly(st.sampled_from(["degF", "Cel", "%"]),
+                                                   st.one_of(names, st.just("")))}),
+), native_leaf)
+native_common = mostly(st.fixed_dictionaries(
+    {"readings": st.dictionaries(mostly(st.sampled_from(["seq", "temperature", "pm2_5"]), st.text(max_size=4)),
+                                 native_common_leaf, min_size=1, max_size=4)},
+    optional={"device": mostly(st.sampled_from(["dev-a", "hn-aq-0001", "dev-b"]), scalars),
+              "time": mostly(st.one_of(st.sampled_from(["2026-11-25T03:00:00Z", "2026-11-25T10:00:00"]),
+                                       st.floats(9e8, 2e9)), times)},
+), native_message)
+
+
+def _native_outcome(payload: bytes, ctx: DecodeContext) -> Any:
+    from ingest.decoders import native
+
+    try:
+        return native.decode(payload, ctx)
+    except DecodeError as exc:
+        return (exc.reason, exc.detail)
+
+
+@PROPS
+@given(value=st.one_of(native_common, native_like), ctx=contexts)
+def test_the_native_fast_path_decodes_as_the_general_one(value: Any, ctx: DecodeContext) -> None:
+    """The native fast path (one map-form message of numbers and booleans) gives exactly what the
+    model-validated path gives: the same readings and problems, or the same error."""
+    from ingest.decoders import native
+
+    payload = _dump(value)
+    fast = _native_outcome(payload, ctx)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "_FAST_PATH", False)
+        general = _native_outcome(payload, ctx)
+    assert fast == general
