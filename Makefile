@@ -12,7 +12,8 @@ help:
 	@echo "make run     bring up local Mosquitto + PostgreSQL/TimescaleDB, migrate, run the service"
 	@echo "make test    install everything needed (apt, venv) and run the whole test suite"
 	@echo "make bench   quick benchmark with the baseline ratio, then the worst-case time of one message"
-	@echo "             (bench.worst) and the fleet-data costs (bench.fleet); make bench FULL=1 for the long one"
+	@echo "             (bench.worst) and the fleet-data costs (bench.fleet); make bench FULL=1 for the long one,"
+	@echo "             make bench TARGETS=1 adds issue #17's drain targets (SenML 1 and 50, JSON 5) and their baselines"
 	@echo "make bench-faults  the bench fault run (issue #5): database blackholed 60 s under a 100,000 x 1 KB backlog;"
 	@echo "             peak RSS <= 300 MB, unacked <= receive_maximum, every message stored once (BENCH_ARGS=--help)"
 	@echo "make lint    ruff + mypy --strict"
@@ -48,6 +49,7 @@ test-unit: $(BIN)/sensor-ingest
 # Private, durable Mosquitto and PostgreSQL+TimescaleDB on free ports; the figures go to BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m bench.run $(if $(FULL),--full) $(BENCH_ARGS)
+	$(if $(TARGETS),$(BIN)/python -m bench.run --targets $(if $(FULL),--full))
 	$(BIN)/python -m bench.worst
 	$(BIN)/python -m bench.fleet
 

@@ -6,6 +6,11 @@ callback returns. It gets only what it needs to be a fair opponent on the same d
 session (clean_session false) so the backlog waits for it like it waits for the service, a table of
 the same shape with the same unique key, and ON CONFLICT DO NOTHING so a redelivery is harmless.
 
+It reads the payloads the benchmark sends, the way a first version would: a JSON array is a SenML
+pack (RFC 8428: name = bn + n, the device is bn without its trailing ':', time = bt + t), a JSON
+object a native message (device, time, readings). Values are stored as sent: no unit conversion, no
+range check, no alert rules.
+
     python -m bench.baseline --database-url URL --mqtt-url URL --topic 'bench/+/up'
 """
 
@@ -15,7 +20,10 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -32,6 +40,21 @@ CREATE TABLE IF NOT EXISTS baseline_readings (
 );
 SELECT create_hypertable('baseline_readings', 'time', if_not_exists => true, create_default_indexes => false);
 """
+
+
+def readings(body: Any) -> Iterator[tuple[datetime | str, str, str, float]]:
+    """(time, device, metric, value) of each reading of a decoded payload."""
+    if isinstance(body, list):  # a SenML pack
+        name, base = "", 0.0
+        for record in body:
+            name, base = record.get("bn", name), record.get("bt", base)
+            yield (datetime.fromtimestamp(base + record.get("t", 0), UTC), name.removesuffix(":"), record["n"],
+                   record["v"])
+        return
+    for metric, value in body["readings"].items():
+        if isinstance(value, dict):  # {"value": 50.5, "unit": "degF"}: stored as sent, no conversion
+            value = value["value"]
+        yield body["time"], body["device"], metric, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print("subscribed", flush=True)
 
     def on_message(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        body = json.loads(msg.payload)
-        for metric, value in body["readings"].items():
-            if isinstance(value, dict):  # {"value": 50.5, "unit": "degF"}: stored as sent, no conversion
-                value = value["value"]
+        for at, device, metric, value in readings(json.loads(msg.payload)):
             db.execute(
                 "INSERT INTO baseline_readings (time, device, metric, value) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING",
-                (body["time"], body["device"], metric, value),
+                (at, device, metric, value),
             )
 
     parts = urlsplit(args.mqtt_url)

@@ -16,10 +16,24 @@ Runs, on one broker and one database, with the same load generator:
    request's Standard Webhooks signature and records when it arrived. Publish-to-webhook latency is
    that arrival minus the body's event_time (the reading's time, i.e. its publish time), beside the
    publish-to-commit latency of the same run.
+5. Issue #17's drain targets (--targets, or each with --only): drain-senml1 (1-record SenML packs),
+   drain-json5 (native messages of 5 readings) and drain-senml50 (50-record SenML packs), each a
+   backlog drained like ingest-drain, through the catalog and with 20 threshold rules on temperature
+   (bench.targets), and baseline-senml1, baseline-json5, baseline-senml50: the same shapes through
+   bench/baseline.py, for a ratio in readings/s per shape (bench.shapes holds the payloads).
+
+ingest-live and ingest-alerts also break their latency into parts (bench.latency): the publisher's
+window wait and PUBACK time per message, the service's receive-to-commit and flush histograms from its
+/metrics, and the rest (broker and network).
 
 After each, the stored set is checked against what the broker acknowledged: a missing or doubled
 message fails the run (exit 1); after ingest-alerts, so is an event recorded (and notified) that the
-receiver did not get exactly once. The figures are printed as tables and written as JSON.
+receiver did not get exactly once; after a target drain with one worker, so is an alert event count
+other than the one its messages must raise. The figures are printed as tables and written as JSON.
+
+Each scenario publishes under a topic root of its own (bench/<run>/...): the persistent sessions that
+earlier scenarios left at the broker subscribe to their own roots, so the broker does not queue (and
+persist every second) a later scenario's messages for them.
 
 By default private services are started on free ports (Mosquitto with deploy/mosquitto/mosquitto.conf,
 PostgreSQL + TimescaleDB with deploy/postgres/postgresql.conf, durable: fsync and synchronous_commit
@@ -56,8 +70,11 @@ import httpx
 import psycopg
 from pydantic import ValidationError
 
+from bench import latency, targets
+from bench.errors import VerificationError as VerificationError  # bench.faults imports it here
 from bench.loadgen import LoadResult, PublisherSpec, publish, readings_per_message
 from bench.procstat import Usage, Watch
+from bench.shapes import SHAPES, STEP_MS
 from ingest.alerts.body import StandardBody
 from ingest.alerts.sign import SignatureError
 from ingest.alerts.sign import verify as verify_signature
@@ -66,7 +83,12 @@ from tests.services import REPO, Mosquitto, Postgres, free_port, wait_until
 RESULTS = REPO / "bench" / "results"
 PREFIX = "bench"
 # In this order by default (`make bench`): ingest-alerts last, so the others run as they did before it.
-SCENARIOS = ("ingest-drain", "ingest-live", "baseline-drain", "ingest-alerts")
+BASE_SCENARIOS = ("ingest-drain", "ingest-live", "baseline-drain", "ingest-alerts")
+# Issue #17's drain targets (--targets), each beside its baseline for the ratio.
+TARGET_SCENARIOS = ("drain-senml1", "baseline-senml1", "drain-json5", "baseline-json5", "drain-senml50",
+                    "baseline-senml50")
+SCENARIOS = BASE_SCENARIOS + TARGET_SCENARIOS
+DEFAULT_SCENARIOS = BASE_SCENARIOS
 
 
 @dataclass(frozen=True)
@@ -81,12 +103,24 @@ class Plan:
     alerts_rate: float | None = None  # offered messages/s of ingest-alerts; None: live_rate (resolved in main)
     alert_devices: int = 2  # devices per publisher process that the alert rules select (1 to 5)
     alerts_lateness: float = 2.0  # [alerts] lateness of ingest-alerts' service: every alert waits this long
+    senml1_messages: int = 50_000  # backlog of drain-senml1
+    json5_messages: int = 20_000  # backlog of drain-json5
+    senml50_messages: int = 4_000  # backlog of drain-senml50
+    target_baseline_readings: int = 5_000  # backlog of each baseline-<shape>, in readings
+    target_rules: targets.Scope = "fleet"  # devices the drain targets' 20 rules select (bench.targets)
+    workers: int = 1  # sensor-ingest run --workers N (N > 1: mqtt.shared_group = "bench")
+
+    def target_messages(self, shape: str, baseline: bool) -> int:
+        if baseline:
+            return max(1, self.target_baseline_readings // SHAPES[shape].readings)
+        return int(getattr(self, f"{shape}_messages"))
 
 
 QUICK = Plan(drain_messages=100_000, live_rate=3_000, live_seconds=20, warmup_seconds=5,
              baseline_messages=10_000, publishers=2, payload_bytes=0)
 FULL = Plan(drain_messages=1_000_000, live_rate=5_000, live_seconds=60, warmup_seconds=10,
-            baseline_messages=30_000, publishers=3, payload_bytes=0)
+            baseline_messages=30_000, publishers=3, payload_bytes=0, senml1_messages=500_000,
+            json5_messages=200_000, senml50_messages=20_000, target_baseline_readings=20_000)
 DEVICES = 500  # per publisher process
 
 
@@ -103,10 +137,6 @@ class Result:
     usage: dict[str, dict[str, float]]  # process -> Usage
     verified: str
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class VerificationError(RuntimeError):
-    pass
 
 
 # --- services ----------------------------------------------------------------------------------
@@ -240,12 +270,22 @@ class Consumer:
 def ingest_consumer(
     work: Path, svc: Services, name: str, *, database_url: str | None = None, database_extra: str = "",
     mqtt_extra: str = "", log_level: str = "warning", extra: str = "", env: dict[str, str] | None = None,
+    topic_root: str = PREFIX, format: str = "native", suffix: str = "up", workers: int = 1,
+    new_devices: int | None = None,
 ) -> tuple[Consumer, str]:
     """The service on svc's broker and database (or ``database_url``, e.g. through a fault proxy);
     ``database_extra`` and ``mqtt_extra`` are lines added inside [database] and [mqtt], ``extra`` is
-    TOML appended to the file (e.g. [[webhooks]] and [[rules]]), ``env`` the service's environment."""
-    http = f"127.0.0.1:{free_port()}"
+    TOML appended to the file (e.g. [[webhooks]] and [[rules]]), ``env`` the service's environment.
+    Its one source reads ``<topic_root>/{device}/<suffix>`` in ``format``. ``workers`` > 1 runs
+    ``sensor-ingest run --workers N`` on a shared subscription (mqtt.shared_group = "bench"), worker k
+    serving HTTP on the returned address's port + k - 1 (ingest.cli). ``new_devices``: the source's
+    ingest.max_new_devices_per_minute, for a bench fleet larger than the default budget, which comes
+    online all at once."""
+    http = f"127.0.0.1:{_free_ports(workers)}"
     config = work / f"{name}.toml"
+    if workers > 1:
+        mqtt_extra = f'shared_group = "bench"\n{mqtt_extra}'
+    budget = "" if new_devices is None else f"[ingest]\nmax_new_devices_per_minute = {new_devices}\n"
     config.write_text(f"""
 [database]
 url = "{database_url or svc.database_url}"
@@ -258,26 +298,29 @@ client_id = "bench-{name}"
 addr = "{http}"
 [log]
 level = "{log_level}"
-[[sources]]
+{budget}[[sources]]
 name = "bench"
-topic = "{PREFIX}/{{device}}/up"
-format = "native"
+topic = "{topic_root}/{{device}}/{suffix}"
+format = "{format}"
 {extra}""")
 
     def ready() -> bool:
         try:
-            return httpx.get(f"http://{http}/readyz", timeout=1).status_code == 200
+            return all(httpx.get(f"http://{a}/readyz", timeout=1).status_code == 200
+                       for a in worker_addrs(http, workers))
         except httpx.HTTPError:
             return False
 
     argv = [sys.executable, "-m", "ingest", "run", "--config", str(config)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     return Consumer(argv, work / f"{name}.log", ready, env), http
 
 
-def baseline_consumer(work: Path, svc: Services) -> Consumer:
-    log = work / "baseline.log"
+def baseline_consumer(work: Path, svc: Services, topic: str = f"{PREFIX}/+/up", name: str = "baseline") -> Consumer:
+    log = work / f"{name}.log"
     argv = [sys.executable, "-m", "bench.baseline", "--database-url", svc.database_url, "--mqtt-url",
-            svc.mqtt_url, "--topic", f"{PREFIX}/+/up"]
+            svc.mqtt_url, "--topic", topic]
 
     def ready() -> bool:
         return "subscribed" in log.read_text()
@@ -285,10 +328,44 @@ def baseline_consumer(work: Path, svc: Services) -> Consumer:
     return Consumer(argv, log, ready)
 
 
-def acked_by_ingest(http: str) -> float:
-    text = httpx.get(f"http://{http}/metrics", timeout=5).text
-    m = re.search(r"^sensor_ingest_messages_acked_total (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports on 127.0.0.1 (for n workers' HTTP)."""
+    for _ in range(100):
+        first = free_port()
+        if first + n - 1 <= 65535 and all(_port_free(first + k) for k in range(1, n)):
+            return first
+    raise RuntimeError(f"found no {n} consecutive free ports on 127.0.0.1")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def worker_addrs(http: str, workers: int) -> list[str]:
+    """Each worker's host:port: worker k on the port of http.addr + k - 1 (ingest.cli)."""
+    host, _, port = http.rpartition(":")
+    return [f"{host}:{int(port) + k}" for k in range(workers)]
+
+
+def metrics_text(http: str, workers: int = 1) -> list[str]:
+    """Each worker's /metrics."""
+    return [httpx.get(f"http://{a}/metrics", timeout=5).text for a in worker_addrs(http, workers)]
+
+
+def acked_by_ingest(http: str, workers: int = 1) -> float:
+    """Messages acknowledged after commit, over all workers."""
+    total = 0.0
+    for text in metrics_text(http, workers):
+        m = re.search(r"^sensor_ingest_messages_acked_total (\S+)$", text, re.M)
+        total += float(m.group(1)) if m else 0.0
+    return total
 
 
 # --- checking and measuring ---------------------------------------------------------------------------
@@ -386,10 +463,36 @@ def _watch(pid: int | None, tree: bool = False) -> Watch | None:
 # --- scenarios ---------------------------------------------------------------------------------------
 
 
-def _spec(svc: Services, plan: Plan, run: str, messages: int, rate: float = 0, duration: float = 0) -> PublisherSpec:
+def _root(run: str) -> str:
+    """The scenario's own topic root (see the module's docstring)."""
+    return f"{PREFIX}/{run}"
+
+
+def _spec(svc: Services, plan: Plan, run: str, messages: int, rate: float = 0, duration: float = 0, *,
+          shape: str = "native", base_time: float = 0.0, timing: bool = False) -> PublisherSpec:
     per_proc = -(-messages // plan.publishers) if messages else 0
-    return PublisherSpec(mqtt_url=svc.mqtt_url, prefix=PREFIX, run=run, devices=DEVICES, messages=per_proc,
-                         rate=rate / plan.publishers, duration=duration, payload_bytes=plan.payload_bytes)
+    return PublisherSpec(mqtt_url=svc.mqtt_url, prefix=_root(run), run=run, devices=DEVICES, messages=per_proc,
+                         rate=rate / plan.publishers, duration=duration, payload_bytes=plan.payload_bytes,
+                         shape=shape, base_time=base_time, timing=timing)
+
+
+def _device_budget(plan: Plan) -> int | None:
+    """ingest.max_new_devices_per_minute for the run's fleet, when the default (1,000) is too small: all
+    of a scenario's devices are new within its first second, and beyond the budget their readings would
+    be rejected (too_many_new_series), i.e. missing."""
+    devices = plan.publishers * DEVICES
+    return devices if devices > 1000 else None
+
+
+def _consumer_watch(pid: int, workers: int) -> Watch:
+    """The service's usage: with workers, the supervisor's whole process tree."""
+    return Watch(pid, tree=workers > 1)
+
+
+def _stored_counter(http: str, workers: int, before: float = 0.0) -> Any:
+    """A count of the messages the service has acknowledged after their commit (all workers), for
+    _wait_stored."""
+    return lambda: acked_by_ingest(http, workers) - before
 
 
 @contextmanager
@@ -436,9 +539,10 @@ def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | N
     run = ("bl" if baseline else "dr") + uuid.uuid4().hex[:6]
     messages = plan.baseline_messages if baseline else plan.drain_messages
     if baseline:
-        consumer, http = baseline_consumer(work, svc), ""
+        consumer, http = baseline_consumer(work, svc, f"{_root(run)}/+/up"), ""
     else:
-        consumer, http = ingest_consumer(work, svc, name)
+        consumer, http = ingest_consumer(work, svc, name, topic_root=_root(run), workers=plan.workers,
+                                         new_devices=_device_budget(plan))
     consumer.start()  # creates the persistent session that holds the backlog
     consumer.stop()
     load = publish(_spec(svc, plan, run, messages), plan.publishers)
@@ -447,13 +551,13 @@ def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | N
     brk, db = _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
     t0 = time.monotonic()
     pid = consumer.start()
-    me = Watch(pid)
+    me = _consumer_watch(pid, 1 if baseline else plan.workers)
     try:
         with profiled(pid, work / f"{name}.pyspy.txt", py_spy):
             if baseline:
                 _wait_stored(lambda: _baseline_count(svc.database_url, run), load.total_acked, name)
             else:
-                _wait_stored(lambda: acked_by_ingest(http), load.total_acked, name)
+                _wait_stored(_stored_counter(http, plan.workers), load.total_acked, name)
             wall = time.monotonic() - t0
             usage = _usage(consumer=me, broker=brk, database=db)
     finally:
@@ -464,35 +568,144 @@ def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | N
     per_msg = readings_per_message(plan.payload_bytes)
     n = load.total_acked
     return Result(name, n, n * per_msg, round(span, 2), round(wall, 2), round(n / span, 1),
-                  round(n * per_msg / span, 1), None, usage, verified, {"publish_per_s": round(n / load.seconds, 1)})
+                  round(n * per_msg / span, 1), None, usage, verified, {"publish_per_s": round(n / load.seconds, 1),
+                                                                        "workers": 1 if baseline else plan.workers})
+
+
+_ALERT_EVENT_COUNTS = """
+SELECT e.status, count(*) FROM alert_events e JOIN devices d ON d.id = e.device_id WHERE d.uid LIKE %s GROUP BY 1
+"""
+
+
+def _baseline_rows(url: str, run: str) -> float:
+    with psycopg.connect(url) as c:
+        row = c.execute("SELECT count(*) FROM baseline_readings WHERE device LIKE %s", (run + "-%",)).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def target_drain(svc: Services, plan: Plan, work: Path, shape: str, baseline: bool,
+                 py_spy: str | None = None) -> Result:
+    """drain-<shape> or baseline-<shape>: a backlog of bench.shapes' messages, drained like ingest-drain;
+    the service runs with the catalog (on by default) and bench.targets' 20 rules of plan.target_rules."""
+    s = SHAPES[shape]
+    name = f"{'baseline' if baseline else 'drain'}-{shape}"
+    run = ("tb" if baseline else "td") + uuid.uuid4().hex[:6]
+    messages = plan.target_messages(shape, baseline)
+    workers = 1 if baseline else plan.workers
+    # A whole second in the past, so that every message's time (10 ms apart per process) is older than
+    # the alert watermark, and none is ahead of the receive time.
+    per_proc = -(-messages // plan.publishers)
+    base = float(int(time.time()) - per_proc * STEP_MS // 1000 - 60)
+    if baseline:
+        consumer, http = baseline_consumer(work, svc, f"{_root(run)}/+/{s.suffix}", name), ""
+    else:
+        consumer, http = ingest_consumer(work, svc, name, topic_root=_root(run), format=s.format, suffix=s.suffix,
+                                         extra=targets.target_rules(run, plan.target_rules), workers=workers,
+                                         new_devices=_device_budget(plan))
+    consumer.start()  # creates the persistent session that holds the backlog
+    consumer.stop()
+    load = publish(_spec(svc, plan, run, messages, shape=shape, base_time=base), plan.publishers)
+    _say(f"{name}: {load.total_acked} messages acknowledged by the broker in {load.seconds:.1f} s "
+         f"({load.total_acked / load.seconds:,.0f}/s, {plan.publishers} publisher processes)")
+    brk, db = _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
+    t0 = time.monotonic()
+    pid = consumer.start()
+    me = _consumer_watch(pid, workers)
+    try:
+        with profiled(pid, work / f"{name}.pyspy.txt", py_spy):
+            if baseline:
+                _wait_stored(lambda: _baseline_rows(svc.database_url, run) / s.readings, load.total_acked, name)
+            else:
+                _wait_stored(_stored_counter(http, workers), load.total_acked, name)
+            wall = time.monotonic() - t0
+            usage = _usage(consumer=me, broker=brk, database=db)
+        if not baseline:
+            # Judged in the batch (the readings are older than the watermark); the evaluator takes any left.
+            _wait_stored(lambda: _judged(svc.database_url, run), 0, f"{name} judgements")
+    finally:
+        consumer.stop()
+    with psycopg.connect(svc.database_url) as c:
+        rows = c.execute(targets.groups_sql(baseline), {"base_ms": int(base * 1000), "run": run + "-%"}).fetchall()
+        events: dict[str, int] = {} if baseline else dict(c.execute(_ALERT_EVENT_COUNTS, (run + "-%",)).fetchall())
+    verified = targets.verify_messages(targets.group([(u, k, n) for u, k, n, _a, _b in rows], run), load, run,
+                                       s.readings, DEVICES)
+    span = (max(r[4] for r in rows) - min(r[3] for r in rows)).total_seconds() if rows else 0.0
+    n = load.total_acked
+    extra: dict[str, Any] = {"shape": shape, "format": "baseline" if baseline else s.format,
+                             "readings_per_message": s.readings, "publish_per_s": round(n / load.seconds, 1),
+                             "workers": workers}
+    if not baseline:
+        got = {"firing": int(events.get("firing", 0)), "resolved": int(events.get("resolved", 0))}
+        want = targets.expected_events(load, run, plan.target_rules, DEVICES, resolved_in_message=s.readings > 5)
+        extra |= {"rules": 0 if plan.target_rules == "none" else len(targets.TARGET_THRESHOLDS),
+                  "rule_scope": plan.target_rules, "rule_devices": targets.rule_devices(run, plan.target_rules),
+                  "thresholds_degc": [targets.TARGET_THRESHOLDS[0], targets.TARGET_THRESHOLDS[-1]],
+                  "alert_events": got, "alert_events_expected": want}
+        if workers == 1 and got != want:
+            raise VerificationError(f"{run}: alert events {got}, but the messages must raise {want} (bench.targets)")
+    return Result(name, n, n * s.readings, round(span, 2), round(wall, 2), round(n / span, 1) if span else 0.0,
+                  round(n * s.readings / span, 1) if span else 0.0, None, usage, verified, extra)
+
+
+class _MetricsAt(threading.Thread):
+    """Reads every worker's /metrics once, ``delay`` seconds from now (the end of the warm-up)."""
+
+    def __init__(self, http: str, delay: float, workers: int) -> None:
+        super().__init__(name="metrics-at-warmup", daemon=True)
+        self.http, self.delay, self.workers = http, delay, workers
+        self.text: list[str] | None = None
+        self.start()
+
+    def run(self) -> None:
+        time.sleep(self.delay)
+        self.text = metrics_text(self.http, self.workers)
+
+
+def breakdown(rows: list[tuple[str, float, datetime, datetime]], load: LoadResult, run: str, after: datetime,
+              metrics_before: list[str] | None, metrics_after: list[str]) -> dict[str, Any]:
+    """bench.latency's parts of publish-to-commit, for the messages published after the warm-up."""
+    commits = {}
+    for uid, value, commit, _t in rows:
+        commits[(int(uid[len(run) + 2 :].split("-", 1)[0]), int(value))] = commit.timestamp()
+    out: dict[str, Any] = {"publisher": latency.publish_breakdown(load.timing, commits, after.timestamp())}
+    if metrics_before is not None:
+        service = latency.service_breakdown(latency.summed(metrics_before), latency.summed(metrics_after))
+        out["service"] = service
+        out["broker_and_network"] = latency.broker_and_network(out["publisher"]["publish_to_commit"], service)
+    return out
 
 
 def live(svc: Services, plan: Plan, work: Path) -> Result:
     name, run = "ingest-live", "lv" + uuid.uuid4().hex[:6]
-    consumer, http = ingest_consumer(work, svc, name)
+    consumer, http = ingest_consumer(work, svc, name, topic_root=_root(run), workers=plan.workers,
+                                     new_devices=_device_budget(plan))
     pid = consumer.start()
     try:
-        before = acked_by_ingest(http)
-        me, brk, db = Watch(pid), _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
+        before = acked_by_ingest(http, plan.workers)
+        me, brk, db = _consumer_watch(pid, plan.workers), _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        load = publish(_spec(svc, plan, run, 0, plan.live_rate, plan.warmup_seconds + plan.live_seconds),
-                       plan.publishers)
-        _wait_stored(lambda: acked_by_ingest(http) - before, load.total_acked, name)
+        at_warmup = _MetricsAt(http, plan.warmup_seconds, plan.workers)
+        load = publish(_spec(svc, plan, run, 0, plan.live_rate, plan.warmup_seconds + plan.live_seconds,
+                             timing=True), plan.publishers)
+        _wait_stored(_stored_counter(http, plan.workers, before), load.total_acked, name)
         wall = time.monotonic() - t0
         usage = _usage(consumer=me, broker=brk, database=db)
+        at_warmup.join(10)
+        metrics_after = metrics_text(http, plan.workers)
     finally:
         consumer.stop()
     rows = _rows(svc.database_url, False, run)
     verified = verify(rows, load, run)
-    after = started.timestamp() + plan.warmup_seconds
-    lat = _latency(rows, datetime.fromtimestamp(after, UTC))
+    after = datetime.fromtimestamp(started.timestamp() + plan.warmup_seconds, UTC)
+    lat = _latency(rows, after)
     span = _span(rows)
     per_msg = readings_per_message(plan.payload_bytes)
     n = load.total_acked
     return Result(name, n, n * per_msg, round(span, 2), round(wall, 2), round(n / span, 1),
                   round(n * per_msg / span, 1), lat, usage, verified,
-                  {"offered_per_s": plan.live_rate, "warmup_s": plan.warmup_seconds})
+                  {"offered_per_s": plan.live_rate, "warmup_s": plan.warmup_seconds, "workers": plan.workers,
+                   "latency_breakdown": breakdown(rows, load, run, after, at_warmup.text, metrics_after)})
 
 
 # --- ingest-alerts: the rules, the webhook receiver, and the check that each event arrived once -----------
@@ -711,16 +924,22 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     with Receiver(secret) as receiver:
         consumer, http = ingest_consumer(work, svc, name, extra=alert_config(run, receiver.url, plan.alert_devices,
                                                                           plan.alerts_lateness),
-                                         env={ALERT_SECRET_ENV: secret})
+                                         env={ALERT_SECRET_ENV: secret}, topic_root=_root(run), workers=plan.workers,
+                                         new_devices=_device_budget(plan))
         pid = consumer.start()
         try:
-            before = acked_by_ingest(http)
-            me, brk, db = Watch(pid), _watch(svc.broker_pid), _watch(svc.database_pid, tree=True)
+            before = acked_by_ingest(http, plan.workers)
+            me, brk, db = _consumer_watch(pid, plan.workers), _watch(svc.broker_pid), _watch(svc.database_pid,
+                                                                                            tree=True)
             started = datetime.now(UTC)
             t0 = time.monotonic()
-            load = publish(_spec(svc, plan, run, 0, rate, plan.warmup_seconds + plan.live_seconds), plan.publishers)
-            _wait_stored(lambda: acked_by_ingest(http) - before, load.total_acked, name)
+            at_warmup = _MetricsAt(http, plan.warmup_seconds, plan.workers)
+            load = publish(_spec(svc, plan, run, 0, rate, plan.warmup_seconds + plan.live_seconds, timing=True),
+                           plan.publishers)
+            _wait_stored(_stored_counter(http, plan.workers, before), load.total_acked, name)
             wall = time.monotonic() - t0
+            at_warmup.join(10)
+            metrics_after = metrics_text(http, plan.workers)
             # Every reading stored; the last ones are judged once the watermark (the clock minus
             # alerts.lateness) has passed them; then the outbox is complete.
             _wait_stored(lambda: _judged(svc.database_url, run), 0, f"{name} judgements")
@@ -758,7 +977,8 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
                       "events_per_s": round(hook.get("n", 0) / window, 1) if window > 0 else 0.0,
                       "warmup_after_first_publish_s": round((after - first).total_seconds(), 2),
                       "webhook_latency_ms": hook, "alerts_verified": alerts_verified,
-                      "delivered_wall_s": round(delivered_wall, 2)})
+                      "delivered_wall_s": round(delivered_wall, 2), "workers": plan.workers,
+                      "latency_breakdown": breakdown(rows, load, run, after, at_warmup.text, metrics_after)})
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -768,7 +988,15 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def table(results: list[Result], ratio: float | None) -> None:
+def target_ratios(results: list[Result]) -> dict[str, float]:
+    """drain-<shape> / baseline-<shape> in readings/s, for each shape whose two ran."""
+    by = {r.name: r for r in results}
+    return {shape: round(by[f"drain-{shape}"].readings_per_s / by[f"baseline-{shape}"].readings_per_s, 2)
+            for shape in SHAPES
+            if f"drain-{shape}" in by and f"baseline-{shape}" in by and by[f"baseline-{shape}"].readings_per_s}
+
+
+def table(results: list[Result], ratio: float | None, ratios: dict[str, float] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -790,9 +1018,75 @@ def table(results: list[Result], ratio: float | None) -> None:
     if ratio is not None:
         console.print(f"ingest-drain / baseline-drain: [bold]{ratio:.1f} x[/bold] the straightforward approach "
                       "(messages/s, same broker, database and backlog shape)")
+    for shape, x in (ratios or {}).items():
+        console.print(f"drain-{shape} / baseline-{shape}: [bold]{x:.1f} x[/bold] the straightforward approach "
+                      "(readings/s, same run, same message shape)")
+    for r in results:
+        if "alert_events_expected" in r.extra:
+            console.print(target_line(r))
     for r in results:
         if "webhook_latency_ms" in r.extra:
             console.print(*alerts_table(r), sep="\n")
+        if "latency_breakdown" in r.extra:
+            console.print(*breakdown_table(r), sep="\n")
+
+
+def target_line(r: Result) -> str:
+    """What a target drain ran with: its shape, its rules and the events they raised."""
+    x = r.extra
+    ev = x["alert_events"]
+    rules = (f"{x['rules']} rules (temperature above {x['thresholds_degc'][0]:g} to {x['thresholds_degc'][1]:g} "
+             f"degC) on {'every device' if x['rule_scope'] == 'fleet' else '4 devices'}, {ev['firing']:,} firing "
+             f"and {ev['resolved']:,} resolved events recorded" if x["rules"] else "no alert rules")
+    return (f"{r.name}: {x['readings_per_message']} readings a message ({x['format']}), catalog on, {rules}; "
+            f"{x['workers']} worker(s)")
+
+
+_PARTS = (
+    ("publisher", "behind_schedule", "publisher behind its rate schedule (not in the latency)"),
+    ("publisher", "window_wait", "publisher waiting for its window of 1,000 (not in the latency)"),
+    ("publisher", "publish_to_puback", "publish() to PUBACK at the publisher"),
+    ("publisher", "publish_to_commit", "publish() to commit (the latency)"),
+    ("publisher", "puback_to_commit", "PUBACK to commit"),
+    ("publisher", "want_to_commit", "before the window wait to commit (the old measure)"),
+    ("service", "receive_to_commit", "service: receive to commit returned (histogram*)"),
+    ("service", "flush", "service: one batch's write + commit (histogram*)"),
+)
+
+
+def breakdown_table(r: Result) -> list[Any]:
+    """The parts of r's publish-to-commit latency (bench.latency), one row each."""
+    from rich.table import Table
+
+    b = r.extra["latency_breakdown"]
+    t = Table(title=f"{r.name}: where publish-to-commit goes (ms)")
+    for col in ("part", "n", "mean", "p50", "p95", "p99", "max"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+
+    def cell(part: dict[str, float], k: str) -> str:
+        v = part.get(k)
+        if v is None:
+            return "—"
+        text = "inf" if v == float("inf") else f"{v:,.1f}"
+        return f"{part[k + '_lo']:,.0f}-{text}" if k + "_lo" in part else text
+
+    for group, key, label in _PARTS:
+        part = b.get(group, {}).get(key, {})
+        if part:
+            t.add_row(label, f"{part['n']:,.0f}", *(cell(part, k) for k in ("mean", "p50", "p95", "p99", "max")))
+    lines: list[Any] = [t]
+    rest = b.get("broker_and_network")
+    if rest:
+        lines.append(f"broker + network (publish-to-commit - receive-to-commit): mean {rest['mean']:,.1f} to "
+                     f"{rest['mean_high']:,.1f} ms; difference of the medians {rest['p50_lo']:,.1f} to "
+                     f"{rest['p50_hi']:,.1f} ms")
+    batches = b.get("service", {}).get("batch_messages")
+    if batches:
+        lines.append(f"{batches['n']:,.0f} batches of {batches['mean']:,.1f} messages on average")
+    lines.append("* the service's Prometheus histograms over the measured window: p50/p95/p99 are the bucket that "
+                 "holds them (lower-upper bound), the mean is exact; they end when COMMIT returned, after the WAL "
+                 "flush, while the per-message rows end at PostgreSQL's commit timestamp, before it")
+    return lines
 
 
 def alerts_table(r: Result) -> list[Any]:
@@ -839,10 +1133,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="alerts.lateness of ingest-alerts' service (default 2, the service's default): every "
                     "alert waits this long for readings that come out of order")
     ap.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
+    ap.add_argument("--targets", action="store_true",
+                    help="run issue #17's drain targets and their baselines: " + ", ".join(TARGET_SCENARIOS)
+                    + " (after the --only ones, if any)")
+    ap.add_argument("--senml1-messages", type=int, help="backlog size of drain-senml1 (default 50,000)")
+    ap.add_argument("--json5-messages", type=int, help="backlog size of drain-json5 (default 20,000)")
+    ap.add_argument("--senml50-messages", type=int, help="backlog size of drain-senml50 (default 4,000)")
+    ap.add_argument("--target-baseline-readings", type=int,
+                    help="backlog size of each baseline-<shape>, in readings (default 5,000)")
+    ap.add_argument("--target-rules", choices=targets.RULE_SCOPES,
+                    help="the devices the drain targets' 20 rules select: fleet (every device, the default), few "
+                    "(4 devices, as ingest-alerts), none (no rules: what the rules cost)")
+    ap.add_argument("--workers", type=int,
+                    help="run the service as `sensor-ingest run --workers N` on a shared subscription (mqtt."
+                    "shared_group = \"bench\") in every ingest scenario (default 1: as it is, no flag)")
     ap.add_argument("--database-url", help="use this running PostgreSQL (a bench_* database is created)")
     ap.add_argument("--mqtt-url", help="use this running broker")
     ap.add_argument("--profile", nargs="?", const="py-spy", metavar="PY_SPY",
-                    help="sample the service with py-spy during ingest-drain and print where the time goes "
+                    help="sample the service with py-spy during ingest-drain and the drain-<shape> targets and "
+                    "print where the time goes "
                     "(py-spy is not a dependency: pip install py-spy, or give its path)")
     ap.add_argument("--json", type=Path, help="write the results here (default bench/results/<time>.json)")
     args = ap.parse_args(argv)
@@ -850,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--database-url and --mqtt-url go together (or neither: private services are started)")
     plan = FULL if args.full else QUICK
     names = ("drain_messages", "baseline_messages", "live_rate", "live_seconds", "warmup_seconds", "publishers",
-             "payload_bytes", "alerts_rate", "alert_devices", "alerts_lateness")
+             "payload_bytes", "alerts_rate", "alert_devices", "alerts_lateness", "senml1_messages", "json5_messages",
+             "senml50_messages", "target_baseline_readings", "target_rules", "workers")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     plan = Plan(**{**asdict(plan), **overrides})
     if plan.alerts_rate is None:
@@ -858,7 +1168,12 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which(args.profile) if args.profile else None
     if args.profile and not py_spy:
         ap.error(f"--profile: {args.profile} not found (pip install py-spy)")
-    scenarios = args.only or list(SCENARIOS)
+    if plan.workers < 1:
+        ap.error("--workers: at least 1")
+    if args.targets:
+        scenarios = list(dict.fromkeys([*(args.only or []), *TARGET_SCENARIOS]))
+    else:
+        scenarios = args.only or list(DEFAULT_SCENARIOS)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=RESULTS))
@@ -879,6 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = live(svc, plan, work)
                 elif s == "ingest-alerts":
                     r = alerts(svc, plan, work)
+                elif s in TARGET_SCENARIOS:
+                    kind, _, shape = s.partition("-")
+                    r = target_drain(svc, plan, work, shape, kind == "baseline", None if kind == "baseline" else py_spy)
                 else:
                     r = drain(svc, plan, work, s == "baseline-drain", None if s == "baseline-drain" else py_spy)
                 _say(f"{s}: {r.verified}")
@@ -891,12 +1209,13 @@ def main(argv: list[str] | None = None) -> int:
     by = {r.name: r for r in results}
     ratio = (by["ingest-drain"].messages_per_s / by["baseline-drain"].messages_per_s
              if "ingest-drain" in by and "baseline-drain" in by else None)
-    table(results, ratio)
+    ratios = target_ratios(results)
+    table(results, ratio, ratios)
     out = args.json or RESULTS / f"{stamp:%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps({
         "date": stamp.isoformat(timespec="seconds"), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
         "machine": svc.versions, "plan": asdict(plan), "ratio_vs_baseline": ratio,
-        "results": [asdict(r) for r in results],
+        "target_ratios_readings": ratios, "results": [asdict(r) for r in results],
     }, indent=2))
     _say(f"results: {out}")
     return 0
