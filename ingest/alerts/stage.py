@@ -95,6 +95,7 @@ CROSS JOIN LATERAL (SELECT time, value FROM readings
                     WHERE device_id = k.d AND metric_id = k.m AND time >= k.lo ORDER BY time) r
 ORDER BY k.i, r.time
 """
+_ENSURED_MAX = 1_000_000  # series remembered as having a row (about 100 MB at most); then forgotten
 _METRIC_NAMES = "SELECT id, name FROM metrics WHERE id = ANY($1::int[])"
 _EVENTS = """
 INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, threshold, severity,
@@ -206,6 +207,11 @@ class AlertStage:
         self.intervals = dict(intervals or {})
         self.versions = versions
         self._unknown_logged: set[tuple[str, int]] = set()
+        # Series whose alert_state row this process created or saw: not inserted again by every batch
+        # (with 20 rules on a metric, a batch of 1,000 readings would insert 20,000 rows that exist).
+        # A row another worker deleted meanwhile (an 'ok' state its rule no longer owns) is found
+        # missing by the lock and created then.
+        self._ensured: set[Key] = set()
 
     def wants(self, metric: str) -> bool:
         return bool(self.runtime.rules_for(metric))
@@ -236,10 +242,31 @@ class AlertStage:
         if not keys:
             return None
         ordered = sorted(keys)
+        ensured = self._ensured
+        await self._ensure(conn, [k for k in ordered if k not in ensured])
         cols = [list(c) for c in zip(*ordered, strict=True)]
-        await conn.execute(_ENSURE, *cols, ["ok"] * len(ordered))
         locked = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in await conn.fetch(_LOCK, *cols)}
+        if len(locked) < len(ordered):
+            # Rows deleted since this process saw them (by another worker: see _ensured). Locked
+            # after the others, out of the sorted order: a deadlock with another batch is possible
+            # here, and is retried like any (SQLSTATE 40P01).
+            missing = [k for k in ordered if k not in locked]
+            await self._ensure(conn, missing)
+            cols = [list(c) for c in zip(*missing, strict=True)]
+            locked.update({(r["rule"], r["device_id"], r["metric_id"]): _locked(r)
+                           for r in await conn.fetch(_LOCK, *cols)})
         return Prepared(active, rules, devices, locked)
+
+    async def _ensure(self, conn: Conn, keys: list[Key]) -> None:
+        """Create the alert_state rows of ``keys`` that do not exist (sorted order)."""
+        if not keys:
+            return
+        await conn.execute(_ENSURE, *[list(c) for c in zip(*keys, strict=True)], ["ok"] * len(keys))
+        if len(self._ensured) + len(keys) > _ENSURED_MAX:
+            self._ensured.clear()
+        # Remembered once the transaction commits would be exact; remembered now, a rollback leaves
+        # keys remembered whose rows do not exist: the lock finds them missing and creates them.
+        self._ensured.update(keys)
 
     async def run(self, conn: Conn, new: Sequence[NewReading], prepared: Prepared | None = None) -> StageResult:
         """After the batch stored its readings: ``new``, those new in this transaction (a redelivered
@@ -349,6 +376,7 @@ class AlertStage:
             await conn.execute(_SAVE, *[list(c) for c in zip(*saved, strict=True)])
         if gone:
             await conn.execute(_FORGET, *[list(c) for c in zip(*gone, strict=True)])
+            self._ensured.difference_update(gone)
         if fired:
             await self._record(conn, active, rules, devices, fired, now, result)
 
@@ -373,9 +401,24 @@ class AlertStage:
                 continue
             per_series.append((key, since(rule, row.state, row.due_at)))
         if per_series:
-            for i, t, v in await conn.fetch(_ROWS, [k[1] for k, _ in per_series], [k[2] for k, _ in per_series],
-                                            [lo for _, lo in per_series]):
-                out.setdefault(per_series[i - 1][0], []).append((t, v))
+            # One read per stored series (device, metric) from the earliest bound its rules need, not one
+            # per rule: 20 rules on a metric read its rows once.
+            lows: dict[tuple[int, int], datetime] = {}
+            for key, lo in per_series:
+                series = (key[1], key[2])
+                if series not in lows or lo < lows[series]:
+                    lows[series] = lo
+            order = list(lows)
+            stored: dict[tuple[int, int], list[tuple[datetime, float]]] = {}
+            for i, t, v in await conn.fetch(_ROWS, [d for d, _ in order], [m for _, m in order],
+                                            [lows[s] for s in order]):
+                stored.setdefault(order[i - 1], []).append((t, v))
+            for key, lo in per_series:
+                rows = stored.get((key[1], key[2]), [])
+                if rows and rows[0][0] < lo:
+                    rows = [r for r in rows if r[0] >= lo]
+                if rows:
+                    out[key] = rows
         return out
 
     async def _record(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], devices: dict[int, Device],
