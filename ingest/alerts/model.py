@@ -63,6 +63,9 @@ Signal = Literal["value", "rate", "window", "no_data"]
 Agg = Literal["avg", "min", "max", "count"]
 
 
+_SELECTED_MAX = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """An alert rule. ``signal`` says what is judged (ingest.alerts.evaluate):
@@ -101,6 +104,16 @@ class Rule:
     align: Literal["clock", "rolling"] = "clock"  # window
     coverage: float = 0.0  # window: the share of the expected readings a window needs to be judged
     per: Literal["series", "device"] = "series"  # no_data
+    # Computed once (the alert stage asks for them per series and per reading): the fingerprint, and
+    # the devices this rule's globs and attributes selected (bounded; emptied when full).
+    _version: str = field(init=False, repr=False, compare=False, hash=False, default="")
+    _selected: dict[str, bool] = field(init=False, repr=False, compare=False, hash=False,
+                                                   default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parts = (self.metric, self.kind, self.threshold, self.high, self.clear, self.clear_high, self.for_seconds,
+                 self.devices, self.where, self.signal, self.over, self.agg, self.align, self.coverage, self.per)
+        object.__setattr__(self, "_version", hashlib.sha256(repr(parts).encode()).hexdigest()[:16])
 
     @property
     def per_device(self) -> bool:
@@ -112,13 +125,18 @@ class Rule:
         """A fingerprint of what decides this rule's events (not its webhooks, summary or labels):
         stored with each series' state, so that workers holding different versions of the rule after a
         reload do not take turns on one series (ingest.alerts.versions)."""
-        parts = (self.metric, self.kind, self.threshold, self.high, self.clear, self.clear_high, self.for_seconds,
-                 self.devices, self.where, self.signal, self.over, self.agg, self.align, self.coverage, self.per)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+        return self._version
 
     def selects(self, device: str, attributes: dict[str, object] | None) -> bool:
-        if self.devices and not any(fnmatchcase(device, g) for g in self.devices):
-            return False
+        if self.devices:
+            memo = self._selected
+            hit = memo.get(device)
+            if hit is None:
+                if len(memo) >= _SELECTED_MAX:
+                    memo.clear()
+                hit = memo[device] = any(fnmatchcase(device, g) for g in self.devices)
+            if not hit:
+                return False
         if self.where:
             attrs = attributes or {}
             return all(k in attrs and _text(attrs[k]) == v for k, v in self.where)

@@ -188,7 +188,7 @@ def _differences(old: object, new: object, names: tuple[str, ...]) -> str:
     return ", ".join(n for n in names if getattr(old, n) != getattr(new, n))
 
 
-_RULE_FIELDS = tuple(f.name for f in fields(Rule))
+_RULE_FIELDS = tuple(f.name for f in fields(Rule) if f.compare)  # not the cached ones
 # A changed secret is named as changed; its value never is (Webhook.secret has no repr either).
 _WEBHOOK_FIELDS = tuple(f.name for f in fields(Webhook))
 
