@@ -322,6 +322,7 @@ class MqttBridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message  # the PUBLISHes ingest.mqttwire leaves to paho
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
@@ -406,12 +407,6 @@ class MqttBridge:
             s.receive_maximum,
             granted or "no limits announced",
         )
-        if session_present and s.shared_group:
-            # A session of a run without shared_group (one process, before --workers) still holds the
-            # plain filters: the broker would send every message here once more, besides the group's
-            # share. Unsubscribing a filter the session does not hold is answered "No subscription
-            # existed" and changes nothing. Messages already queued in the session still come.
-            client.unsubscribe(list(self.plain_filters))
         self._suback = loop.create_future()
         opts = SubscribeOptions(qos=s.qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         ids_available = cprops is None or getattr(cprops, "SubscriptionIdentifierAvailable", 1) != 0
@@ -441,6 +436,15 @@ class MqttBridge:
             result, _mid = client.subscribe([(f, opts) for f in self.filters])
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise MqttConnectError(f"subscribe failed to send: {paho.error_string(result)}")
+        if session_present and s.shared_group:
+            # A session of a run without shared_group (one process, before --workers) still holds the
+            # plain filters: the broker would send every message here once more, besides the group's
+            # share. Sent after the SUBSCRIBE, on the same connection, so that the broker has the
+            # shared subscription before the plain one goes (no moment without either). Unsubscribing
+            # a filter the session does not hold is answered "No subscription existed" and changes
+            # nothing. Messages already queued in the session still come on Mosquitto; MQTT 5 lets
+            # another broker drop those not yet sent (3.10.4).
+            client.unsubscribe(list(self.plain_filters))
         if session_present:
             # The session already holds the subscriptions, and the broker may send the session's
             # messages ahead of the SUBACK; reading stops at a full window until they are
@@ -477,6 +481,8 @@ class MqttBridge:
 
     def _teardown_socket(self) -> None:
         self._can_ack = False
+        if self._reader is not None:
+            self._reader.reset()  # nothing read from this connection is handed over after it
         self._set_window_full(False)  # nothing more can be read from this socket anyway
         if self._misc_task is not None:
             self._misc_task.cancel()
@@ -509,8 +515,8 @@ class MqttBridge:
         from the buffer or read from the socket (TCP flow control holds the rest at the broker) until
         acknowledgements free it. Bounded per wake, for fairness with the writer task."""
         client, reader = self._client, self._reader
-        if client is None or reader is None:
-            return
+        if client is None or reader is None or self._sock is None or client.socket() is not self._sock:
+            return  # a callback scheduled for a connection that is gone
         limit = self.settings.receive_maximum
         handed = 0
         for _ in range(_MAX_READS_PER_WAKE):
@@ -537,25 +543,43 @@ class MqttBridge:
                     if client.socket() is not None:
                         reader.lost()
                 return
-        if self._loop is not None and reader.pending:
-            # What is already read may hold whole packets, which no readiness of the socket announces.
+        sock = client.socket()
+        if self._loop is not None and (reader.pending or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
+            # What is already read may hold whole packets, and TLS may hold decrypted bytes, which no
+            # readiness of the socket announces.
             self._loop.call_soon(self._on_readable)
 
-    def _on_publishes(self, publishes: list[Publish]) -> None:
-        """The PUBLISHes of one read, in order: registered for acknowledgement and handed over."""
-        arrived, sink, identify, clock = self.tracker.arrived, self.sink, self.identify, self.clock
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        """A PUBLISH paho decoded (one ingest.mqttwire does not read: a topic alias, a property it does
+        not know), handed over like the others, in its place in the order."""
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if self.identify else None
+        subscriptions = (tuple(ids) if isinstance(ids, list) else (int(ids),)) if ids else ()
+        self._on_publishes([Publish(bytes(msg._topic), bytes(msg.payload), msg.qos, msg.mid, bool(msg.dup),
+                                    subscriptions)], all_of_them=True)
+
+    def _on_publishes(self, publishes: list[Publish], *, all_of_them: bool = False) -> int:
+        """The PUBLISHes of one read, in order: registered for acknowledgement and handed over, until
+        reading is paused (the pipeline's inbox is full: its submit() pauses it); returns how many were
+        taken (the rest stay unread in the reader's buffer). ``all_of_them``: paho read it already."""
+        arrived, sink, identify, clock, holds = self.tracker.arrived, self.sink, self.identify, self.clock, \
+            self._read_holds
         now, epoch = time.monotonic(), self.tracker.epoch
+        took = 0
         for p in publishes:
+            if holds and not all_of_them:
+                break
             raw = p.topic
             try:
                 topic = raw.decode()
             except UnicodeDecodeError:  # brokers validate topics, but never let one stop the loop
                 topic = raw.decode("utf-8", "replace")
-            # Identifiers also for a message in the same read as the CONNACK, before _identified is set.
             # A clock reading per message, not per read: a reading without a time of its own takes
             # the receive time, and two messages of one read must not become one row.
+            # Identifiers also for a message in the same read as the CONNACK, before _identified is set.
             sink(RawMessage(topic, p.payload, clock(), p.qos, p.mid, epoch, arrived(p.mid, p.qos, now), p.dup,
                             p.subscriptions if identify else ()))
+            took += 1
+        return took
 
     def _on_writable(self) -> None:
         if self._client is not None:

@@ -23,6 +23,7 @@ they change shape, so an upgrade is a deliberate step.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 
 __all__ = ["PAHO_VERSION", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "puback_bytes", "queue_pubacks"]
+
+log = logging.getLogger("ingest.mqtt")
 
 PAHO_VERSION = "2.2.0"
 READ_SIZE = 256 * 1024  # bytes per recv(): a few hundred small messages, or four maximal ones
@@ -216,18 +219,36 @@ class PacketReader:
             client._last_bytes_received = time.monotonic()
         return True
 
-    def step(self, room: int, on_publish: Callable[[list[Publish]], None]) -> tuple[int, bool]:
-        """Take complete packets from the buffer: at most ``room`` PUBLISHes of QoS 1.
+    def step(self, room: int, on_publish: Callable[[list[Publish]], int]) -> tuple[int, bool]:
+        """Take complete packets from the buffer: at most ``room`` PUBLISHes (of QoS 0 or 1: both are
+        counted unacknowledged until their commit).
 
-        Returns (PUBLISHes handed over, whether the connection is still open). A packet for paho is
-        handled at its place in the order, after the PUBLISHes before it were handed over.
+        ``on_publish(publishes)`` takes them in order and returns how many it took: fewer when reading
+        was paused meanwhile (an overfull inbox); the rest stay in the buffer, unread, and so does
+        everything after them. Returns (PUBLISHes taken, whether the connection is still open). A
+        packet for paho is handled at its place in the order, after the PUBLISHes before it.
         """
         buf = self.buf
         end = len(buf)
         pos = 0
         taken = 0
         out: list[Publish] = []
+        ends: list[int] = []  # where each publish of ``out`` ends in the buffer
         alive = True
+        stopped = False  # on_publish took fewer than it was given: nothing more this step
+
+        def flush() -> None:
+            nonlocal out, ends, pos, taken, stopped
+            if not out:
+                return
+            took = on_publish(out)
+            if took < len(out):
+                stopped = True
+                taken -= len(out) - took
+                pos = ends[took - 1] if took else out_start
+            out, ends = [], []
+
+        out_start = 0
         view = memoryview(buf)
         try:
             while pos + 2 <= end:
@@ -236,9 +257,9 @@ class PacketReader:
                 got = _varint(buf, pos + 1, end)
                 if got is None:
                     if end - pos >= 5:  # five length bytes: a protocol error, paho says so
-                        if out:
-                            on_publish(out)
-                            out = []
+                        flush()
+                        if stopped:
+                            break
                         alive = self._to_paho(header, bytes(buf[pos + 1:pos + 5]), malformed=True)
                         pos = end
                     break
@@ -247,27 +268,42 @@ class PacketReader:
                 if stop > end:
                     break
                 if header & 0xF0 == _PUBLISH:
-                    qos = (header >> 1) & 0x03
-                    if qos == 1 and taken >= room:
+                    if taken >= room:
+                        break
+                    if (header >> 1) & 0x03 > 1:
+                        # Above the QoS the subscriptions were granted (at most 1): a broker's protocol
+                        # error. paho would PUBREC it at once, before any commit: the connection ends.
+                        flush()
+                        if stopped:
+                            break
+                        log.error("MQTT broker sent a QoS 2 PUBLISH on a QoS 1 subscription: disconnecting "
+                                  "(the broker keeps the message in the session)")
+                        alive = self._to_paho(header, b"", malformed=True)
                         break
                     publish = decode_publish(header, view[start:stop], self.v5)
                     if publish is not None:
+                        if not out:
+                            out_start = pos
                         out.append(publish)
-                        if publish.qos:
-                            taken += 1
+                        ends.append(stop)
+                        taken += 1
                         pos = stop
                         continue
-                if out:
-                    on_publish(out)
-                    out = []
+                    # Not one this module reads (a topic alias, a property unknown here): paho's
+                    # handler decodes it and hands it to the bridge's on_message, in its place.
+                flush()
+                if stopped:
+                    break
                 pos = stop
+                if header & 0xF0 == _PUBLISH:
+                    taken += 1
                 alive = self._to_paho(header, bytes(buf[start:stop]))
                 if not alive:
                     break
+            if not stopped:
+                flush()
         finally:
             view.release()
-        if out:
-            on_publish(out)
         if alive:
             del buf[:pos]
         else:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import socket
 import struct
+from collections.abc import Callable
 
 import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho
@@ -164,10 +166,11 @@ def test_packets_come_whole_and_in_order_however_the_bytes_are_split(n: int, cut
     got: list[Publish] = []
     unacked = 0
 
-    def take(batch: list[Publish]) -> None:
+    def take(batch: list[Publish]) -> int:
         nonlocal unacked
         got.extend(batch)
-        unacked += sum(p.qos for p in batch)
+        unacked += len(batch)  # QoS 0 too: unacknowledged until the commit
+        return len(batch)
 
     for _ in range(10 * (n + len(chunks) + 1)):
         before = unacked
@@ -199,3 +202,94 @@ def test_eof_is_noted_for_paho() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+def _client(connected: bool = False) -> paho.Client:
+    """A paho client; ``connected``: with a socket (one end of a pair), as the bridge's has."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="t", protocol=MQTTProtocolVersion.MQTTv5,
+                         manual_ack=True)
+    if connected:
+        ours, theirs = socket.socketpair()
+        _PAIRS.append((ours, theirs))
+        client._sock = ours
+    return client
+
+
+_PAIRS: list[tuple[socket.socket, socket.socket]] = []
+
+
+def _taker(into: list[Publish], limit: int = 10**9) -> Callable[[list[Publish]], int]:
+    """An on_publish that takes at most ``limit`` messages in all (then reading is "paused")."""
+    def take(batch: list[Publish]) -> int:
+        n = max(0, min(len(batch), limit - len(into)))
+        into.extend(batch[:n])
+        return n
+    return take
+
+
+def test_qos_0_messages_count_against_the_window_too() -> None:
+    """QoS 0 messages are unacknowledged until their commit like QoS 1 ones: a step takes at most
+    ``room`` of either (review of #17: a read of tiny QoS 0 messages went past receive_maximum)."""
+    reader = PacketReader(_client(), v5=True)
+    reader.buf += b"".join(_publish(f"t/{i}".encode(), b"x", i % 2, i + 1, False, b"\x00") for i in range(10))
+    got: list[Publish] = []
+    assert reader.step(3, _taker(got)) == (3, True)
+    assert [p.topic for p in got] == [b"t/0", b"t/1", b"t/2"]
+    assert reader.step(100, _taker(got)) == (7, True)
+    assert len(got) == 10
+    assert not reader.buf
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3])
+def test_what_the_sink_does_not_take_stays_unread_in_the_buffer(limit: int) -> None:
+    """Reading paused in the middle of a read (the inbox is full): the messages not taken, and the
+    packets after them (a PINGRESP for paho here), wait in the buffer, in order, for the next step."""
+    reader = PacketReader(_client(connected=True), v5=True)
+    packets = [_publish(b"a", b"1", 0, 0, False, b"\x00"), _publish(b"b", b"2", 1, 2, False, b"\x00"),
+               _publish(b"c", b"3", 0, 0, False, b"\x00"), b"\xd0\x00", _publish(b"d", b"4", 1, 3, False, b"\x00")]
+    reader.buf += b"".join(packets)
+    got: list[Publish] = []
+    taken, alive = reader.step(10, _taker(got, limit))
+    assert alive
+    assert taken == limit == len(got)
+    # With the three before it taken, the PINGRESP is paho's at once (not a message: no hold applies).
+    kept = limit if limit < 3 else 4
+    assert bytes(reader.buf) == b"".join(packets[kept:])
+    assert reader.step(10, _taker(got)) == (4 - limit, True)
+    assert [p.topic for p in got] == [b"a", b"b", b"c", b"d"]
+    assert not reader.buf
+
+
+def test_a_publish_this_module_does_not_read_reaches_paho_s_on_message_in_order() -> None:
+    """A topic alias (never allowed by the bridge) or another PUBLISH decode_publish declines is not
+    dropped: paho decodes it and calls on_message, between the messages around it."""
+    client = _client(connected=True)
+    order: list[bytes] = []
+    client.on_message = lambda c, u, m: order.append(bytes(m._topic))
+    reader = PacketReader(client, v5=True)
+    alias = b"\x03\x23\x00\x05"
+    reader.buf += (_publish(b"a", b"1", 1, 1, False, b"\x00") + _publish(b"odd", b"2", 1, 2, False, alias)
+                   + _publish(b"c", b"3", 1, 3, False, b"\x00"))
+
+    def take(batch: list[Publish]) -> int:
+        order.extend(p.topic for p in batch)
+        return len(batch)
+
+    taken, alive = reader.step(10, take)
+    assert alive
+    assert taken == 3
+    assert order == [b"a", b"odd", b"c"]
+
+
+def test_a_qos_2_publish_ends_the_connection_instead_of_a_pubrec_before_the_commit() -> None:
+    client = _client()
+    disconnects: list[object] = []
+    client.on_disconnect = lambda *a: disconnects.append(a)
+    reader = PacketReader(client, v5=True)
+    reader.buf += _publish(b"a", b"1", 1, 1, False, b"\x00") + _publish(b"q2", b"2", 2, 2, False, b"\x00")
+    got: list[Publish] = []
+    assert reader.step(10, _taker(got)) == (1, False)
+    assert [p.topic for p in got] == [b"a"]
+    assert disconnects
+    assert not client._out_packet  # no PUBREC
+    assert not reader.buf
