@@ -49,7 +49,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ingest.acks import AckTracker
 from ingest.metrics import Metrics
 from ingest.model import Clock, RawMessage, utc_now
-from ingest.mqttwire import PacketReader, Publish, queue_pubacks
+from ingest.mqttwire import PacketReader, Publish, paho_problem, queue_pubacks
 from ingest.routing import subscription_ids
 from ingest.settings import MqttSettings
 
@@ -318,6 +318,9 @@ class MqttBridge:
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=True,
         )
+        problem = paho_problem(client)
+        if problem is not None:
+            raise RuntimeError(problem)
         configure_client(client, s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 
-__all__ = ["PAHO_VERSION", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "puback_bytes", "queue_pubacks"]
+__all__ = ["PAHO_VERSION", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "paho_problem", "puback_bytes",
+           "queue_pubacks"]
 
 log = logging.getLogger("ingest.mqtt")
 
@@ -167,6 +169,19 @@ def puback_bytes(mids: list[int]) -> bytes:
         out[i + 3] = mid & 0xFF
         i += 4
     return bytes(out)
+
+
+def paho_problem(client: paho.Client) -> str | None:
+    """Why this paho client does not have the internals the read path uses (another paho release than
+    the one they were read from), or None."""
+    missing = [name for name in ("_in_packet", "_packet_handle", "_loop_rc_handle", "_packet_queue",
+                                 "_last_bytes_received", "_msgtime_mutex") if not hasattr(client, name)]
+    version = getattr(paho_mqtt, "__version__", "?")
+    if missing or not str(version).startswith(PAHO_VERSION.rsplit(".", 1)[0] + "."):
+        return (f"paho-mqtt {version} is not the release ingest.mqttwire was written against ({PAHO_VERSION}"
+                f"{'; it lacks ' + ', '.join(missing) if missing else ''}): install paho-mqtt "
+                f"{PAHO_VERSION.rsplit('.', 1)[0]}.x (pyproject.toml pins it)")
+    return None
 
 
 def _fresh_in_packet() -> dict[str, Any]:

@@ -293,3 +293,15 @@ def test_a_qos_2_publish_ends_the_connection_instead_of_a_pubrec_before_the_comm
     assert disconnects
     assert not client._out_packet  # no PUBREC
     assert not reader.buf
+
+
+def test_the_installed_paho_has_what_the_read_path_uses_and_another_is_refused_by_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest import mqttwire
+
+    assert mqttwire.paho_problem(_client()) is None
+    monkeypatch.setattr(paho_mqtt, "__version__", "2.3.0")
+    problem = mqttwire.paho_problem(_client())
+    assert problem is not None
+    assert "paho-mqtt 2.3.0" in problem
+    assert "install paho-mqtt 2.2.x" in problem
