@@ -141,8 +141,8 @@ async def _check_schema(pool: asyncpg.Pool) -> str | None:
 # The data path allocates a few objects per reading and frees nearly all of them by reference
 # counting; Python's cyclic collector, run every 700 allocations by default, finds almost nothing
 # there. What start-up built (modules, the catalog, pint's registry) is moved out of its reach
-# (gc.freeze) and the first generation is collected every GC_GEN0 allocations: per message, 10 to
-# 35 % less time in processing (BENCHMARKS.md, issue #17), with the same peak RSS.
+# (gc.freeze) and the first generation is collected every GC_GEN0 allocations (issue #17: part of the
+# drain's gain in BENCHMARKS.md; the drain's peak RSS stayed 87 MB).
 GC_GEN0 = 50_000
 
 
