@@ -191,6 +191,16 @@ class Publisher:
         self.client.loop_stop()
 
 
+def publish_acked(port: int, messages: list[tuple[str, bytes]]) -> None:
+    """Publish at QoS 1 with a publisher of its own and check the broker acknowledged every message."""
+    pub = Publisher(port)
+    try:
+        pub.publish_all(messages)
+        assert pub.acked == len(messages)
+    finally:
+        pub.close()
+
+
 def native(device: str, time: str, readings: dict[str, object]) -> bytes:
     return json.dumps({"device": device, "time": time, "readings": readings}).encode()
 

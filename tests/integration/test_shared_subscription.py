@@ -15,7 +15,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.harness import IngestProcess, Publisher, count, fleet, native, stored_readings, write_config
+from tests.integration.harness import (
+    IngestProcess,
+    Publisher,
+    count,
+    fleet,
+    native,
+    publish_acked,
+    stored_readings,
+    write_config,
+)
 from tests.integration.test_pipeline import T0
 from tests.proxy import FaultProxy
 from tests.services import Mosquitto, wait_until
@@ -65,15 +74,6 @@ def workers() -> Iterator[list[IngestProcess]]:
         p.close()
 
 
-def _publish(port: int, messages: list[tuple[str, bytes]]) -> None:
-    pub = Publisher(port)
-    try:
-        pub.publish_all(messages)
-        assert pub.acked == len(messages)
-    finally:
-        pub.close()
-
-
 def _two_workers(
     tmp_path: Path, workers: list[IngestProcess], database_url: str, broker: Mosquitto, prefix: str,
     make_proxy: Callable[[int], FaultProxy], session_expiry: int = 86400,
@@ -101,7 +101,7 @@ def _hold_then_kill(w0: IngestProcess, w1: IngestProcess, proxy: FaultProxy, bro
     """Stop worker 0's commits, publish, and SIGKILL worker 0 while it holds its share of the
     messages unacknowledged; worker 1 has committed its own share. Returns how many were held."""
     proxy.mode = "refuse"
-    _publish(broker.port, messages)
+    publish_acked(broker.port, messages)
     wait_until(lambda: w0.metric(RECEIVED) + w1.metric(RECEIVED) == len(messages), HANG, "every message received")
     wait_until(lambda: w1.metric(ACKED) == w1.metric(RECEIVED), HANG, "worker 1 to commit its share")
     held = int(w0.metric(RECEIVED))
@@ -125,7 +125,7 @@ def test_a_worker_killed_and_restarted_with_its_client_id_gets_its_unacknowledge
 
     # While worker 0 is dead, the group goes on: the broker keeps routing worker 0 its share,
     # queued in its session.
-    _publish(broker.port, rest)
+    publish_acked(broker.port, rest)
     w0.start()  # the same config: the same client id, so the same session
     wait_until(lambda: count(database_url, "readings") >= len(expected), HANG, "every reading")
     assert stored_readings(database_url) == expected
@@ -154,7 +154,7 @@ def test_a_worker_stopped_gracefully_still_gets_its_share_queued_until_it_return
     messages, expected = fleet(topic_prefix, 400, T0)
     w0, w1, _ = _two_workers(tmp_path, workers, database_url, broker, topic_prefix, make_proxy)
     assert w0.terminate() == 0
-    _publish(broker.port, messages)
+    publish_acked(broker.port, messages)
     w0.start()
     wait_until(lambda: count(database_url, "readings") >= len(expected), HANG, "every reading")
     assert stored_readings(database_url) == expected
@@ -179,7 +179,7 @@ def test_a_worker_that_stays_away_past_its_session_expiry_loses_its_unacknowledg
 
     broker_log = broker.dir / "mosquitto.log"
     expired = f"Expiring client {client_id} due to timeout."
-    _publish(broker.port, away)  # while worker 0's session still lives
+    publish_acked(broker.port, away)  # while worker 0's session still lives
     assert expired not in broker_log.read_text(), "the session expired before the messages were sent"
     wait_until(lambda: expired in broker_log.read_text(), HANG, "the broker to expire worker 0's session")
     w1_away = w1.metric(RECEIVED) - w1_before
@@ -187,7 +187,7 @@ def test_a_worker_that_stays_away_past_its_session_expiry_loses_its_unacknowledg
 
     # After the expiry the group has one member, which gets every message.
     w1_before = w1.metric(RECEIVED)
-    _publish(broker.port, after)
+    publish_acked(broker.port, after)
     wait_until(lambda: w1.metric(RECEIVED) - w1_before == len(after), HANG, "worker 1 to take every new message")
 
     # Worker 0 back with its client id: a new, empty session; nothing of the old one comes back.
@@ -197,7 +197,7 @@ def test_a_worker_that_stays_away_past_its_session_expiry_loses_its_unacknowledg
     sentinels = [(f"{topic_prefix}/hn-aq-s{i}/up", native(f"hn-aq-s{i}", T0.isoformat(), {"pm25": 1.0}))
                  for i in range(2)]
     sentinel_readings = {(f"hn-aq-s{i}", "pm25", T0.isoformat(), 1.0) for i in range(2)}
-    _publish(broker.port, sentinels)
+    publish_acked(broker.port, sentinels)
     wait_until(lambda: sentinel_readings <= stored_readings(database_url), HANG, "the sentinels")
     assert w0.metric(RECEIVED) <= len(sentinels)  # nothing was redelivered to it
     assert w0.metric(CONFLICT_BATCHES) == 0

@@ -26,7 +26,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.integration.harness import Publisher, count, fleet, native, stored_readings, write_config
+from tests.integration.harness import count, fleet, native, publish_acked, stored_readings, write_config
 from tests.integration.test_pipeline import T0
 from tests.services import REPO, Mosquitto, free_port, wait_until
 
@@ -154,15 +154,6 @@ def _close_runs(runs: list[Supervised]) -> object:
         r.close()
 
 
-def _publish(port: int, messages: list[tuple[str, bytes]]) -> None:
-    pub = Publisher(port)
-    try:
-        pub.publish_all(messages)
-        assert pub.acked == len(messages)
-    finally:
-        pub.close()
-
-
 def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SENSOR_INGEST_")} | (env or {})
     return subprocess.run([sys.executable, "-m", "ingest", *argv], cwd=REPO, env=clean, capture_output=True,
@@ -191,9 +182,9 @@ def test_two_workers_share_a_backlog_and_live_load_and_stop_with_nothing_unackno
 
     messages, expected = fleet(topic_prefix, 3000, T0)
     backlog, live = messages[:1500], messages[1500:]
-    _publish(broker.port, backlog)
+    publish_acked(broker.port, backlog)
     two.start()
-    _publish(broker.port, live)
+    publish_acked(broker.port, live)
     wait_until(lambda: count(database_url, "readings") >= len(expected), HANG, "every reading")
     assert stored_readings(database_url) == expected
     assert count(database_url, "readings") == len(expected)
@@ -216,7 +207,7 @@ def test_two_workers_share_a_backlog_and_live_load_and_stop_with_nothing_unackno
     assert "supervisor" not in one.log()
     sentinels = [(f"{topic_prefix}/hn-s{i:02d}/up", native(f"hn-s{i:02d}", T0.isoformat(), {"pm25": float(i)}))
                  for i in range(10)]
-    _publish(broker.port, sentinels)
+    publish_acked(broker.port, sentinels)
     wait_until(lambda: one.metric(1, RECEIVED) >= 1 and one.metric(1, ACKED) == one.metric(1, RECEIVED), HANG,
                "a sentinel to worker 1")
     assert one.metric(1, CONFLICT_BATCHES) == 0
@@ -255,13 +246,13 @@ def test_a_worker_killed_mid_load_is_started_again_and_nothing_is_lost(
     messages, expected = fleet(topic_prefix, 4000, T0)
     first, rest = messages[:2000], messages[2000:]
 
-    publisher = threading.Thread(target=_publish, args=(broker.port, first))
+    publisher = threading.Thread(target=publish_acked, args=(broker.port, first))
     publisher.start()
     wait_until(lambda: two.metric(2, RECEIVED) >= 1, HANG, "worker 2 to be at work")
     victim = two.pids()[2]
     os.kill(victim, signal.SIGKILL)
     publisher.join(HANG)
-    _publish(broker.port, rest)  # while worker 2 is dead or starting again: its share waits in its session
+    publish_acked(broker.port, rest)  # while worker 2 is dead or starting again: its share waits in its session
 
     wait_until(lambda: two.pids()[2] != victim, HANG, "a new worker 2")
     assert f"worker 2 (pid {victim}) was killed by SIGKILL" in two.log()
