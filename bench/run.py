@@ -910,6 +910,28 @@ def _webhook_latency(deliveries: list[Delivery], after: datetime) -> dict[str, f
                          if d.event_time >= after])
 
 
+# Where an alert's time goes, per delivered event: its event time, the commit of the transaction that
+# recorded it (judged: the lateness, the wait for a batch or the evaluator, the commit), and when the
+# dispatcher marked it delivered (the receiver had answered).
+_EVENT_TIMES = """
+SELECT e.event_time, pg_xact_commit_timestamp(e.xmin), o.delivered_at
+FROM alert_outbox o JOIN alert_events e ON e.id = o.event_id JOIN devices d ON d.id = e.device_id
+WHERE d.uid LIKE %s AND o.status = 'delivered'
+"""
+
+
+def _alert_breakdown(url: str, run: str, after: datetime) -> dict[str, dict[str, float]]:
+    """Event time to the event's commit, and that commit to its delivery, in ms, per delivered event."""
+    with psycopg.connect(url) as c:
+        rows = c.execute(_EVENT_TIMES, (run + "-%",)).fetchall()
+    rows = [(t, committed, done) for t, committed, done in rows if t >= after and committed is not None]
+    return {
+        "event_to_recorded": _percentiles([(committed - t).total_seconds() * 1000 for t, committed, _ in rows]),
+        "recorded_to_delivered": _percentiles([(done - committed).total_seconds() * 1000
+                                               for _, committed, done in rows if done is not None]),
+    }
+
+
 def _outbox_settled(url: str, run: str) -> tuple[int, int]:
     """(this run's outbox rows delivered or failed, all of them)."""
     with psycopg.connect(url) as c:
@@ -958,6 +980,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     after = datetime.fromtimestamp(started.timestamp() + plan.warmup_seconds, UTC)
     lat = _latency(rows, after)
     hook = _webhook_latency(deliveries, after)
+    parts = _alert_breakdown(svc.database_url, run, after)
     span = _span(rows)
     per_msg = readings_per_message(plan.payload_bytes)
     n = load.total_acked
@@ -976,7 +999,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
                       "events_delivered": len(deliveries), "firing": status["firing"], "resolved": status["resolved"],
                       "events_per_s": round(hook.get("n", 0) / window, 1) if window > 0 else 0.0,
                       "warmup_after_first_publish_s": round((after - first).total_seconds(), 2),
-                      "webhook_latency_ms": hook, "alerts_verified": alerts_verified,
+                      "webhook_latency_ms": hook, "alert_parts_ms": parts, "alerts_verified": alerts_verified,
                       "delivered_wall_s": round(delivered_wall, 2), "workers": plan.workers,
                       "latency_breakdown": breakdown(rows, load, run, after, at_warmup.text, metrics_after)})
 
@@ -1097,7 +1120,10 @@ def alerts_table(r: Result) -> list[Any]:
     t = Table()
     for col in ("latency ms", "n", "p50", "p95", "p99", "max"):
         t.add_column(col, justify="left" if col == "latency ms" else "right")
-    for label, lat in (("publish-to-commit", r.latency_ms or {}), ("publish-to-webhook", x["webhook_latency_ms"])):
+    parts = x.get("alert_parts_ms", {})
+    for label, lat in (("publish-to-commit", r.latency_ms or {}), ("publish-to-webhook", x["webhook_latency_ms"]),
+                       ("  event time to the event's commit", parts.get("event_to_recorded", {})),
+                       ("  the event's commit to delivered", parts.get("recorded_to_delivered", {}))):
         t.add_row(label, f"{lat.get('n', 0):,.0f}",
                   *(f"{lat[p]:,.1f}" if p in lat else "—" for p in ("p50", "p95", "p99", "max")))
     return [

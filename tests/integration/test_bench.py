@@ -65,10 +65,16 @@ def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(t
     assert x["events_delivered"] == x["firing"] + x["resolved"]
     assert x["alerts_verified"] == (f"ok: {x['events_delivered']} events notified, {x['events_delivered']} delivered "
                                     "once each (by webhook-id, signature verified), 0 recorded not notified")
-    for lat in (alerts["latency_ms"], x["webhook_latency_ms"]):
+    parts = x["alert_parts_ms"]
+    for lat in (alerts["latency_ms"], x["webhook_latency_ms"], parts["event_to_recorded"],
+                parts["recorded_to_delivered"]):
         assert lat["n"] > 0
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    # Every delivered event after the warm-up is in both parts; an event is recorded after the lateness.
+    assert parts["event_to_recorded"]["n"] == parts["recorded_to_delivered"]["n"] == x["webhook_latency_ms"]["n"]
+    assert parts["event_to_recorded"]["p50"] >= 1000 * x["lateness_s"]
     assert "publish-to-webhook" in proc.stdout
+    assert "the event's commit to delivered" in proc.stdout
 
     # The breakdown of publish-to-commit (bench.latency), in both live scenarios.
     for r in (results["ingest-live"], alerts):
