@@ -531,7 +531,35 @@ def profile_summary(path: Path, top: int = 15) -> str:
     lines = [f"profile ({total} samples) {path}", "  self%  incl%  function"]
     for f, samples in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {100 * samples / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    lines.append("  share of samples per part of the service (a sample counts for the first part its stack holds):")
+    for part, samples in profile_parts(path).items():
+        lines.append(f"  {100 * samples / max(total, 1):5.1f}  {part}")
     return "\n".join(lines)
+
+
+# The parts of the service a profile is summed into (BENCHMARKS.md, issue #17), each by the frames
+# that mark it, tried in this order.
+PROFILE_PARTS = (
+    ("MQTT receive: socket reads, packet decoding, hand-over", ("Client.loop_read", "MqttBridge._on_readable")),
+    ("PUBACKs", ("MqttBridge._send_acks",)),
+    ("decoding (JSON, the format's decoder)", ("ingest/decoders/",)),
+    ("validation and the catalog", ("ingest/validate.py", "ingest/catalog/")),
+    ("the rest of processing (routing, outcome)", ("Processor.process",)),
+    ("write (COPY, ids, alert stage, commit)", ("Writer.write", "Writer.touch_devices")),
+    ("pipeline (batching, metrics)", ("Pipeline.consume", "Pipeline.write_loop", "Pipeline._commit")),
+    ("event loop idle", ("EpollSelector.select",)),
+)
+
+
+def profile_parts(path: Path) -> dict[str, int]:
+    """Samples per part of the service (PROFILE_PARTS, then "other"), from py-spy's collapsed stacks."""
+    out = {name: 0 for name, _ in PROFILE_PARTS} | {"other (HTTP, gauges, evaluator)": 0}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        part = next((name for name, marks in PROFILE_PARTS if any(m in stack for m in marks)),
+                    "other (HTTP, gauges, evaluator)")
+        out[part] += int(n)
+    return out
 
 
 def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | None = None) -> Result:

@@ -275,3 +275,23 @@ def test_the_receiver_verifies_each_signature_records_the_arrival_and_refuses_a_
     assert now <= d.arrived <= datetime.now(UTC)
     assert [r.split(":")[0] for r in refused] == ["msg_71", "msg_72"]
     assert all("no_match" in r for r in refused)
+
+
+def test_a_profile_is_summed_into_the_parts_of_the_service_by_its_first_matching_frame(tmp_path: Path) -> None:
+    from bench.run import profile_parts
+
+    collapsed = tmp_path / "p.txt"
+    collapsed.write_text(
+        "run (x.py:1);MqttBridge._on_readable (ingest/mqtt.py:9);Pipeline.submit (ingest/pipeline.py:1) 7\n"
+        "run (x.py:1);Pipeline.consume (ingest/pipeline.py:2);Processor.process (ingest/process.py:3);"
+        "decode (ingest/decoders/native.py:4) 5\n"
+        "run (x.py:1);Pipeline.consume (ingest/pipeline.py:2);Processor.process (ingest/process.py:3) 2\n"
+        "run (x.py:1);EpollSelector.select (selectors.py:468) 1\n"
+        "run (x.py:1);Server.serve (uvicorn/server.py:1) 3\n")
+    parts = profile_parts(collapsed)
+    assert parts["MQTT receive: socket reads, packet decoding, hand-over"] == 7
+    assert parts["decoding (JSON, the format's decoder)"] == 5
+    assert parts["the rest of processing (routing, outcome)"] == 2
+    assert parts["event loop idle"] == 1
+    assert parts["other (HTTP, gauges, evaluator)"] == 3
+    assert sum(parts.values()) == 18
