@@ -10,11 +10,14 @@ Delivery contract:
 - persistent session: clean_start False on every connect (paho would clean the first one) and a
   SessionExpiryInterval, so the broker keeps what we have not acknowledged while we are away;
 - a ReceiveMaximum on every connect bounds the unacknowledged messages (and our memory), and the
-  bridge enforces that bound itself: while ``receive_maximum`` messages are unacknowledged it reads
-  nothing more from the socket (TCP flow control holds the rest at the broker) and reads again when
-  acknowledgements free the window. Brokers do not always keep to it: Mosquitto 2.0 restores a
-  session from its persistence file with up to ``max_inflight_messages`` messages already in flight
-  and sends them all when the client resumes the session, whatever Receive Maximum it asks for;
+  bridge enforces that bound itself: while ``receive_maximum`` messages are unacknowledged it hands
+  no more messages over. It keeps reading the socket, so that PINGRESPs and the broker's other
+  packets are still seen (ingest.mqttwire: they go to paho at once, the PUBLISHes wait in the read
+  buffer), up to ``mqttwire.READ_AHEAD_MAX`` bytes; past that it reads nothing (TCP flow control
+  holds the rest at the broker) until acknowledgements free the window. Brokers do not always keep
+  to it: Mosquitto 2.0 restores a session from its persistence file with up to
+  ``max_inflight_messages`` messages already in flight and sends them all when the client resumes
+  the session, whatever Receive Maximum it asks for;
 - a message is acknowledged only through ``ack()``, only on the connection (epoch) it arrived on,
   and in arrival order (AckTracker). A PUBACK goes out as soon as that connection can carry it:
   from its CONNACK on, while its socket is open, whether or not the SUBACK has come (a broker may
@@ -126,7 +129,7 @@ class MqttBridge:
         self._connecting = False
         self._can_ack = False  # the current epoch's CONNACK accepted us (PUBACKs may go while _sock is open)
         self._read_holds: set[str] = set()  # reasons given to pause_reading(), each until its resume_reading()
-        self._window_full = False  # receive_maximum messages unacknowledged: reader removed until acks
+        self._window_full = False  # receive_maximum messages unacknowledged: nothing handed over until acks
         self._stopping = False
         self.suspended: str | None = None  # why, while disconnected on purpose
         self._resumed = asyncio.Event()
@@ -240,7 +243,8 @@ class MqttBridge:
 
     @property
     def window_full(self) -> bool:
-        """receive_maximum messages are unacknowledged: nothing more is read until some are."""
+        """receive_maximum messages are unacknowledged: no more messages are handed over until some are
+        (the socket is still read, up to mqttwire.READ_AHEAD_MAX bytes ahead, for the other packets)."""
         return self._window_full
 
     def pause_reading(self, reason: str = "shutdown") -> None:
@@ -265,8 +269,9 @@ class MqttBridge:
         return frozenset(self._read_holds)
 
     def _watch_reads(self) -> None:
-        """Watch the socket again unless something still holds reading back; read what waits."""
-        if self._read_holds or self._window_full or self._sock is None or self._loop is None:
+        """Watch the socket again unless something still holds reading back; read what waits. A full
+        window is no reason not to: the socket is read ahead of it, and _on_readable stops at the bound."""
+        if self._read_holds or self._sock is None or self._loop is None:
             return
         self._loop.add_reader(self._sock, self._on_readable)
         self._loop.call_soon(self._on_readable)
@@ -514,9 +519,12 @@ class MqttBridge:
     def _on_readable(self) -> None:
         """Read what the socket holds, in large reads, and hand the messages over (ingest.mqttwire).
 
-        At most ``receive_maximum`` messages are unacknowledged: at a full window nothing more is taken
-        from the buffer or read from the socket (TCP flow control holds the rest at the broker) until
-        acknowledgements free it. Bounded per wake, for fairness with the writer task."""
+        At most ``receive_maximum`` messages are unacknowledged: at a full window no more messages are
+        taken from the buffer until acknowledgements free it, but the socket is still read, so that
+        paho sees PINGRESPs (and the rest that is not a message), until the buffer holds
+        ``mqttwire.READ_AHEAD_MAX`` bytes; then nothing more is read (TCP flow control holds the rest at
+        the broker) until acknowledgements free the window. Bounded per wake, for fairness with the
+        writer task."""
         client, reader = self._client, self._reader
         if client is None or reader is None or self._sock is None or client.socket() is not self._sock:
             return  # a callback scheduled for a connection that is gone
@@ -532,9 +540,10 @@ class MqttBridge:
                     return
             if self.tracker.unacked >= limit:
                 self._set_window_full(True)
-                if self._sock is not None and self._loop is not None:
-                    self._loop.remove_reader(self._sock)
-                return
+                if reader.full:
+                    if self._sock is not None and self._loop is not None:
+                        self._loop.remove_reader(self._sock)
+                    return
             if handed >= _MAX_PACKETS_PER_WAKE:
                 break
             sock = client.socket()

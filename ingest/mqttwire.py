@@ -15,6 +15,39 @@ up to ``READ_SIZE`` bytes at a time, and splits the bytes into packets:
 PUBACKs likewise: the acknowledgements of one commit become one buffer queued on paho's outgoing
 queue (in order with whatever paho sends), written with one ``send()``.
 
+While the receive window is full (``step()`` given no room), the reader keeps reading: PUBLISHes
+stay in the buffer, unprocessed and in their order, until room returns, and every other packet
+behind them is handed to paho at once, in its own order. Without that no PINGRESP is read during a
+slow write, and paho gives a healthy connection up about two keepalives into it. What is read ahead
+is bounded by ``READ_AHEAD_MAX`` (plus the one read that crosses it): at the bound the bridge stops
+reading, and TCP holds the rest at the broker. A broker keeps QoS 1 within Receive Maximum, but
+nothing bounds QoS 0 (nor a broker that overshoots the window, as Mosquitto 2.0 does on a restored
+session), hence the cap. It is a fixed 4 MiB rather than ``receive_maximum`` x the broker's
+message size limit: the service does not know that limit, and at the defaults the product would be
+512 MiB more, doubling the memory the window already allows, for QoS 0 floods only.
+
+Handing a packet to paho ahead of the PUBLISHes before it reorders them. Taken case by case, for
+what a server sends a client (MQTT 5.0, 2.1.2):
+- PINGRESP: keepalive only, no relation to any message: the reason to read ahead;
+- SUBACK, UNSUBACK: answers to the bridge's requests; the broker may send a subscription's messages
+  before its SUBACK (3.8.4), and the bridge ties no message to the SUBACK. Read ahead, a refusal
+  ends the connection sooner, and a new session's SUBACK behind a full window no longer waits past
+  ``connect_timeout``;
+- PUBACK, PUBREC, PUBCOMP: answers to the client's own PUBLISHes (the bridge sends none); PUBREL
+  follows a PUBREC the bridge never sends (it ends the connection on a QoS 2 PUBLISH): paho has
+  nothing of either to tie to a message; CONNACK comes first on a connection, before any PUBLISH;
+- DISCONNECT, AUTH (the bridge asks for no enhanced authentication: paho refuses it), and a
+  malformed packet end the connection. They are handed over at once too, and the PUBLISHes read
+  before them are dropped with the connection: a QoS 1 one could not be acknowledged on it anyway
+  (acknowledgements belong to the connection they arrived on), and the broker sends it again with
+  the session; a QoS 0 one is lost, as QoS 0 messages in flight on a lost connection are. Holding
+  the end of the connection back until the window reopens would not save them: the broker has
+  closed the socket, and paho's next PINGREQ would end it as well, only later and without the
+  broker's reason code. The loss is logged with its count. The end of the socket (EOF) is taken
+  the same way.
+PUBLISHes are never reordered among themselves: a QoS 2 PUBLISH, or one paho decodes, waits in its
+place like the others.
+
 This uses paho internals (``_in_packet``, ``_packet_handle``, ``_loop_rc_handle``, ``_packet_queue``,
 ``_last_bytes_received``, ``_msgtime_mutex``). They are pinned: ``PAHO_VERSION`` is the release they
 were read from, and tests/unit/test_mqttwire.py fails when the installed paho is another one or
@@ -34,13 +67,14 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 
-__all__ = ["PAHO_VERSION", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "paho_problem", "puback_bytes",
-           "queue_pubacks"]
+__all__ = ["PAHO_VERSION", "READ_AHEAD_MAX", "READ_SIZE", "PacketReader", "Publish", "decode_publish", "paho_problem",
+           "puback_bytes", "queue_pubacks"]
 
 log = logging.getLogger("ingest.mqtt")
 
 PAHO_VERSION = "2.2.0"
 READ_SIZE = 256 * 1024  # bytes per recv(): a few hundred small messages, or four maximal ones
+READ_AHEAD_MAX = 16 * READ_SIZE  # bytes held in the buffer while the window is full (4 MiB; module docstring)
 
 _PUBLISH = 0x30
 _PUBACK = 0x40
@@ -193,9 +227,10 @@ class PacketReader:
     """Reads one paho client's socket in large chunks and splits the bytes into packets.
 
     ``on_publish(publishes)`` receives the PUBLISHes of one step, in order; the other packets go to
-    paho between them, in their order. A step stops at ``limit()`` PUBLISHes still allowed (the
-    receive window) or at ``max_packets``; what is read and not yet taken waits in the buffer
-    (at most one read plus one partial packet) for the next ``step()``.
+    paho between them, in their order. A step stops at ``room`` PUBLISHes (the receive window); the
+    PUBLISHes after that wait in the buffer for the next ``step()``, and the other packets behind
+    them go to paho at once (module docstring). The buffer holds a partial packet, and while the
+    window is full what was read ahead: ``full`` says when that reaches ``READ_AHEAD_MAX``.
     """
 
     def __init__(self, client: paho.Client, v5: bool) -> None:
@@ -203,16 +238,24 @@ class PacketReader:
         self.v5 = v5
         self.buf = bytearray()
         self.eof = False  # the socket said EOF or failed: paho is to see it (step() hands it over)
+        # buf[:held] is whole PUBLISHes only, read ahead while the window was full and already
+        # searched for packets to hand to paho: the next search starts after them.
+        self.held = 0
 
     def reset(self) -> None:
         """A new connection: nothing read from the old one is kept."""
-        self.buf.clear()
+        self._discard(0)
         self.eof = False
 
     @property
     def pending(self) -> bool:
         """Bytes read from the socket and not yet taken (maybe a whole packet)."""
         return bool(self.buf)
+
+    @property
+    def full(self) -> bool:
+        """The buffer holds ``READ_AHEAD_MAX`` bytes or more: read no more until a step takes some."""
+        return len(self.buf) >= READ_AHEAD_MAX
 
     def fill(self, sock: Any) -> bool:
         """One ``recv()``. False when nothing came (would block); EOF and errors are left to paho."""
@@ -241,7 +284,8 @@ class PacketReader:
         ``on_publish(publishes)`` takes them in order and returns how many it took: fewer when reading
         was paused meanwhile (an overfull inbox); the rest stay in the buffer, unread, and so does
         everything after them. Returns (PUBLISHes taken, whether the connection is still open). A
-        packet for paho is handled at its place in the order, after the PUBLISHes before it.
+        packet for paho is handled at its place in the order, after the PUBLISHes before it, unless
+        the window is full before it: then it is handled at once (``_read_ahead``).
         """
         buf = self.buf
         end = len(buf)
@@ -251,6 +295,7 @@ class PacketReader:
         ends: list[int] = []  # where each publish of ``out`` ends in the buffer
         alive = True
         stopped = False  # on_publish took fewer than it was given: nothing more this step
+        window_full = False  # stopped at a PUBLISH for want of room
 
         def flush() -> None:
             nonlocal out, ends, pos, taken, stopped
@@ -284,6 +329,7 @@ class PacketReader:
                     break
                 if header & 0xF0 == _PUBLISH:
                     if taken >= room:
+                        window_full = True
                         break
                     if (header >> 1) & 0x03 > 1:
                         # Above the QoS the subscriptions were granted (at most 1): a broker's protocol
@@ -319,11 +365,68 @@ class PacketReader:
                 flush()
         finally:
             view.release()
+        if alive and window_full and not stopped:
+            alive = self._read_ahead(pos)
         if alive:
             del buf[:pos]
+            self.held = max(0, self.held - pos)
         else:
-            buf.clear()
+            self._discard(pos)
         return taken, alive
+
+    def _read_ahead(self, pos: int) -> bool:
+        """The window is full at the PUBLISH at ``pos``: hand every other packet after it to paho now,
+        in order, cutting it out of the buffer, and leave the PUBLISHes where they are. False if the
+        connection ended."""
+        buf = self.buf
+        end = len(buf)
+        pos = max(pos, self.held)
+        while pos + 2 <= end:
+            header = buf[pos]
+            got = _varint(buf, pos + 1, end)
+            if got is None:
+                if end - pos >= 5:
+                    return self._to_paho(header, bytes(buf[pos + 1:pos + 5]), malformed=True)
+                break
+            length, start = got
+            stop = start + length
+            if stop > end:
+                break
+            if header & 0xF0 != _PUBLISH:
+                body = bytes(buf[start:stop])
+                del buf[pos:stop]
+                end -= stop - pos
+                if not self._to_paho(header, body):
+                    return False
+                continue
+            pos = stop
+        self.held = pos
+        return True
+
+    def _discard(self, pos: int) -> None:
+        """Empty the buffer, the connection being over; say how many messages it held from ``pos`` on
+        (read ahead behind a full window, or held by a pause): the module docstring says why they go."""
+        buf = self.buf
+        end = len(buf)
+        qos0 = qos1 = 0
+        while pos + 2 <= end:
+            got = _varint(buf, pos + 1, end)
+            if got is None or got[1] + got[0] > end:
+                break
+            if buf[pos] & 0xF0 == _PUBLISH:
+                if buf[pos] & 0x06:
+                    qos1 += 1
+                else:
+                    qos0 += 1
+            pos = got[1] + got[0]
+        buf.clear()
+        self.held = 0
+        if qos0:
+            log.warning("MQTT connection ended with %d message(s) read and not yet handed over: %d at QoS 0 are "
+                        "lost, %d at QoS 1 come again with the session", qos0 + qos1, qos0, qos1)
+        elif qos1:
+            log.info("MQTT connection ended with %d QoS 1 message(s) read and not yet handed over: they come "
+                     "again with the session", qos1)
 
     def _to_paho(self, header: int, body: bytes, malformed: bool = False) -> bool:
         """Hand one packet to paho's handler, as its own reader would; False if the connection ended."""
@@ -346,7 +449,7 @@ class PacketReader:
 
     def lost(self) -> None:
         """The socket said EOF or failed: let paho read it and end the connection its way."""
-        self.buf.clear()
+        self._discard(0)
         self.eof = False
         self.client.loop_read()
 

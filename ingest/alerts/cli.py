@@ -381,7 +381,7 @@ Query = tuple[str, dict[str, Any], list[tuple[str, str]]]
 
 def _list_query(args: argparse.Namespace) -> Query:
     statuses = ["firing"] if args.firing else ["ok", "pending", "firing"] if args.all else ["pending", "firing"]
-    where = ["s.status = ANY(%(statuses)s)"]
+    where = ["s.status = ANY(%(statuses)s)", "s.rule <> '*value'"]  # not a series' shared row (ValueRules)
     params: dict[str, Any] = {"statuses": statuses, "limit": args.limit}
     if args.rule:
         where.append("s.rule = %(rule)s")

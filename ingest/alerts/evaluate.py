@@ -49,7 +49,8 @@ from typing import Literal
 
 from ingest.alerts.model import Rule
 
-__all__ = ["Event", "Judged", "State", "clock_window", "due", "evaluate", "is_late", "judge", "since"]
+__all__ = ["Event", "Judged", "State", "ValuesJudged", "clock_window", "due", "evaluate", "is_late", "judge",
+           "judge_values", "since"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -243,6 +244,48 @@ def judge(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: 
     if fresh and new.last_time != fresh[-1][0]:  # the last reading was not judged (no reference, too few)
         new = State(new.status, new.episode_start, fresh[-1][0], new.last_value, new.evaluated_to)
     return Judged(new, events, pending, uncovered, unknown, len(observations))
+
+
+@dataclass(frozen=True, slots=True)
+class ValuesJudged:
+    """The judgement of a series by all of its value rules at once (``judge_values``)."""
+
+    last_time: datetime | None  # the event time of the last reading judged (the series' own state)
+    last_value: float | None
+    changed: dict[str, State]  # rule name -> its new state, for the rules whose state moved or is not ok
+    events: list[tuple[Rule, Event]]
+    due: datetime | None  # the watermark the next judgement needs (None: no row given waits)
+    judged: int  # readings judged
+
+
+def judge_values(rules: Sequence[Rule], states: dict[str, State], last_time: datetime | None,
+                 last_value: float | None, rows: Sequence[tuple[datetime, float]], to: datetime) -> ValuesJudged:
+    """Judge one series up to ``to`` by every value rule in ``rules`` at once: what ``judge`` gives for
+    each rule, given the series' last judged reading (``last_time``, ``last_value``, shared by all of
+    its value rules) and the states of the rules that are not ok (``states``; a rule missing from it
+    is ok). The readings are filtered once; a rule that is ok and that no reading breaches stays ok
+    without running its state machine, so 20 rules on a metric cost little more than one."""
+    fresh = [(t, v) for t, v in rows if (last_time is None or t > last_time) and t <= to]
+    waiting = next((t for t, _ in rows if t > to and (last_time is None or t > last_time)), None)
+    if not fresh:
+        return ValuesJudged(last_time, last_value, {}, [], waiting, 0)
+    changed: dict[str, State] = {}
+    events: list[tuple[Rule, Event]] = []
+    ok = State("ok", None, last_time, last_value)
+    for rule in rules:
+        state = states.get(rule.name)
+        if state is None:
+            breached = rule.breached
+            if not any(breached(v) for _, v in fresh):
+                continue
+            state = ok
+        else:
+            state = State(state.status, state.episode_start, last_time, last_value, state.evaluated_to)
+        new, fired = _machine(rule, state, fresh)
+        changed[rule.name] = new
+        events += [(rule, e) for e in fired]
+    t, v = fresh[-1]
+    return ValuesJudged(t, v, changed, events, waiting, len(fresh))
 
 
 def _clock_windows(rule: Rule, state: State, rows: Sequence[tuple[datetime, float]], to: datetime,

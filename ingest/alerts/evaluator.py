@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ingest.alerts.evaluate import clock_window
+from ingest.alerts.model import VALUES, Rule, ValueRules
 from ingest.alerts.runtime import RuleSet
 from ingest.alerts.stage import _COLUMNS, AlertStage, Key, Locked, StageResult, _locked
 from ingest.alerts.versions import BEAT_EVERY, Versions
@@ -147,18 +148,22 @@ class Evaluator:
                 log.info("alerts: the service takes messages again after %.0fs; no silence is judged for %.0fs more",
                          away, self.grace)
         if now >= self._beat_at:
-            await self.versions.beat(conn, active.rules)
+            await self.versions.beat(conn, active.versioned)
             self._beat_at = now + BEAT_EVERY
         while True:  # the due series, CLAIM at a time, each claim with the rule set of that moment
             active = self.stage.runtime.active
             if not active.rules:
                 return total
             result = StageResult()
+            # The value rules' series are their VALUES rows (ingest.alerts.model.ValueRules).
+            claim: list[Rule | ValueRules] = [r for r in active.rules if r.signal != "value"]
+            if active.values.rules:
+                claim.append(active.values)
             async with conn.transaction():
                 to = self.stage.watermark(active, self.stage.clock())
-                claimed = await conn.fetch(_DUE, to, [r.name for r in active.rules], [r.version for r in active.rules],
-                                           [self.versions.blocking(r) for r in active.rules], CLAIM,
-                                           [clock_window(r) for r in active.rules])
+                claimed = await conn.fetch(_DUE, to, [r.name for r in claim], [r.version for r in claim],
+                                           [self.versions.blocking(r) for r in claim], CLAIM,
+                                           [isinstance(r, Rule) and clock_window(r) for r in claim])
                 await self._judge(conn, active, claimed, result, silent=False)
             self._count(result, total)
             if len(claimed) < CLAIM or result.judged + result.dropped <= result.stuck:  # done, or no progress
@@ -191,7 +196,7 @@ class Evaluator:
             return
         rules = {r.name: r for r in active.rules}
         locked: dict[Key, Locked] = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in claimed
-                                     if r["rule"] in rules}
+                                     if r["rule"] in rules or r["rule"] == VALUES}
         devices = await self.stage.devices(conn, {k[1] for k in locked})
         await self.stage.judge_locked(conn, active, rules, locked, devices, result, silent=silent)
 

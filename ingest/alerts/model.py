@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
-__all__ = ["Rule", "Webhook", "decode_secret", "parse_duration"]
+__all__ = ["VALUES", "Rule", "ValueRules", "Webhook", "decode_secret", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -167,3 +167,42 @@ class Rule:
             return self.threshold
         assert self.high is not None
         return self.threshold if v < self.threshold or abs(v - self.threshold) <= abs(v - self.high) else self.high
+
+
+VALUES = "*value"  # alert_state.rule of a series' shared row for its value rules (no rule name starts with *)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRules:
+    """The value rules (``signal`` = "value") of a rule set, judged together per series: one
+    alert_state row (rule VALUES) per (device, metric) carries what they share (the last reading
+    judged, what waits, when a reading last arrived), and a rule has a row of its own only once its
+    state has left ok (ingest.alerts.stage). ``version`` fingerprints them all: the series' row stores
+    it, and workers holding different sets after a reload do not take turns on a series
+    (ingest.alerts.versions)."""
+
+    rules: tuple[Rule, ...] = ()
+    name: str = VALUES
+    _version: str = field(init=False, repr=False, compare=False, hash=False, default="")
+    _on: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
+                                              default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parts = sorted((r.name, r.version) for r in self.rules)
+        object.__setattr__(self, "_version", hashlib.sha256(repr(parts).encode()).hexdigest()[:16])
+        on: dict[str, list[Rule]] = {}
+        for r in sorted(self.rules, key=lambda r: r.name):
+            on.setdefault(r.metric, []).append(r)
+        object.__setattr__(self, "_on", {m: tuple(rs) for m, rs in on.items()})
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def on(self, metric: str) -> tuple[Rule, ...]:
+        """The value rules of ``metric``, by name."""
+        return self._on.get(metric, ())
+
+    def members(self, metric: str, device: str, attributes: dict[str, object] | None) -> tuple[Rule, ...]:
+        """The value rules that judge the series (device, metric), by name."""
+        return tuple(r for r in self.on(metric) if r.selects(device, attributes))

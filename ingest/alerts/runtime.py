@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ingest.alerts.model import Rule, Webhook
+from ingest.alerts.model import Rule, ValueRules, Webhook
 from ingest.alerts.settings import RuleSettings, WebhookSettings, compile_alerts
 from ingest.errors import ConfigError
 from ingest.settings import load_settings, mask_url
@@ -38,6 +38,11 @@ class RuleSet:
     mqtt_prefix: str = "sensor-ingest"
     lateness: float = 2.0  # alerts.lateness: series are judged up to the clock minus this
     no_data_grace: float | None = None  # alerts.no_data_grace (None: the longest no_data duration)
+    # The value rules, judged together per series (ingest.alerts.model.ValueRules).
+    values: ValueRules = field(init=False, repr=False, compare=False, default=ValueRules())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", ValueRules(tuple(r for r in self.rules if r.signal == "value")))
 
     @property
     def grace(self) -> float:
@@ -46,6 +51,11 @@ class RuleSet:
         if self.no_data_grace is not None:
             return self.no_data_grace
         return max((r.threshold for r in self.rules if r.signal == "no_data"), default=0.0)
+
+    @property
+    def versioned(self) -> tuple[Rule | ValueRules, ...]:
+        """What a worker's versions name (ingest.alerts.versions): each rule, and the value rules together."""
+        return (*self.rules, self.values) if self.values.rules else self.rules
 
     def for_metric(self, metric: str) -> tuple[Rule, ...]:
         """The rules a reading of ``metric`` feeds: those on the metric, then the per-device no_data

@@ -346,7 +346,19 @@ SELECT s.rule, s.device_id, s.metric_id, d.uid AS device, COALESCE(m.name, '*') 
        s.episode_start
 FROM alert_state s JOIN devices d ON d.id = s.device_id LEFT JOIN metrics m ON m.id = s.metric_id
 WHERE s.rule = %(rule)s AND (d.uid = %(rest)s OR d.uid || '/' || COALESCE(m.name, '*') = %(rest)s)
-ORDER BY d.uid, 5
+UNION ALL
+-- A value rule's series whose state never left ok has no row of its own, only its series' shared row
+-- (ingest.alerts.model.ValueRules): it is ok. The metric parameter: the rule's metric if the config has it as a
+-- value rule, else that of the rule's other series.
+SELECT %(rule)s, v.device_id, v.metric_id, d.uid, m.name, 'ok', NULL
+FROM alert_state v JOIN devices d ON d.id = v.device_id JOIN metrics m ON m.id = v.metric_id
+WHERE v.rule = '*value'
+  AND m.name = COALESCE(%(metric)s, (SELECT x.name FROM alert_state r JOIN metrics x ON x.id = r.metric_id
+                                     WHERE r.rule = %(rule)s LIMIT 1))
+  AND (d.uid = %(rest)s OR d.uid || '/' || m.name = %(rest)s)
+  AND NOT EXISTS (SELECT 1 FROM alert_state r WHERE r.rule = %(rule)s AND r.device_id = v.device_id
+                  AND r.metric_id = v.metric_id)
+ORDER BY 4, 5
 """
 _ACK = """
 INSERT INTO alert_acks (rule, device_id, metric_id, episode_start, acked_by, comment)
@@ -365,7 +377,9 @@ WHERE rule = %(rule)s AND device_id = %(device_id)s AND metric_id = %(metric_id)
 
 def _ack(conn: Any, args: argparse.Namespace, settings: Settings) -> int:
     rule, _, rest = args.alert.partition("/")
-    found = _rows(conn.execute(_SERIES, {"rule": rule, "rest": rest}))
+    value = next((r.metric for r in settings.rules if r.name == rule and r.no_data is None and r.rate is None
+                  and r.window is None), None)
+    found = _rows(conn.execute(_SERIES, {"rule": rule, "rest": rest, "metric": value}))
     # RULE/DEVICE first (a device id may itself hold a '/'), then RULE/DEVICE/METRIC.
     series = [r for r in found if r["device"] == rest] or found
     if not series:

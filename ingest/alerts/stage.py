@@ -2,7 +2,8 @@
 of series the evaluator (ingest.alerts.evaluator) does after it.
 
 A batch, before it stores its readings (``lock``): for each series (rule, device, metric; a
-per-device no_data rule: metric 0) a rule selects among its numeric readings, the alert_state row
+per-device no_data rule: metric 0; the value rules of a series together: VALUES, device, metric,
+ingest.alerts.model.ValueRules) a rule selects among its numeric readings, the alert_state row
 is created if missing and locked, all in one sorted order (so that workers writing the same series
 wait for each other, never deadlock), and so that no evaluator judges the series past readings this
 transaction holds uncommitted. After it stored them (``run``), for the readings new in this
@@ -39,8 +40,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ingest.alerts.body import Annotations, StandardBody, alertmanager_body
-from ingest.alerts.evaluate import Event, State, due, is_late, judge, since
-from ingest.alerts.model import Rule
+from ingest.alerts.evaluate import Event, State, due, is_late, judge, judge_values, since
+from ingest.alerts.model import VALUES, Rule
 from ingest.alerts.mqtt_channel import CHANNEL_NAME as MQTT_CHANNEL
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.silence import Candidate, event_labels
@@ -94,6 +95,24 @@ FROM unnest($1::int[], $2::int[], $3::timestamptz[]) WITH ORDINALITY AS k(d, m, 
 CROSS JOIN LATERAL (SELECT time, value FROM readings
                     WHERE device_id = k.d AND metric_id = k.m AND time >= k.lo ORDER BY time) r
 ORDER BY k.i, r.time
+"""
+# The rows of a series' value rules that are not ok, under lock (the series' VALUES row is locked
+# already, and only whoever holds it locks these: no wait on another batch, no deadlock).
+_OPEN = f"""
+SELECT {_COLUMNS}
+FROM alert_state s JOIN unnest($1::int[], $2::int[]) AS k(d, m) ON s.device_id = k.d AND s.metric_id = k.m
+WHERE s.status <> 'ok' AND s.rule = ANY($3::text[])
+ORDER BY s.rule, s.device_id, s.metric_id
+FOR UPDATE OF s
+"""
+# A value rule's own row: written when its state leaves ok, while it is not ok, and when it is ok again.
+_PUT = """
+INSERT INTO alert_state AS s (rule, device_id, metric_id, status, episode_start, last_time, last_value, version)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                     $7::float8[], $8::text[]) ORDER BY 1, 2, 3
+ON CONFLICT (rule, device_id, metric_id) DO UPDATE SET status = EXCLUDED.status,
+    episode_start = EXCLUDED.episode_start, last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value,
+    version = EXCLUDED.version, due_at = NULL, due_to = NULL, updated_at = now()
 """
 _ENSURED_MAX = 1_000_000  # series remembered as having a row (about 100 MB at most); then forgotten
 _METRIC_NAMES = "SELECT id, name FROM metrics WHERE id = ANY($1::int[])"
@@ -194,6 +213,7 @@ class Prepared:
     rules: dict[str, Rule]
     devices: dict[int, Device]
     locked: dict[Key, Locked]
+    names: dict[int, str]  # metric id -> name, of the batch's readings
 
 
 
@@ -233,12 +253,16 @@ class AlertStage:
         devices = await self.devices(conn, {n.device_id for n in candidates})
         keys: set[Key] = set()
         rules: dict[str, Rule] = {}
+        names: dict[int, str] = {}
         for n in candidates:
             dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
+            names[n.metric_id] = n.reading.metric
             for rule in rules_for(n.reading.metric):
                 if rule.selects(dev.uid, dev.attributes):
                     rules[rule.name] = rule
-                    keys.add((rule.name, n.device_id, 0 if rule.per_device else n.metric_id))
+                    # A value rule's series: the one row its value rules share (ingest.alerts.model.ValueRules).
+                    name = VALUES if rule.signal == "value" else rule.name
+                    keys.add((name, n.device_id, 0 if rule.per_device else n.metric_id))
         if not keys:
             return None
         ordered = sorted(keys)
@@ -255,7 +279,7 @@ class AlertStage:
             cols = [list(c) for c in zip(*missing, strict=True)]
             locked.update({(r["rule"], r["device_id"], r["metric_id"]): _locked(r)
                            for r in await conn.fetch(_LOCK, *cols)})
-        return Prepared(active, rules, devices, locked)
+        return Prepared(active, rules, devices, locked, names)
 
     async def _ensure(self, conn: Conn, keys: list[Key]) -> None:
         """Create the alert_state rows of ``keys`` that do not exist (sorted order)."""
@@ -280,20 +304,27 @@ class AlertStage:
         active, rules, devices, locked = prepared.active, prepared.rules, prepared.devices, prepared.locked
         rules_for = functools.cache(active.for_metric)
         times: dict[Key, list[datetime]] = {}
+        judged_by: dict[Key, Rule] = {}  # a rule of the series (for VALUES: any of its value rules)
         for n in new:
             if isinstance(n.reading.value, str):
                 continue
             dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
+            bundled = False  # the reading is in its series' VALUES row already
             for rule in rules_for(n.reading.metric):
-                key = (rule.name, n.device_id, 0 if rule.per_device else n.metric_id)
+                value = rule.signal == "value"
+                if value and bundled:
+                    continue
+                key = (VALUES if value else rule.name, n.device_id, 0 if rule.per_device else n.metric_id)
                 if key in locked and rule.selects(dev.uid, dev.attributes):
                     times.setdefault(key, []).append(n.reading.time)
+                    judged_by[key] = rule
+                    bundled = bundled or value
         if not times:
             return result
         keys = sorted(times)
         arrived = self.clock()
         for key in keys:
-            rule = rules[key[0]]
+            rule = judged_by[key]
             row = locked[key]
             row.seen_at = arrived
             waiting = [t for t in times[key] if not is_late(rule, row.state, t)]
@@ -305,7 +336,8 @@ class AlertStage:
                 last = max(waiting)
                 row.due_to = last if row.due_to is None or last > row.due_to else row.due_to
         # Their series were built from the rule's own metric and selection: no ownership to check.
-        await self.judge_locked(conn, active, rules, {k: locked[k] for k in keys}, devices, result, owned=True)
+        await self.judge_locked(conn, active, rules, {k: locked[k] for k in keys}, devices, result, owned=True,
+                                names=prepared.names)
         return result
 
     async def devices(self, conn: Conn, ids: set[int]) -> dict[int, Device]:
@@ -314,28 +346,50 @@ class AlertStage:
 
     async def judge_locked(self, conn: Conn, active: RuleSet, rules: Mapping[str, Rule], locked: dict[Key, Locked],
                            devices: dict[int, Device], result: StageResult, *, silent: bool = False,
-                           owned: bool = False) -> None:
+                           owned: bool = False, names: Mapping[int, str] | None = None) -> None:
         """Judge the locked series that are due and this worker may judge, save every locked series'
         state and due_at, and record the events. ``silent``: the no-data job (judge silences too).
         ``owned``: the caller knows every series is still its rule's (else the metric of each is read
-        and checked against the rule's: a reload can change a rule's metric or per)."""
+        and checked against the rule's: a reload can change a rule's metric or per). ``names``: metric
+        id -> name, as far as the caller knows them (the rest are read).
+
+        A VALUES row (ingest.alerts.model.ValueRules) is judged by the value rules that select its
+        series, all at once (ingest.alerts.evaluate.judge_values), from the rows of those of them that
+        are not ok, locked now; a rule whose state moves, or is not ok, gets its own row written."""
         now = self.clock()
         to = self.watermark(active, now)
+        values = active.values
         judged: list[Key] = []
         gone: list[Key] = []
-        names: dict[int, str] = {}
-        if not owned:
-            ids = sorted({k[2] for k in locked if k[2]})
-            names = {i: name for i, name in await conn.fetch(_METRIC_NAMES, ids)} if ids else {}
+        members: dict[Key, tuple[Rule, ...]] = {}
+        metric_names: dict[int, str] = dict(names or {})
+        ids = sorted({k[2] for k in locked if k[2] and k[2] not in metric_names and (not owned or k[0] == VALUES)})
+        if ids:
+            metric_names.update({i: name for i, name in await conn.fetch(_METRIC_NAMES, ids)})
         for key, row in locked.items():
             if not (silent or (row.due_at is not None and row.due_at <= to)):
+                continue
+            if key[0] == VALUES:
+                if self.versions is not None and not self.versions.decide(values, row.version):
+                    result.deferred += 1
+                    continue
+                dev = devices.get(key[1])
+                metric = metric_names.get(key[2], "")
+                judging = values.on(metric) if dev is None else values.members(metric, dev.uid, dev.attributes)
+                if not judging:  # no value rule selects the series any more (a reload, the device's attributes)
+                    row.due_at = row.due_to = None
+                    result.dropped += 1
+                    gone.append(key)
+                    continue
+                members[key] = judging
+                judged.append(key)
                 continue
             rule = rules[key[0]]
             if self.versions is not None and not self.versions.decide(rule, row.version):
                 result.deferred += 1
                 continue
             dev = devices.get(key[1])
-            mine = (key[2] == 0) if rule.per_device else (owned or names.get(key[2]) == rule.metric)
+            mine = (key[2] == 0) if rule.per_device else (owned or metric_names.get(key[2]) == rule.metric)
             if not mine or (dev is not None and not rule.selects(dev.uid, dev.attributes)):
                 # A reload narrowed the rule or changed its metric or per, or the device's attributes
                 # changed: the series is no longer the rule's. Its readings are not judged; a state with
@@ -349,7 +403,13 @@ class AlertStage:
         result.judged += len(judged)
         rows = await self._rows(conn, rules, {k: locked[k] for k in judged}, silent)
         fired: list[tuple[Key, Event]] = []
+        by_name: dict[str, Rule] = dict(rules)
+        if members:
+            by_name.update((r.name, r) for r in values.rules)
+            fired += await self._judge_values(conn, locked, members, rows, to, values.version)
         for key in judged:
+            if key[0] == VALUES:
+                continue
             rule, row = rules[key[0]], locked[key]
             dev = devices.get(key[1]) or Device(str(key[1]), {}, None)
             quiet = row.seen_at is None or row.seen_at <= now - timedelta(seconds=active.lateness)
@@ -378,7 +438,37 @@ class AlertStage:
             await conn.execute(_FORGET, *[list(c) for c in zip(*gone, strict=True)])
             self._ensured.difference_update(gone)
         if fired:
-            await self._record(conn, active, rules, devices, fired, now, result)
+            await self._record(conn, active, by_name, devices, fired, now, result)
+
+    async def _judge_values(self, conn: Conn, locked: dict[Key, Locked], members: dict[Key, tuple[Rule, ...]],
+                            rows: Mapping[Key, list[tuple[datetime, float]]], to: datetime,
+                            version: str) -> list[tuple[Key, Event]]:
+        """Judge the VALUES rows of ``members`` (key -> the value rules that judge it) by all of their
+        rules at once: the rows of the rules that are not ok are locked and read, the VALUES rows'
+        state and due_at set (saved with the other locked rows by the caller), and the rows of the
+        rules whose state moved or is not ok written. The events, keyed by their rule's series."""
+        keys = sorted(members)
+        names = sorted({r.name for k in keys for r in members[k]})
+        open_: dict[Key, State] = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r).state for r in
+                                   await conn.fetch(_OPEN, [k[1] for k in keys], [k[2] for k in keys], names)}
+        put: list[tuple[str, int, int, str, datetime | None, datetime | None, float | None, str]] = []
+        fired: list[tuple[Key, Event]] = []
+        for key in keys:
+            row, judging = locked[key], members[key]
+            _, d, m = key
+            states = {r.name: st for r in judging if (st := open_.get((r.name, d, m))) is not None}
+            out = judge_values(judging, states, row.state.last_time, row.state.last_value, rows.get(key, []), to)
+            row.state = State("ok", None, out.last_time, out.last_value)
+            row.due_at, row.version = out.due, version
+            if out.due is None:
+                row.due_to = None
+            of = {r.name: r.version for r in judging}
+            put += [(name, d, m, st.status, st.episode_start, st.last_time, st.last_value, of[name])
+                    for name, st in sorted(out.changed.items())]
+            fired += [((r.name, d, m), e) for r, e in out.events]
+        if put:
+            await conn.execute(_PUT, *[list(c) for c in zip(*put, strict=True)])
+        return fired
 
     async def _rows(self, conn: Conn, rules: Mapping[str, Rule], locked: dict[Key, Locked],
                     silent: bool) -> dict[Key, list[tuple[datetime, float]]]:
@@ -386,6 +476,11 @@ class AlertStage:
         per_series: list[tuple[Key, datetime]] = []
         out: dict[Key, list[tuple[datetime, float]]] = {}
         for key, row in locked.items():
+            if key[0] == VALUES:  # the value rules of the series: from the last reading judged on
+                if row.due_at is None:
+                    raise AssertionError(f"{key} judged with nothing due")
+                per_series.append((key, row.state.last_time if row.state.last_time is not None else row.due_at))
+                continue
             rule = rules[key[0]]
             if row.due_at is None:
                 if silent:  # the no-data job on a series with nothing waiting: no rows to read

@@ -1,7 +1,8 @@
 """Rule versions across workers: after a reload, workers can hold different versions of a rule for a
 while (one has read the new file, another not yet). Each series' state remembers the version that
-judged it last (alert_state.version = Rule.version, a fingerprint of what decides its events), and
-each worker writes the versions it holds to alert_workers every few seconds (``beat``).
+judged it last (alert_state.version = Rule.version, a fingerprint of what decides its events; the
+value rules of a rule set, judged together, are one entry "*value" whose fingerprint covers them
+all), and each worker writes the versions it holds to alert_workers every few seconds (``beat``).
 
 Who judges a series (``Versions.decide``), for a worker holding version V of the rule and a state
 judged by version S:
@@ -20,10 +21,9 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeAlias
-
-from ingest.alerts.model import Rule
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     import asyncpg
@@ -46,6 +46,16 @@ _LIVE = "SELECT versions FROM alert_workers WHERE seen_at > now() - make_interva
 _GONE = "DELETE FROM alert_workers WHERE worker = $1 OR seen_at < now() - make_interval(secs => $2)"
 
 
+class Versioned(Protocol):
+    """A rule, or the value rules judged together (ingest.alerts.model.ValueRules, name "*value")."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
 def worker_name(client_id: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{client_id}"[:200]
 
@@ -58,7 +68,7 @@ class Versions:
         self._live: dict[str, frozenset[str]] = {}  # rule -> the versions live workers hold
         self._logged: set[tuple[str, str, str, str]] = set()
 
-    async def beat(self, conn: Conn, rules: tuple[Rule, ...]) -> None:
+    async def beat(self, conn: Conn, rules: Sequence[Versioned]) -> None:
         """Write this worker's versions and read every live worker's (this one's included)."""
         await conn.execute(_BEAT, self.worker, json.dumps({r.name: r.version for r in rules}), self.started_at)
         live: dict[str, set[str]] = {}
@@ -73,7 +83,7 @@ class Versions:
         """At a clean stop: this worker's row goes (and those of workers long gone)."""
         await conn.execute(_GONE, self.worker, LIVE * 10)
 
-    def decide(self, rule: Rule, stored: str | None) -> bool:
+    def decide(self, rule: Versioned, stored: str | None) -> bool:
         """True: this worker judges the series (see the module's docstring)."""
         mine = rule.version
         if stored is None or stored == mine:
@@ -89,7 +99,7 @@ class Versions:
                    "worker that still holds it, until every worker has this worker's version %s (reload them all)")
         return False
 
-    def blocking(self, rule: Rule) -> str:
+    def blocking(self, rule: Versioned) -> str:
         """The stored versions that keep this worker off a series of ``rule``, for the evaluator's claim
         (the same decision as ``decide``, in SQL): "*" any other than its own (no beat read yet), else
         the other versions, comma-separated, that live workers hold ("" none)."""

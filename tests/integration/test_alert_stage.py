@@ -78,9 +78,17 @@ async def ids(pool: asyncpg.Pool, device: str) -> tuple[int, int]:
 
 
 async def states(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
+    """The rule's rows (those of a series whose state has left ok at least once)."""
     return [tuple(r) for r in await pool.fetch(
         "SELECT rule, device_id, metric_id, status, episode_start, last_time, last_value FROM alert_state "
-        "ORDER BY rule, device_id, metric_id")]
+        "WHERE rule <> '*value' ORDER BY rule, device_id, metric_id")]
+
+
+async def shared(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
+    """The series' shared rows of their value rules (rule '*value'): (device, metric, last_time, last_value)."""
+    return [tuple(r) for r in await pool.fetch(
+        "SELECT device_id, metric_id, last_time, last_value FROM alert_state WHERE rule = '*value' "
+        "ORDER BY device_id, metric_id")]
 
 
 async def events(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
@@ -95,8 +103,9 @@ async def outbox(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
 
 
 async def counts(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
+    """readings, the rules' alert_state rows (not the series' shared '*value' rows), events, outbox."""
     row = await pool.fetchrow(
-        "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM alert_state), "
+        "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM alert_state WHERE rule <> '*value'), "
         "(SELECT count(*) FROM alert_events), (SELECT count(*) FROM alert_outbox)")
     assert row is not None
     return row[0], row[1], row[2], row[3]
@@ -180,7 +189,9 @@ async def test_a_conflicting_value_is_not_evaluated(pool: asyncpg.Pool) -> None:
     await writer.write([outcome(1, [reading("hn-aq-1", 1, 40.0)])])
     clash = await writer.write([outcome(2, [reading("hn-aq-1", 1, 90.0)])])
     assert (clash.readings, clash.reasons, clash.alerts) == (0, Counter({"conflict": 1}), None)
-    assert await counts(pool) == (1, 1, 0, 0)
+    assert await counts(pool) == (1, 0, 0, 0)  # the rule never left ok: no row of its own
+    d, m = await ids(pool, "hn-aq-1")
+    assert await shared(pool) == [(d, m, at(1), 40.0)]
 
 
 @pytest.mark.asyncio
@@ -192,8 +203,8 @@ async def test_a_reading_older_than_last_time_is_not_evaluated(pool: asyncpg.Poo
     late = await writer.write([outcome(2, [reading("hn-aq-1", 5, 90.0), reading("hn-aq-1", 9.5, 95.0)])])
     assert late.alerts is not None
     assert (late.readings, late.alerts.late, late.alerts.events) == (2, 2, Counter())
-    assert await states(pool) == [("pm25-high", d, m, "ok", None, at(10), 40.0)]
-    assert await counts(pool) == (3, 1, 0, 0)
+    assert await shared(pool) == [(d, m, at(10), 40.0)]
+    assert await counts(pool) == (3, 0, 0, 0)
     # The series goes on: the next newer breach fires.
     await writer.write([outcome(3, [reading("hn-aq-1", 11, 90.0)])])
     assert await states(pool) == [("pm25-high", d, m, "firing", at(11), at(11), 90.0)]
@@ -289,7 +300,7 @@ async def test_a_rolled_back_batch_leaves_no_state_event_or_outbox_row(database_
         batch = [outcome(1, [reading("hn-aq-1", 1, 60.0)]), outcome(2, [reading("hn-aq-2", 1, 70.0)])]
         # The rejection row is written after the stage ran: the trigger sees the stage's rows, then
         # fails the transaction.
-        with pytest.raises(asyncpg.RaiseError, match="refused after 2 state, 2 event and 4 outbox rows"):
+        with pytest.raises(asyncpg.RaiseError, match="refused after 4 state, 2 event and 4 outbox rows"):
             await writer.write([*batch, outcome(3, [], rejection=Rejection("malformed", "cut short"))])
         assert await counts(pool) == (0, 0, 0, 0)
         await asyncio.sleep(0.3)

@@ -23,7 +23,7 @@ import pytest
 
 from ingest.alerts import evaluator as evaluator_module
 from ingest.alerts.evaluator import LOCK_KEY, Evaluator
-from ingest.alerts.model import Rule, Webhook
+from ingest.alerts.model import Rule, ValueRules, Webhook
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.stage import AlertStage, StageResult
 from ingest.alerts.versions import Versions
@@ -108,12 +108,33 @@ def worker(pool: asyncpg.Pool, active: RuleSet, clock: Clock, *, name: str = "wo
                                                                          monotonic=ticks, ready=ready), ticks)
 
 
-async def state(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
-    """alert_state: (rule, device, metric, status, episode_start, last_time, last_value, evaluated_to,
-    due_at, version)."""
-    return [tuple(r) for r in await pool.fetch(
-        "SELECT rule, device_id, metric_id, status, episode_start, last_time, last_value, evaluated_to, due_at, "
-        "version FROM alert_state ORDER BY rule, device_id, metric_id")]
+# The state of each rule's series as it judges it: (rule, device, metric, status, episode_start,
+# last_time, last_value, evaluated_to, due_at, version). A value rule's series (the rules named here,
+# the value rules of these tests) is its series' shared row (rule '*value': what it judged to, what
+# waits, the value rules' version) with the rule's own status and episode, ok when the rule has no
+# row; a rule row of a series without a shared row (or of another kind) as it is.
+_STATE = """
+SELECT n.name, v.device_id, v.metric_id, coalesce(s.status, 'ok'), s.episode_start, v.last_time, v.last_value,
+       v.evaluated_to, v.due_at, v.version
+FROM alert_state v CROSS JOIN unnest($1::text[]) AS n(name)
+LEFT JOIN alert_state s ON s.rule = n.name AND s.device_id = v.device_id AND s.metric_id = v.metric_id
+WHERE v.rule = '*value'
+UNION ALL
+SELECT rule, device_id, metric_id, status, episode_start, last_time, last_value, evaluated_to, due_at, version
+FROM alert_state s
+WHERE rule <> '*value' AND NOT (rule = ANY($1::text[]) AND EXISTS (
+    SELECT 1 FROM alert_state v WHERE v.rule = '*value' AND v.device_id = s.device_id AND v.metric_id = s.metric_id))
+"""
+
+
+async def state(pool: asyncpg.Pool, values: tuple[str, ...] = ("pm25-high",)) -> list[tuple[Any, ...]]:
+    """alert_state as each rule's series (_STATE), sorted."""
+    return sorted(tuple(r) for r in await pool.fetch(_STATE, list(values)))
+
+
+def vv(*value_rules: Rule) -> str:
+    """The version a series' shared row stores: that of the value rules together."""
+    return ValueRules(value_rules).version
 
 
 async def happened(pool: asyncpg.Pool) -> list[tuple[Any, ...]]:
@@ -152,7 +173,7 @@ RESOLVED = Counter({("pm25-high", "resolved"): 1})
 async def test_readings_wait_for_the_watermark_and_are_judged_in_event_time_order_once(pool: asyncpg.Pool) -> None:
     clock = Clock(at(10))  # the watermark: at(9)
     w = worker(pool, rules(pm25()), clock)
-    v = pm25().version
+    v = vv(pm25())
     # 9.5 is after the watermark: stored, nothing judged, due_at set.
     assert judged(await w.write(outcome(1, [reading("hn-aq-1", 9.5, 40.0)]))) == (0, NOTHING, 0, 0, 0, 0)
     d, m = await ids(pool, "hn-aq-1")
@@ -190,7 +211,7 @@ async def test_a_reading_at_or_before_the_judged_time_is_late_stored_and_never_j
     w = worker(pool, rules(pm25()), clock)
     assert judged(await w.write(outcome(1, [reading("hn-aq-1", 10, 40.0)]))) == (1, NOTHING, 0, 0, 0, 0)
     d, m = await ids(pool, "hn-aq-1")
-    after = [("pm25-high", d, m, "ok", None, at(10), 40.0, None, None, pm25().version)]
+    after = [("pm25-high", d, m, "ok", None, at(10), 40.0, None, None, vv(pm25()))]
     assert await state(pool) == after
     # Breaches at or before at(10), which the series has judged: late; with one in time, judged alone.
     late = await w.write(outcome(2, [reading("hn-aq-1", 5, 90.0), reading("hn-aq-1", 9.99, 95.0)]))
@@ -200,7 +221,7 @@ async def test_a_reading_at_or_before_the_judged_time_is_late_stored_and_never_j
     assert (await count(pool, "readings"), await count(pool, "alert_events")) == (3, 0)
     mixed = await w.write(outcome(3, [reading("hn-aq-1", 8, 99.0), reading("hn-aq-1", 11, 45.0)]))
     assert judged(mixed) == (1, NOTHING, 1, 0, 0, 0)
-    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(11), 45.0, None, None, pm25().version)]
+    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(11), 45.0, None, None, vv(pm25()))]
     assert (await count(pool, "readings"), await count(pool, "alert_events")) == (5, 0)
 
 
@@ -376,6 +397,7 @@ RULE_B = pm25(threshold=60.0, clear=None)  # worker B's, after an edit A has not
 async def _judged_by_a_then_deferred_by_b(pool: asyncpg.Pool) -> tuple[Worker, Worker, int, int]:
     """A fires on 55 at 1 min; B (which would resolve 58) defers 58 at 2 min to A, live."""
     assert RULE_A.version != RULE_B.version
+    assert vv(RULE_A) != vv(RULE_B)
     clock = Clock(at(20))  # every reading below is past the watermark: judged (or deferred) at once
     a = worker(pool, rules(RULE_A), clock, name="worker-a")
     b = worker(pool, rules(RULE_B), clock, name="worker-b")
@@ -386,7 +408,7 @@ async def _judged_by_a_then_deferred_by_b(pool: asyncpg.Pool) -> tuple[Worker, W
     d, m = await ids(pool, "hn-aq-1")
     deferred = await b.write(outcome(2, [reading("hn-aq-1", 2, 58.0)]))
     assert judged(deferred) == (0, NOTHING, 0, 1, 0, 0)
-    assert await state(pool) == [("pm25-high", d, m, "firing", at(1), at(1), 55.0, None, at(2), RULE_A.version)]
+    assert await state(pool) == [("pm25-high", d, m, "firing", at(1), at(1), 55.0, None, at(2), vv(RULE_A))]
     # B's evaluator leaves it too: its claim does not even take it (so it counts no deferral).
     assert judged(await b.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
     assert (await state(pool))[0][8] == at(2)
@@ -399,7 +421,7 @@ async def test_a_series_stays_with_its_version_while_that_worker_lives_and_passe
     a, b, d, m = await _judged_by_a_then_deferred_by_b(pool)
     # A judges what B left: 58 > 50, still firing; no event.
     assert judged(await a.round(pool)) == (1, NOTHING, 0, 0, 0, 0)
-    assert await state(pool) == [("pm25-high", d, m, "firing", at(1), at(2), 58.0, None, None, RULE_A.version)]
+    assert await state(pool) == [("pm25-high", d, m, "firing", at(1), at(2), 58.0, None, None, vv(RULE_A))]
     assert judged(await b.write(outcome(3, [reading("hn-aq-1", 3, 45.0)]))) == (0, NOTHING, 0, 1, 0, 0)
     async with pool.acquire() as conn:
         await a.versions.leave(conn)
@@ -408,7 +430,7 @@ async def test_a_series_stays_with_its_version_while_that_worker_lives_and_passe
     assert (await state(pool))[0][8] == at(3)
     b.ticks.now += 5.0
     assert judged(await b.round(pool)) == (1, RESOLVED, 0, 0, 0, 2)
-    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(3), 45.0, None, None, RULE_B.version)]
+    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(3), 45.0, None, None, vv(RULE_B))]
     assert await happened(pool) == [
         ("pm25-high", d, m, "firing", at(1), at(1), 55.0, 50.0, "critical", True),
         ("pm25-high", d, m, "resolved", at(3), at(1), 45.0, 60.0, "critical", True),  # B's threshold
@@ -423,12 +445,12 @@ async def test_a_series_passes_to_the_new_version_once_every_live_worker_holds_i
     # A reads the edited file and beats (A's own round would judge the series itself: only its beat here).
     a.stage.runtime.replace(rules(RULE_B))
     async with pool.acquire() as conn:
-        await a.versions.beat(conn, a.stage.runtime.active.rules)
+        await a.versions.beat(conn, a.stage.runtime.active.versioned)
     assert judged(await b.round(pool)) == (0, NOTHING, 0, 0, 0, 0)  # B has not beaten since
     b.ticks.now += 5.0
     # 58 at 2 min, judged by B's version: back under 60, resolved.
     assert judged(await b.round(pool)) == (1, RESOLVED, 0, 0, 0, 2)
-    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(2), 58.0, None, None, RULE_B.version)]
+    assert await state(pool) == [("pm25-high", d, m, "ok", None, at(2), 58.0, None, None, vv(RULE_B))]
     assert [e[3:8] for e in await happened(pool)] == [("firing", at(1), at(1), 55.0, 50.0),
                                                       ("resolved", at(2), at(1), 58.0, 60.0)]
     # A now judges the series too (same version).
@@ -451,9 +473,9 @@ async def test_a_worker_before_its_first_beat_judges_new_series_and_its_own_vers
     assert judged(batch) == (2, Counter({("pm25-high", "firing"): 1, ("pm25-high", "resolved"): 1}), 0, 1, 0, 4)
     d3, _ = await ids(pool, "hn-aq-3")
     assert await state(pool) == sorted([
-        ("pm25-high", d1, m, "firing", at(1), at(1), 55.0, None, at(2), RULE_A.version),  # left as it was
-        ("pm25-high", d2, m, "ok", None, at(2), 58.0, None, None, RULE_B.version),
-        ("pm25-high", d3, m, "firing", at(2), at(2), 65.0, None, None, RULE_B.version),
+        ("pm25-high", d1, m, "firing", at(1), at(1), 55.0, None, at(2), vv(RULE_A)),  # left as it was
+        ("pm25-high", d2, m, "ok", None, at(2), 58.0, None, None, vv(RULE_B)),
+        ("pm25-high", d3, m, "firing", at(2), at(2), 65.0, None, None, vv(RULE_B)),
     ])
 
 
@@ -814,7 +836,7 @@ async def test_due_readings_of_a_series_the_rule_no_longer_selects_are_not_judge
     rows = {uids[s[1]]: s for s in await state(pool)}
     assert sorted(rows) == ["hn-aq-01", "hn-aq-1"]
     assert rows["hn-aq-1"][3:10] == ("firing", at(5), at(5), 60.0, None, None, wide.version)
-    assert rows["hn-aq-01"][3:10] == ("firing", at(9.5), at(9.5), 60.0, None, None, narrow.version)
+    assert rows["hn-aq-01"][3:10] == ("firing", at(9.5), at(9.5), 60.0, None, None, vv(narrow))
     clock.now = at(20)
     assert judged(await w.round(pool)) == (0, NOTHING, 0, 0, 0, 0)
 

@@ -24,7 +24,7 @@ import pytest
 
 from ingest.model import RawMessage
 from ingest.mqtt import MqttBridge
-from ingest.mqttwire import READ_SIZE
+from ingest.mqttwire import READ_AHEAD_MAX, READ_SIZE
 from ingest.settings import MqttSettings
 from tests.integration.harness import Publisher
 from tests.proxy import CONNECT, PUBACK, PUBLISH, FaultProxy, puback_problems
@@ -128,12 +128,12 @@ async def test_restored_session_is_read_no_faster_than_receive_maximum(
             most_ahead = max(most_ahead, ahead)
             if ahead > 0:
                 # What the broker sent beyond the window waits, not handed over: in the bridge's socket,
-                # or in its read buffer, which holds at most one read (READ_SIZE) of it.
+                # or in its read buffer, which reads ahead of a full window up to READ_AHEAD_MAX (plus one read).
                 waiting = sum(p.size for p in proxy.packets(PUBLISH, conn=conn, direction="down")[want:])
                 assert bridge._reader is not None
                 await _until(lambda w=waiting: _unread(bridge._sock) + len(bridge._reader.buf) >= w,  # type: ignore[misc, union-attr]
                              "the messages beyond the window to wait in the socket or the read buffer")
-                assert len(bridge._reader.buf) <= READ_SIZE + max(p.size for p in proxy.packets(PUBLISH, conn=conn))
+                assert len(bridge._reader.buf) <= READ_AHEAD_MAX + READ_SIZE
         assert most_ahead > 0, "the broker never sent more than the window: the bound was not tested"
         assert sorted(int(m.payload) for m in received) == list(range(BACKLOG))
         assert len(sent()) == BACKLOG  # nothing sent twice

@@ -12,8 +12,8 @@ can be observed from outside: /metrics, the log, the stored rows and the exit co
   leaving the rest to the broker; the next process stores all of it.
 - A write held up past database.command_timeout, by a row lock or by the abandoned transaction of
   a connection cut off behind a proxy, is retried until it commits, never stored as a rejection.
-- (xfail, a bug found here) a slow write with a full receive window behind it must not cost the
-  broker connection.
+- A slow write with a full receive window behind it does not cost the broker connection (a bug
+  found here: the bridge read nothing, PINGRESPs included, while the window was full).
 
 The database is blocked with ``LOCK TABLE``: the service's writes wait on the lock while the
 database keeps answering its probe, so this is a slow database, not an outage (no suspension).
@@ -316,18 +316,16 @@ def test_a_stop_while_the_database_does_not_answer_exits_within_the_grace_and_lo
     assert ingest.terminate() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug found in issue #10: while the receive window is full the bridge reads nothing, PINGRESPs "
-    "included, so paho gives a healthy connection up about two keepalives into a slow write"))
 def test_a_full_window_behind_a_slow_write_keeps_the_broker_connection(
     tmp_path: Path, ingests: list[IngestProcess], database_url: str, broker: Mosquitto, topic_prefix: str,
 ) -> None:
     """tests/integration/test_slow_database.py with a full receive window behind the slow write: a
     write held up by a lock for three keepalives on a database that keeps answering is not an outage,
-    and the broker connection must stay up. Today paho pings one keepalive after the last byte it read
-    and closes the connection when no PINGRESP is read one keepalive later; the bridge reads nothing
-    while the window is full, so the connection is lost ("MQTT connection lost") and the window is
-    redelivered. Strict: when this passes, remove the marker."""
+    and the broker connection must stay up. paho pings one keepalive after the last byte it read and
+    closes the connection when no PINGRESP is read one keepalive later. Before the fix the bridge read
+    nothing while the window was full, so the connection was lost ("MQTT connection lost") and the
+    window redelivered; now it reads on behind the window (ingest.mqttwire) and hands the PINGRESPs
+    to paho. Three keepalives: at least two PINGREQs must have been answered."""
     ingest = _service(ingests, tmp_path, prefix=topic_prefix, database_url=database_url, mqtt_url=broker.url,
                       database_extra="command_timeout = 60")  # the lock must outlast no statement timeout
     ingest.start()
