@@ -272,11 +272,12 @@ def judge_values(rules: Sequence[Rule], states: dict[str, State], last_time: dat
     changed: dict[str, State] = {}
     events: list[tuple[Rule, Event]] = []
     ok = State("ok", None, last_time, last_value)
+    values = [v for _, v in fresh]
+    low, high = min(values), max(values)
     for rule in rules:
         state = states.get(rule.name)
         if state is None:
-            breached = rule.breached
-            if not any(breached(v) for _, v in fresh):
+            if not rule.breached_within(low, high):
                 continue
             state = ok
         else:

@@ -142,6 +142,16 @@ class Rule:
             return all(k in attrs and _text(attrs[k]) == v for k, v in self.where)
         return True
 
+    def breached_within(self, low: float, high: float) -> bool:
+        """Some value in [low, high] that is one of the judged values breaches: ``breached`` of the
+        least and the greatest of them (the conditions are one-sided or outside a range)."""
+        if self.kind == "above":
+            return high > self.threshold
+        if self.kind == "below":
+            return low < self.threshold
+        assert self.high is not None
+        return low < self.threshold or high > self.high
+
     def breached(self, v: float) -> bool:
         if self.kind == "above":
             return v > self.threshold
@@ -186,6 +196,14 @@ class ValueRules:
     _version: str = field(init=False, repr=False, compare=False, hash=False, default="")
     _on: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
                                               default_factory=dict)
+    _others: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
+                                                  default_factory=dict)
+    # (metric, device) -> the members, for the metrics none of whose value rules has a ``where``
+    # (bounded; emptied when full): a batch asks once per reading.
+    _members: dict[tuple[str, str], tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
+                                                               default_factory=dict)
+    _by_attributes: frozenset[str] = field(init=False, repr=False, compare=False, hash=False,
+                                           default=frozenset())
 
     def __post_init__(self) -> None:
         parts = sorted((r.name, r.version) for r in self.rules)
@@ -194,6 +212,7 @@ class ValueRules:
         for r in sorted(self.rules, key=lambda r: r.name):
             on.setdefault(r.metric, []).append(r)
         object.__setattr__(self, "_on", {m: tuple(rs) for m, rs in on.items()})
+        object.__setattr__(self, "_by_attributes", frozenset(r.metric for r in self.rules if r.where))
 
     @property
     def version(self) -> str:
@@ -205,4 +224,12 @@ class ValueRules:
 
     def members(self, metric: str, device: str, attributes: dict[str, object] | None) -> tuple[Rule, ...]:
         """The value rules that judge the series (device, metric), by name."""
-        return tuple(r for r in self.on(metric) if r.selects(device, attributes))
+        if metric in self._by_attributes:
+            return tuple(r for r in self.on(metric) if r.selects(device, attributes))
+        memo = self._members
+        hit = memo.get((metric, device))
+        if hit is None:
+            if len(memo) >= _SELECTED_MAX:
+                memo.clear()
+            hit = memo[(metric, device)] = tuple(r for r in self.on(metric) if r.selects(device, None))
+        return hit

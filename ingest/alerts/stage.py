@@ -254,15 +254,17 @@ class AlertStage:
         keys: set[Key] = set()
         rules: dict[str, Rule] = {}
         names: dict[int, str] = {}
+        values, others = active.values, functools.cache(_others(active))
         for n in candidates:
             dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
-            names[n.metric_id] = n.reading.metric
-            for rule in rules_for(n.reading.metric):
+            metric = names[n.metric_id] = n.reading.metric
+            if values.members(metric, dev.uid, dev.attributes):
+                # A value rule's series: the one row its value rules share (ingest.alerts.model.ValueRules).
+                keys.add((VALUES, n.device_id, n.metric_id))
+            for rule in others(metric):
                 if rule.selects(dev.uid, dev.attributes):
                     rules[rule.name] = rule
-                    # A value rule's series: the one row its value rules share (ingest.alerts.model.ValueRules).
-                    name = VALUES if rule.signal == "value" else rule.name
-                    keys.add((name, n.device_id, 0 if rule.per_device else n.metric_id))
+                    keys.add((rule.name, n.device_id, 0 if rule.per_device else n.metric_id))
         if not keys:
             return None
         ordered = sorted(keys)
@@ -302,23 +304,23 @@ class AlertStage:
             if prepared is None:
                 return result
         active, rules, devices, locked = prepared.active, prepared.rules, prepared.devices, prepared.locked
-        rules_for = functools.cache(active.for_metric)
+        values, others = active.values, functools.cache(_others(active))
         times: dict[Key, list[datetime]] = {}
         judged_by: dict[Key, Rule] = {}  # a rule of the series (for VALUES: any of its value rules)
         for n in new:
             if isinstance(n.reading.value, str):
                 continue
             dev = devices.get(n.device_id) or Device(n.reading.device, {}, None)
-            bundled = False  # the reading is in its series' VALUES row already
-            for rule in rules_for(n.reading.metric):
-                value = rule.signal == "value"
-                if value and bundled:
-                    continue
-                key = (VALUES if value else rule.name, n.device_id, 0 if rule.per_device else n.metric_id)
+            metric = n.reading.metric
+            judging = values.members(metric, dev.uid, dev.attributes)
+            if judging and (key := (VALUES, n.device_id, n.metric_id)) in locked:
+                times.setdefault(key, []).append(n.reading.time)
+                judged_by[key] = judging[0]
+            for rule in others(metric):
+                key = (rule.name, n.device_id, 0 if rule.per_device else n.metric_id)
                 if key in locked and rule.selects(dev.uid, dev.attributes):
                     times.setdefault(key, []).append(n.reading.time)
                     judged_by[key] = rule
-                    bundled = bundled or value
         if not times:
             return result
         keys = sorted(times)
@@ -449,22 +451,25 @@ class AlertStage:
         rules whose state moved or is not ok written. The events, keyed by their rule's series."""
         keys = sorted(members)
         names = sorted({r.name for k in keys for r in members[k]})
-        open_: dict[Key, State] = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r).state for r in
-                                   await conn.fetch(_OPEN, [k[1] for k in keys], [k[2] for k in keys], names)}
+        open_: dict[tuple[int, int], dict[str, State]] = {}  # series -> rule -> its state (not ok)
+        for r in await conn.fetch(_OPEN, [k[1] for k in keys], [k[2] for k in keys], names):
+            open_.setdefault((r["device_id"], r["metric_id"]), {})[r["rule"]] = _locked(r).state
         put: list[tuple[str, int, int, str, datetime | None, datetime | None, float | None, str]] = []
         fired: list[tuple[Key, Event]] = []
         for key in keys:
             row, judging = locked[key], members[key]
             _, d, m = key
-            states = {r.name: st for r in judging if (st := open_.get((r.name, d, m))) is not None}
+            opened = open_.get((d, m))
+            states = {r.name: st for r in judging if (st := opened.get(r.name)) is not None} if opened else {}
             out = judge_values(judging, states, row.state.last_time, row.state.last_value, rows.get(key, []), to)
             row.state = State("ok", None, out.last_time, out.last_value)
             row.due_at, row.version = out.due, version
             if out.due is None:
                 row.due_to = None
-            of = {r.name: r.version for r in judging}
-            put += [(name, d, m, st.status, st.episode_start, st.last_time, st.last_value, of[name])
-                    for name, st in sorted(out.changed.items())]
+            if out.changed:
+                of = {r.name: r.version for r in judging}
+                put += [(name, d, m, st.status, st.episode_start, st.last_time, st.last_value, of[name])
+                        for name, st in sorted(out.changed.items())]
             fired += [((r.name, d, m), e) for r, e in out.events]
         if put:
             await conn.execute(_PUT, *[list(c) for c in zip(*put, strict=True)])
@@ -590,6 +595,11 @@ class AlertStage:
             await conn.execute(_OUTBOX, *[list(c) for c in zip(*outbox, strict=True)])
             await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
             result.outbox += len(outbox)
+
+
+def _others(active: RuleSet) -> Callable[[str], tuple[Rule, ...]]:
+    """metric -> the rules a reading of it feeds that are not value rules (those are judged together)."""
+    return lambda metric: tuple(r for r in active.for_metric(metric) if r.signal != "value")
 
 
 def _locked(r: asyncpg.Record) -> Locked:
