@@ -196,8 +196,6 @@ class ValueRules:
     _version: str = field(init=False, repr=False, compare=False, hash=False, default="")
     _on: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
                                               default_factory=dict)
-    _others: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
-                                                  default_factory=dict)
     # (metric, device) -> the members, for the metrics none of whose value rules has a ``where``
     # (bounded; emptied when full): a batch asks once per reading.
     _members: dict[tuple[str, str], tuple[Rule, ...]] = field(init=False, repr=False, compare=False, hash=False,
