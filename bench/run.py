@@ -102,7 +102,7 @@ class Plan:
     payload_bytes: int
     alerts_rate: float | None = None  # offered messages/s of ingest-alerts; None: live_rate (resolved in main)
     alert_devices: int = 2  # devices per publisher process that the alert rules select (1 to 5)
-    alerts_lateness: float = 2.0  # [alerts] lateness of ingest-alerts' service: every alert waits this long
+    alerts_lateness: float = 0.5  # [alerts] lateness of ingest-alerts' service (its default): alerts wait this long
     senml1_messages: int = 50_000  # backlog of drain-senml1
     json5_messages: int = 20_000  # backlog of drain-json5
     senml50_messages: int = 4_000  # backlog of drain-senml50
@@ -778,7 +778,7 @@ def alert_devices(run: str, per_process: int) -> str:
     return f"{run}-p*-d0[0-{per_process - 1}]00"
 
 
-def alert_config(run: str, url: str, per_process: int, lateness: float = 2.0) -> str:
+def alert_config(run: str, url: str, per_process: int, lateness: float = 0.5) -> str:
     """[alerts] lateness, one [[webhooks]] entry (``url``, its secret from ALERT_SECRET_ENV) and a
     [[rules]] entry per threshold T of ALERT_THRESHOLDS: `temperature` above T, clear
     T - ALERT_HYSTERESIS, on the devices of alert_devices()."""
@@ -933,6 +933,59 @@ def verify_alerts(events: list[tuple[int, bool, int | None]], deliveries: list[D
             f"signature verified), {quiet} recorded not notified")
 
 
+# The temperature readings of the devices the rules select, and the events recorded for them.
+_ALERT_READINGS = """
+SELECT r.device_id, r.time, r.value
+FROM readings r JOIN devices d ON d.id = r.device_id JOIN metrics m ON m.id = r.metric_id
+WHERE d.uid ~ %s AND m.name = 'temperature'
+ORDER BY r.device_id, r.time
+"""
+_RECORDED = """
+SELECT e.rule, e.device_id, e.status, e.event_time
+FROM alert_events e JOIN devices d ON d.id = e.device_id
+WHERE d.uid ~ %s
+"""
+
+
+def verify_alert_script(url: str, run: str, per_process: int) -> str:
+    """The events recorded are exactly those of the rules judged, by a state machine written here, on
+    every stored reading of each series in event-time order (what one worker gives, and what several
+    must give): each rule fires when the value goes above its threshold and resolves at or below its
+    clear level. Raises VerificationError naming what is missing or extra (a reading not judged, or
+    judged out of order)."""
+    pattern = f"^{re.escape(run)}-p[0-9]+-d0[0-{per_process - 1}]00$"
+    with psycopg.connect(url) as c:
+        readings = c.execute(_ALERT_READINGS, (pattern,)).fetchall()
+        recorded = Counter((rule, d, status, t) for rule, d, status, t in c.execute(_RECORDED, (pattern,)))
+    expected: Counter[tuple[str, int, str, datetime]] = Counter()
+    last: dict[int, datetime] = {}
+    by_device: dict[int, list[tuple[datetime, float]]] = {}
+    for d, t, v in readings:
+        by_device.setdefault(d, []).append((t, v))
+        last[d] = t
+    for t_ in ALERT_THRESHOLDS:
+        name = f"temperature-above-{t_:g}"
+        for d, series in by_device.items():
+            firing = False
+            for t, v in series:
+                if not firing and v > t_:
+                    firing = True
+                    expected[name, d, "firing", t] += 1
+                elif firing and v <= t_ - ALERT_HYSTERESIS:
+                    firing = False
+                    expected[name, d, "resolved", t] += 1
+    missing, extra = expected - recorded, recorded - expected
+    if missing or extra:
+        def say(events: Counter[tuple[str, int, str, datetime]]) -> str:
+            shown = sorted(events)[:6]
+            return ", ".join(f"{r} device {d} {st} at {t.isoformat()}"
+                             f"{' (its last reading)' if last.get(d) == t else ''}" for r, d, st, t in shown)
+        raise VerificationError(f"{run} alerts: of {sum(expected.values())} events the stored readings give, "
+                                f"{sum(missing.values())} were not recorded ({say(missing)}) and "
+                                f"{sum(extra.values())} recorded are not among them ({say(extra)})")
+    return f"the {sum(expected.values())} events the stored readings give, each recorded once"
+
+
 def _webhook_latency(deliveries: list[Delivery], after: datetime) -> dict[str, float]:
     return _percentiles([(d.arrived - d.event_time).total_seconds() * 1000 for d in deliveries
                          if d.event_time >= after])
@@ -967,6 +1020,16 @@ def _outbox_settled(url: str, run: str) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
+def _late_readings(texts: list[str]) -> int:
+    """alert_readings_late_total over the workers: readings stored behind their series' watermark,
+    so not judged (the lateness was too short for them)."""
+    total = 0.0
+    for text in texts:
+        m = re.search(r"^sensor_ingest_alert_readings_late_total (\S+)$", text, re.M)
+        total += float(m.group(1)) if m else 0.0
+    return int(total)
+
+
 def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     name, run = "ingest-alerts", "al" + uuid.uuid4().hex[:6]
     rate = plan.alerts_rate or plan.live_rate
@@ -993,6 +1056,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
             # Every reading stored; the last ones are judged once the watermark (the clock minus
             # alerts.lateness) has passed them; then the outbox is complete.
             _wait_stored(lambda: _judged(svc.database_url, run), 0, f"{name} judgements")
+            late = _late_readings(metrics_text(http, plan.workers))
             outbox = _outbox_settled(svc.database_url, run)[1]
             _wait_stored(lambda: _outbox_settled(svc.database_url, run)[0], outbox, f"{name} deliveries")
             delivered_wall = time.monotonic() - t0
@@ -1005,6 +1069,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     with psycopg.connect(svc.database_url) as c:
         events = c.execute(_ALERT_EVENTS, (run + "-%",)).fetchall()
     alerts_verified = verify_alerts(events, deliveries, refused, run)
+    alerts_verified += "; " + verify_alert_script(svc.database_url, run, plan.alert_devices)
     after = datetime.fromtimestamp(started.timestamp() + plan.warmup_seconds, UTC)
     lat = _latency(rows, after)
     hook = _webhook_latency(deliveries, after)
@@ -1029,6 +1094,7 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
                       "warmup_after_first_publish_s": round((after - first).total_seconds(), 2),
                       "webhook_latency_ms": hook, "alert_parts_ms": parts, "alerts_verified": alerts_verified,
                       "delivered_wall_s": round(delivered_wall, 2), "workers": plan.workers,
+                      "readings_late": late,
                       "latency_breakdown": breakdown(rows, load, run, after, at_warmup.text, metrics_after)})
 
 
@@ -1161,7 +1227,8 @@ def alerts_table(r: Result) -> list[Any]:
         f"degC, clear {x['clear_below']:g} below) on {x['alert_devices']} devices, {x['webhooks']} webhook, "
         f"alerts.lateness {x.get('lateness_s', 0):g} s (every alert waits that long)",
         f"{x['events_delivered']:,} events delivered ({x['firing']:,} firing, {x['resolved']:,} resolved), each "
-        f"exactly once; {x['events_per_s']:,.1f} events/s after the warm-up",
+        f"exactly once; {x['events_per_s']:,.1f} events/s after the warm-up; {x.get('readings_late', 0):,} readings "
+        f"came later than the lateness (not judged) over {x.get('workers', 1)} worker(s)",
         t,
     ]
 
@@ -1184,7 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alert-devices", type=int, choices=range(1, 6), metavar="1-5",
                     help="devices per publisher process that ingest-alerts' 20 rules select (default 2)")
     ap.add_argument("--alerts-lateness", type=float, metavar="SECONDS",
-                    help="alerts.lateness of ingest-alerts' service (default 2, the service's default): every "
+                    help="alerts.lateness of ingest-alerts' service (default 0.5, the service's default): every "
                     "alert waits this long for readings that come out of order")
     ap.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--targets", action="store_true",

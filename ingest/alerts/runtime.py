@@ -36,7 +36,7 @@ class RuleSet:
     retry_max: float = 300.0
     mqtt: bool = False  # alerts.mqtt: every notified event also published (ingest.alerts.mqtt_channel)
     mqtt_prefix: str = "sensor-ingest"
-    lateness: float = 2.0  # alerts.lateness: series are judged up to the clock minus this
+    lateness: float = 0.5  # alerts.lateness: series are judged up to the clock minus this
     no_data_grace: float | None = None  # alerts.no_data_grace (None: the longest no_data duration)
     # The value rules, judged together per series (ingest.alerts.model.ValueRules).
     values: ValueRules = field(init=False, repr=False, compare=False, default=ValueRules())

@@ -436,10 +436,11 @@ class AlertSettings(_Section):
                        "on <mqtt_prefix>/alerts/<rule>/<device>")
     mqtt_prefix: str = Field("sensor-ingest", max_length=1024, description="the topic levels the alert topics "
                              "start with; no subscription of the service may match <mqtt_prefix>/alerts/+/+")
-    lateness: float = Field(2.0, description='how late a reading may reach the service (behind the other readings '
+    lateness: float = Field(0.5, description='how late a reading may reach the service (behind the other readings '
                             'of its series, e.g. through another worker) and still be judged in event-time order: a '
-                            'series is judged up to now minus this, e.g. "2s"; a reading later than that is stored '
-                            'but not judged (counted as late)')
+                            'series is judged up to now minus this, e.g. "0.5s" (a reading waits up to '
+                            'ingest.batch_max_age in its batch, then for the commit); a reading later than that is '
+                            'stored but not judged (counted as late)')
     no_data_grace: float | None = Field(None, description='after a start no silence is judged for this long (after '
                                         'the broker or the database was away: as long as it was away, at most this), '
                                         'so that an outage does not page for every device; default: the longest '

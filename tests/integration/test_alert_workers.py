@@ -60,7 +60,7 @@ from tests.services import Mosquitto, Postgres, wait_until
 from tests.webhook_receiver import Delivery, WebhookReceiver
 
 SEEDS = (1, 2, 3, 4, 5)
-LATENESS = 2.0  # [alerts] lateness, seconds (the default, written out)
+LATENESS = 2.0  # [alerts] lateness, seconds (written out: the shuffle of the script below needs it)
 LEAD = 1.0  # seconds: a message is published this long before the event time of its place
 STEPS = 20  # messages per seed and prefix: step k at 0.1 + 0.2 k seconds after the base
 STEP_MS = 200

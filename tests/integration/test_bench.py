@@ -64,7 +64,9 @@ def test_bench_runs_all_scenarios_verifies_them_and_reports_the_baseline_ratio(t
     assert x["resolved"] > 0
     assert x["events_delivered"] == x["firing"] + x["resolved"]
     assert x["alerts_verified"] == (f"ok: {x['events_delivered']} events notified, {x['events_delivered']} delivered "
-                                    "once each (by webhook-id, signature verified), 0 recorded not notified")
+                                    "once each (by webhook-id, signature verified), 0 recorded not notified; the "
+                                    f"{x['events_delivered']} events the stored readings give, each recorded once")
+    assert x["readings_late"] == 0
     parts = x["alert_parts_ms"]
     for lat in (alerts["latency_ms"], x["webhook_latency_ms"], parts["event_to_recorded"],
                 parts["recorded_to_delivered"]):
@@ -250,3 +252,52 @@ def test_histogram_percentiles_are_the_bounds_of_the_buckets_holding_them() -> N
     assert bucket_stats(histograms(text((0, 0, 4), 40.0))["x_seconds"], 1000.0)["p99"] == float("inf")
     two = summed([text((1, 2, 3), 1.0), text((1, 1, 1), 0.1)])["x_seconds"]
     assert (two.buckets, two.count, two.sum) == (((0.1, 2), (0.25, 3), (float("inf"), 4)), 4, 1.1)
+
+
+def test_the_alert_script_verification_names_an_event_missing_or_extra(database_url: str) -> None:
+    """bench.run.verify_alert_script on the real database: the events of the 20 rules on a device's
+    stored temperatures, worked out again; one event not recorded (a last reading not judged) and
+    one recorded twice each fail it by name."""
+    import psycopg
+
+    from bench.run import verify_alert_script
+
+    run = "al1234"
+    values = [10.0, 15.6, 21.2, 26.8, 10.0, 32.4]  # up through 15 thresholds, down below all, up past all 20
+    with psycopg.connect(database_url, autocommit=True) as c:
+        device = c.execute("INSERT INTO devices (uid) VALUES (%s) RETURNING id", (f"{run}-p0-d0000",)).fetchone()[0]
+        c.execute("INSERT INTO devices (uid) VALUES (%s)", (f"{run}-p0-d0200",))  # not a rule's device
+        metric = c.execute("INSERT INTO metrics (name) VALUES ('temperature') RETURNING id").fetchone()[0]
+        times = [datetime(2026, 12, 3, 7, 0, i, tzinfo=UTC) for i in range(len(values))]
+        for t, v in zip(times, values, strict=True):
+            c.execute("INSERT INTO readings (time, device_id, metric_id, value) VALUES (%s, %s, %s, %s)",
+                      (t, device, metric, v))
+
+        def record(rule: float, status: str, t: datetime) -> None:
+            c.execute("INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, "
+                      "threshold, severity, notified) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, 'warning', true)",
+                      (f"temperature-above-{rule:g}", device, metric, status, t, t, rule))
+
+        for rule in range(11, 31):
+            fired = next(t for t, v in zip(times, values, strict=True) if v > rule)
+            if fired < times[4]:  # rules 11 to 26: fired, resolved by 10.0, fired again by the last reading
+                record(rule, "firing", fired)
+                record(rule, "resolved", times[4])
+                record(rule, "firing", times[5])
+            elif rule != 30:  # 27 to 30 fire on the last reading only: rule 30's is left out
+                record(rule, "firing", times[5])
+    with pytest.raises(VerificationError, match=r"1 were not recorded \(temperature-above-30 device \d+ firing at "
+                                                r"2026-12-03T07:00:05\+00:00 \(its last reading\)\) and 0 recorded"):
+        verify_alert_script(database_url, run, 1)
+    with psycopg.connect(database_url, autocommit=True) as c:
+        c.execute("INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, "
+                  "threshold, severity, notified) VALUES ('temperature-above-30', %s, %s, 'firing', %s, %s, 0, 30, "
+                  "'warning', true)", (device, metric, times[5], times[5]))
+    assert verify_alert_script(database_url, run, 1) == "the 52 events the stored readings give, each recorded once"
+    with psycopg.connect(database_url, autocommit=True) as c:
+        c.execute("INSERT INTO alert_events (rule, device_id, metric_id, status, event_time, starts_at, value, "
+                  "threshold, severity, notified) VALUES ('temperature-above-11', %s, %s, 'resolved', %s, %s, 0, 11, "
+                  "'warning', true)", (device, metric, times[4], times[4]))
+    with pytest.raises(VerificationError, match=r"0 were not recorded \(\) and 1 recorded are not among them "
+                                                r"\(temperature-above-11 device \d+ resolved"):
+        verify_alert_script(database_url, run, 1)
