@@ -187,6 +187,8 @@ class Services:
     broker_pid: int | None
     database_pid: int | None
     versions: dict[str, str]
+    # --set: config keys of the service under test, as its environment (SENSOR_INGEST_<SECTION>__<KEY>)
+    service_env: dict[str, str] = field(default_factory=dict)
 
 
 @contextmanager
@@ -314,7 +316,7 @@ format = "{format}"
     argv = [sys.executable, "-m", "ingest", "run", "--config", str(config)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Consumer(argv, work / f"{name}.log", ready, env), http
+    return Consumer(argv, work / f"{name}.log", ready, svc.service_env | (env or {})), http
 
 
 def baseline_consumer(work: Path, svc: Services, topic: str = f"{PREFIX}/+/up", name: str = "baseline") -> Consumer:
@@ -1274,8 +1276,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="sample the service with py-spy during ingest-drain and the drain-<shape> targets and "
                     "print where the time goes "
                     "(py-spy is not a dependency: pip install py-spy, or give its path)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config key of sensor-ingest in every scenario that runs it, given as its environment "
+                    "variable SENSOR_INGEST_<SECTION>__<KEY> (e.g. --set ingest.batch_max_age=0.1 --set "
+                    "mqtt.receive_maximum=1024), to measure a default against its alternatives; repeatable; "
+                    "recorded in the results; the baseline is not affected")
     ap.add_argument("--json", type=Path, help="write the results here (default bench/results/<time>.json)")
     args = ap.parse_args(argv)
+    settings: dict[str, str] = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and section and name and "." not in name):
+            ap.error(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. ingest.batch_max_age=0.1")
+        settings[f"{section}.{name}"] = value
     if bool(args.database_url) != bool(args.mqtt_url):
         ap.error("--database-url and --mqtt-url go together (or neither: private services are started)")
     plan = FULL if args.full else QUICK
@@ -1307,7 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "bench.baseline", "--database-url", svc.database_url,
                         "--mqtt-url", svc.mqtt_url, "--topic", "-", "--create-table"], check=True, cwd=REPO)
         svc.versions = versions(svc.database_url)
-        _say(f"plan: {plan}\nmachine: {svc.versions}\nlogs: {work}")
+        svc.service_env = {f"SENSOR_INGEST_{k.replace('.', '__').upper()}": v for k, v in settings.items()}
+        _say(f"plan: {plan}\nservice config set: {settings or 'none (the defaults)'}\nmachine: {svc.versions}\n"
+             f"logs: {work}")
         try:
             for s in scenarios:
                 _say(f"--- {s}")
@@ -1335,7 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or RESULTS / f"{stamp:%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps({
         "date": stamp.isoformat(timespec="seconds"), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:]),
-        "machine": svc.versions, "plan": asdict(plan), "ratio_vs_baseline": ratio,
+        "machine": svc.versions, "plan": asdict(plan), "service_config": settings, "ratio_vs_baseline": ratio,
         "target_ratios_readings": ratios, "results": [asdict(r) for r in results],
     }, indent=2))
     _say(f"results: {out}")

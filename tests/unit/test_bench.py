@@ -295,3 +295,25 @@ def test_a_profile_is_summed_into_the_parts_of_the_service_by_its_first_matching
     assert parts["event loop idle"] == 1
     assert parts["other (HTTP, gauges, evaluator)"] == 3
     assert sum(parts.values()) == 18
+
+
+# --- --set: a default measured against its alternatives ------------------------------------------------
+
+
+def test_set_gives_the_service_its_config_keys_as_environment_and_refuses_other_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.run import main
+
+    svc = _services()
+    svc.service_env = {"SENSOR_INGEST_INGEST__BATCH_MAX_AGE": "0.1", "SENSOR_INGEST_MQTT__RECEIVE_MAXIMUM": "1024"}
+    consumer, _ = ingest_consumer(tmp_path, svc, "ingest-drain", env={"OTHER": "1"})
+    assert consumer.env == svc.service_env | {"OTHER": "1"}
+    for name, value in consumer.env.items():  # the service reads them as the keys they name
+        monkeypatch.setenv(name, value)
+    settings = load_settings(tmp_path / "ingest-drain.toml")
+    assert (settings.ingest.batch_max_age, settings.mqtt.receive_maximum) == (0.1, 1024)
+    for bad in ("batch_max_age=0.1", "ingest.batch_max_age", "ingest.=1", "a.b.c=1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--set", bad])
+        assert exit_.value.code == 2
