@@ -1157,6 +1157,10 @@ def target_line(r: Result) -> str:
     rules = (f"{x['rules']} rules (temperature above {x['thresholds_degc'][0]:g} to {x['thresholds_degc'][1]:g} "
              f"degC) on {'every device' if x['rule_scope'] == 'fleet' else '4 devices'}, {ev['firing']:,} firing "
              f"and {ev['resolved']:,} resolved events recorded" if x["rules"] else "no alert rules")
+    want = x.get("alert_events_expected") or ev
+    if x["rules"] and want != ev:  # only with several workers: one worker's run fails instead
+        rules += (f" [bold red]instead of the {want['firing']:,} and {want['resolved']:,} the messages must raise: "
+                  "the alert guarantees do not hold in this run[/bold red]")
     return (f"{r.name}: {x['readings_per_message']} readings a message ({x['format']}), catalog on, {rules}; "
             f"{x['workers']} worker(s)")
 

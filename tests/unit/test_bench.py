@@ -317,3 +317,17 @@ def test_set_gives_the_service_its_config_keys_as_environment_and_refuses_other_
         with pytest.raises(SystemExit) as exit_:
             main(["--set", bad])
         assert exit_.value.code == 2
+
+
+def test_a_target_drain_whose_alert_events_fall_short_says_the_guarantees_do_not_hold() -> None:
+    from bench.run import Result, target_line
+
+    extra = {"readings_per_message": 1, "format": "senml", "rules": 20, "thresholds_degc": [30.0, 49.0],
+             "rule_scope": "fleet", "workers": 2, "alert_events": {"firing": 700, "resolved": 660},
+             "alert_events_expected": {"firing": 1040, "resolved": 1000}}
+    short = target_line(Result("drain-senml1", 1, 1, 1.0, 1.0, 1.0, 1.0, None, {}, "ok", extra))
+    assert "700 firing and 660 resolved events recorded [bold red]instead of the 1,040 and 1,000" in short
+    assert "the alert guarantees do not hold in this run" in short
+    whole = target_line(Result("drain-senml1", 1, 1, 1.0, 1.0, 1.0, 1.0, None, {}, "ok",
+                               extra | {"alert_events": {"firing": 1040, "resolved": 1000}}))
+    assert whole.endswith("1,040 firing and 1,000 resolved events recorded; 2 worker(s)")
