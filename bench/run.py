@@ -361,13 +361,18 @@ def metrics_text(http: str, workers: int = 1) -> list[str]:
     return [httpx.get(f"http://{a}/metrics", timeout=5).text for a in worker_addrs(http, workers)]
 
 
-def acked_by_ingest(http: str, workers: int = 1) -> float:
-    """Messages acknowledged after commit, over all workers."""
+def counter_total(texts: list[str], name: str) -> float:
+    """An unlabelled counter (``sensor_ingest_<name>_total``) summed over the workers' /metrics."""
     total = 0.0
-    for text in metrics_text(http, workers):
-        m = re.search(r"^sensor_ingest_messages_acked_total (\S+)$", text, re.M)
+    for text in texts:
+        m = re.search(rf"^sensor_ingest_{name}_total (\S+)$", text, re.M)
         total += float(m.group(1)) if m else 0.0
     return total
+
+
+def acked_by_ingest(http: str, workers: int = 1) -> float:
+    """Messages acknowledged after commit, over all workers."""
+    return counter_total(metrics_text(http, workers), "messages_acked")
 
 
 # --- checking and measuring ---------------------------------------------------------------------------
@@ -1022,16 +1027,6 @@ def _outbox_settled(url: str, run: str) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def _late_readings(texts: list[str]) -> int:
-    """alert_readings_late_total over the workers: readings stored behind their series' watermark,
-    so not judged (the lateness was too short for them)."""
-    total = 0.0
-    for text in texts:
-        m = re.search(r"^sensor_ingest_alert_readings_late_total (\S+)$", text, re.M)
-        total += float(m.group(1)) if m else 0.0
-    return int(total)
-
-
 def alerts(svc: Services, plan: Plan, work: Path) -> Result:
     name, run = "ingest-alerts", "al" + uuid.uuid4().hex[:6]
     rate = plan.alerts_rate or plan.live_rate
@@ -1058,7 +1053,8 @@ def alerts(svc: Services, plan: Plan, work: Path) -> Result:
             # Every reading stored; the last ones are judged once the watermark (the clock minus
             # alerts.lateness) has passed them; then the outbox is complete.
             _wait_stored(lambda: _judged(svc.database_url, run), 0, f"{name} judgements")
-            late = _late_readings(metrics_text(http, plan.workers))
+            # alert_readings_late_total: readings behind their series' judged time, stored but not judged
+            late = int(counter_total(metrics_text(http, plan.workers), "alert_readings_late"))
             outbox = _outbox_settled(svc.database_url, run)[1]
             _wait_stored(lambda: _outbox_settled(svc.database_url, run)[0], outbox, f"{name} deliveries")
             delivered_wall = time.monotonic() - t0

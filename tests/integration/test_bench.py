@@ -257,7 +257,7 @@ def test_histogram_percentiles_are_the_bounds_of_the_buckets_holding_them() -> N
 def test_the_alert_script_verification_names_an_event_missing_or_extra(database_url: str) -> None:
     """bench.run.verify_alert_script on the real database: the events of the 20 rules on a device's
     stored temperatures, worked out again; one event not recorded (a last reading not judged) and
-    one recorded twice each fail it by name."""
+    one recorded that the readings do not give each fail it by name."""
     import psycopg
 
     from bench.run import verify_alert_script

@@ -331,3 +331,12 @@ def test_a_target_drain_whose_alert_events_fall_short_says_the_guarantees_do_not
     whole = target_line(Result("drain-senml1", 1, 1, 1.0, 1.0, 1.0, 1.0, None, {}, "ok",
                                extra | {"alert_events": {"firing": 1040, "resolved": 1000}}))
     assert whole.endswith("1,040 firing and 1,000 resolved events recorded; 2 worker(s)")
+
+
+def test_a_counter_is_summed_over_the_workers_and_a_worker_without_it_counts_zero() -> None:
+    from bench.run import counter_total
+
+    one = "# TYPE sensor_ingest_alert_readings_late_total counter\nsensor_ingest_alert_readings_late_total 3.0\n"
+    other = "sensor_ingest_alert_readings_late_created 1.7e9\nsensor_ingest_messages_acked_total 12.0\n"
+    assert counter_total([one, other, one], "alert_readings_late") == 6.0
+    assert counter_total([one, other], "messages_acked") == 12.0
