@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         from ingest.supervisor import run_worker
 
-        return run_worker(settings, args.config, args.worker_index, args.supervisor_pid)
+        return run_worker(settings, args.config, args.worker_index, args.supervisor_pid, args.workers)
     workers = args.workers if args.workers is not None else settings.ingest.workers
     if workers > 1:
         from ingest.supervisor import supervise

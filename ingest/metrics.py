@@ -93,6 +93,8 @@ class Metrics:
                                         "quality.below percent over quality.window", registry=r)
         self.quality_computed = Gauge(p + "quality_computed_timestamp_seconds", "when the fleet quality gauges were "
                                       "last computed (Unix time; 0: never)", registry=r)
+        self.alert_held = Gauge(p + "alert_judging_held_seconds", "for how long alert judging has been held back "
+                                "while a worker catches up a backlog (alerts.catch_up_wait); 0: not held", registry=r)
         self.retention_dropped_chunks = Counter(p + "retention_dropped_chunks", "chunks of rejected_messages "
                                                 "dropped as older than retention.rejected_messages", registry=r)
 

@@ -50,6 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.acks import AckTracker
+from ingest.alerts.catchup import CatchUp
 from ingest.metrics import Metrics
 from ingest.model import Clock, RawMessage, utc_now
 from ingest.mqttwire import PacketReader, Publish, paho_problem, queue_pubacks
@@ -96,6 +97,7 @@ class MqttBridge:
         clock: Clock = utc_now,
         on_session: Callable[[int, bool], None] = lambda epoch, resumed: None,
         identifiers: list[int] | None = None,
+        catchup: CatchUp | None = None,
     ) -> None:
         if not filters:
             raise ValueError("no subscription filters: configure at least one source")
@@ -119,6 +121,7 @@ class MqttBridge:
         self.metrics = metrics
         self.clock = clock
         self.on_session = on_session  # (epoch, session resumed) after each CONNACK
+        self.catchup = catchup  # told of connections, disconnections and full windows (ingest.alerts.catchup)
         self.tracker = AckTracker()
         self.connected = False  # connected and subscribed
         self.connections = 0
@@ -164,6 +167,8 @@ class MqttBridge:
             try:
                 await self._connect_once()
             except (MqttConnectError, OSError, TimeoutError, ssl.SSLError) as exc:
+                if self.catchup is not None:
+                    self.catchup.disconnected()
                 self._teardown_socket()
                 if failing_since is None:
                     failing_since = time.monotonic()
@@ -186,6 +191,8 @@ class MqttBridge:
             self._set_gauge(1)
             self._ready.set()
             await self._disconnected.wait()
+            if self.catchup is not None:
+                self.catchup.disconnected()
             self.connected = False
             self._set_gauge(0)
             self._ready.clear()
@@ -404,6 +411,8 @@ class MqttBridge:
             self.metrics.reconnects.inc()
         if session_present:
             self.on_session(epoch, True)
+        if self.catchup is not None:
+            self.catchup.connected(bool(session_present))
         self.connections += 1
         log.info(
             "MQTT connected to %s:%d as %r (epoch %d, session %s, receive_maximum sent %d; broker: %s)",
@@ -667,6 +676,8 @@ class MqttBridge:
             self._disconnected.set()
 
     def _set_window_full(self, full: bool) -> None:
+        if full and self.catchup is not None:
+            self.catchup.window_full()
         if full == self._window_full:
             return
         self._window_full = full

@@ -8,13 +8,14 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import uvicorn
 
+from ingest.alerts.catchup import CatchUp, Sessions
 from ingest.alerts.dispatch import Dispatcher
 from ingest.alerts.evaluator import Evaluator
 from ingest.alerts.mqtt_channel import AlertPublisher
@@ -153,7 +154,7 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0, second, third)
 
 
-async def run_service(settings: Settings, config: Path | None = None) -> int:
+async def run_service(settings: Settings, config: Path | None = None, siblings: Sequence[str] = ()) -> int:
     """``config``: the file the settings came from, read again by a reload of the alert rules."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -203,6 +204,11 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
 
     versions = Versions(worker_name(settings.mqtt.client_id), datetime.now(UTC))
     stage = AlertStage(runtime, intervals=source_intervals(settings), versions=versions)
+    catchup = CatchUp()
+    bridge_ref: list[MqttBridge] = []
+    sessions = Sessions(settings.mqtt.client_id, catchup, lambda: bridge_ref[0].tracker.oldest_arrival if bridge_ref
+                        else None, siblings=siblings, wait=a.catch_up_wait)
+    stage.floor = sessions.floor_now
     dispatcher: Dispatcher | None = None
     dispatch_pool: asyncpg.Pool | None = None
     if settings.alerts.dispatcher:
@@ -234,7 +240,8 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     pipeline_ref: list[Pipeline] = []
     bridge = MqttBridge(settings.mqtt, processor.filters, lambda m: pipeline_ref[0].submit(m), metrics=metrics,
                         on_session=lambda epoch, _resumed: pipeline_ref[0].release_before(epoch),
-                        identifiers=processor.subscription_ids)
+                        identifiers=processor.subscription_ids, catchup=catchup)
+    bridge_ref.append(bridge)
     pipeline = Pipeline(
         settings.ingest, processor, writer, metrics,
         ack=bridge.ack,
@@ -310,6 +317,47 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
                             settings.quality.every)
             await asyncio.sleep(settings.quality.every)
 
+    # Whether this worker has caught up, and the floor of those that have not (ingest.alerts.catchup),
+    # on a connection of its own: a beat that waited for the writer's pool would make this worker look
+    # gone to the others. The first beat goes before the broker connection, so that no other worker
+    # judges past what this one's session holds.
+    sessions_pool: list[asyncpg.Pool] = []
+
+    async def beat() -> None:
+        if not runtime.active.rules:
+            sessions.floor = sessions.held_since = None  # nothing to judge; a reload that adds rules starts beats
+            return
+        if not sessions_pool:
+            sessions_pool.append(await create_pool(settings.database.model_copy(update={"pool_size": 1}),
+                                                   "sensor-ingest-sessions"))
+        tick = evaluator_tick()
+        async with sessions_pool[0].acquire(timeout=5) as conn:
+            await asyncio.wait_for(sessions.beat(conn, runtime.active.lateness + tick), 5)
+        metrics.alert_held.set(sessions.held_for())
+
+    def evaluator_tick() -> float:
+        return min(1.0, max(0.1, runtime.active.lateness / 4))
+
+    async def beats() -> None:
+        failing = False
+        while True:
+            try:
+                await beat()
+                if failing:
+                    log.info("alerts: this worker's catch-up state is written again")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                sessions.failed()
+                if not failing:
+                    log.warning("alerts: this worker's catch-up state could not be written (%s); nothing is judged "
+                                "until it is", describe(exc))
+                failing = True
+            await asyncio.sleep(evaluator_tick())
+
+    with contextlib.suppress(Exception):
+        await beat()
     tasks = {
         "mqtt": asyncio.create_task(bridge.run(), name="mqtt"),
         "consume": asyncio.create_task(pipeline.consume(), name="consume"),
@@ -326,6 +374,7 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     evaluator = Evaluator(lambda: writer.pool, stage, versions, on_result=metrics.count_alerts,
                           ready=lambda: bridge.connected and database_ok())
     tasks["evaluator"] = asyncio.create_task(evaluator.run(), name="evaluator")
+    tasks["beats"] = asyncio.create_task(beats(), name="beats")
     # Sends the firing notifications that silences held back, once they end (one worker at a time).
     tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool), name="silences")
     if settings.quality.every > 0:
@@ -362,7 +411,7 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
     await bridge.stop()
     dispatch_stop.set()  # committed events stay in the outbox: the next start delivers them
     server.should_exit = True
-    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality", "silences", "evaluator"):
+    for name in ("mqtt", "gauges", "guard", "probe", "retention", "quality", "silences", "evaluator", "beats"):
         if name in tasks:
             tasks[name].cancel()
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -371,6 +420,10 @@ async def run_service(settings: Settings, config: Path | None = None) -> int:
         with contextlib.suppress(Exception):
             async with writer.pool.acquire(timeout=2) as conn:
                 await asyncio.wait_for(versions.leave(conn), 2.0)
+                if bridge.tracker.unacked == 0:  # nothing left for the broker to send again
+                    await asyncio.wait_for(sessions.leave(conn), 2.0)
+    for p in sessions_pool:
+        p.terminate()
     if aborted:
         writer.pool.terminate()  # a graceful close would wait on connections stuck in a dead network
     else:

@@ -180,11 +180,14 @@ def worker_settings(settings: Settings, index: int, config: Path | None = None) 
     })
 
 
-def worker_command(config: Path | None, index: int, supervisor: int | None = None) -> list[str]:
-    """The command line of worker ``index`` of the supervisor of pid ``supervisor`` (default: this
-    process). No secret on it: they stay in the inherited environment."""
+def worker_command(config: Path | None, index: int, supervisor: int | None = None, *,
+                   workers: int | None = None) -> list[str]:
+    """The command line of worker ``index`` (of ``workers``) of the supervisor of pid ``supervisor``
+    (default: this process). No secret on it: they stay in the inherited environment."""
     argv = [sys.executable, "-m", "ingest", "run", "--worker-index", str(index),
             "--supervisor-pid", str(os.getpid() if supervisor is None else supervisor)]
+    if workers is not None:  # so that each knows its siblings' client ids (ingest.alerts.catchup)
+        argv += ["--workers", str(workers)]
     return argv + (["--config", os.fspath(config)] if config is not None else [])
 
 
@@ -387,7 +390,7 @@ def supervise(settings: Settings, config: Path | None, workers: int, *, asked: s
     plans = plan_workers(settings, workers, config, asked=asked)
     setup_logging(settings.log.level, settings.log.format)
     _log_plan(settings, plans)
-    return asyncio.run(Supervisor(plans, lambda k: worker_command(config, k)).run())
+    return asyncio.run(Supervisor(plans, lambda k: worker_command(config, k, workers=workers)).run())
 
 
 async def _orphan_watch(parent: int) -> None:
@@ -400,23 +403,26 @@ async def _orphan_watch(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _serve(settings: Settings, config: Path | None, parent: int) -> int:
+async def _serve(settings: Settings, config: Path | None, parent: int, siblings: list[str]) -> int:
     from ingest.service import run_service
 
     watch = asyncio.create_task(_orphan_watch(parent), name="orphan-watch")
     try:
-        return await run_service(settings, config)
+        return await run_service(settings, config, siblings)
     finally:
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch
 
 
-def run_worker(settings: Settings, config: Path | None, index: int, supervisor: int | None = None) -> int:
+def run_worker(settings: Settings, config: Path | None, index: int, supervisor: int | None = None,
+               workers: int | None = None) -> int:
     """`sensor-ingest run --worker-index k --supervisor-pid P`, as the supervisor starts it: the service
     with worker k's client id, HTTP address and log tag, for as long as its supervisor ``supervisor``
     (default: the parent process) is there. The pid comes on the command line because the supervisor
-    may die before this process, still importing, asks for its parent."""
+    may die before this process, still importing, asks for its parent. ``workers``: how many the
+    supervisor runs (their client ids are this worker's siblings; None: unknown)."""
     mine = worker_settings(settings, index, config)
     setup_logging(mine.log.level, mine.log.format, worker=index)
-    return asyncio.run(_serve(mine, config, os.getppid() if supervisor is None else supervisor))
+    siblings = [client_id_of(settings.mqtt.client_id, k) for k in range(1, (workers or 0) + 1)]
+    return asyncio.run(_serve(mine, config, os.getppid() if supervisor is None else supervisor, siblings))

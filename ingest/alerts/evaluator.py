@@ -1,7 +1,8 @@
 """The evaluator: each worker's timer that judges what batches could not judge yet.
 
 Every ``tick`` seconds (a quarter of alerts.lateness, between 0.1 s and 1 s), in one transaction:
-the series whose due_at the watermark (the clock minus alerts.lateness) has passed, of the rules this
+the series whose due_at the watermark (the clock minus alerts.lateness; less while a worker catches up
+a backlog, ingest.alerts.catchup) has passed, of the rules this
 worker holds, up to CLAIM of them, are taken with FOR UPDATE SKIP LOCKED in the stage's sorted order
 (a series a batch or another worker holds now is left for the next tick: no wait, no deadlock) and
 judged from the stored rows by the stage's own ``judge_locked``; a full claim is followed at once by

@@ -445,6 +445,10 @@ class AlertSettings(_Section):
                                         'the broker or the database was away: as long as it was away, at most this), '
                                         'so that an outage does not page for every device; default: the longest '
                                         'no_data duration of the rules')
+    catch_up_wait: float = Field(600.0, description='while a worker drains a backlog (after an outage its broker '
+                                 'session holds part of every device\'s queue) the other workers judge nothing past '
+                                 'where it stopped, so that its readings are judged in order; a worker behind, or '
+                                 'not seen, for longer than this is no longer waited for, e.g. "10m"')
 
     @field_validator("mqtt_prefix")
     @classmethod
@@ -466,6 +470,15 @@ class AlertSettings(_Section):
         if seconds > 3600:
             raise _fix(f"lateness of {seconds:g}s holds every alert back that long", 'use at most "1h" (a few seconds '
                        "covers workers that share a subscription)")
+        return seconds
+
+    @field_validator("catch_up_wait", mode="before")
+    @classmethod
+    def _catch_up_wait(cls, v: Any) -> float:
+        seconds = _duration(v, "catch_up_wait")
+        if seconds > 86400:
+            raise _fix(f"catch_up_wait of {seconds:g}s could hold every alert back that long",
+                       'use at most "1d"; the default, "10m", covers draining an hour of a city\'s backlog')
         return seconds
 
     @field_validator("no_data_grace", mode="before")

@@ -10,7 +10,8 @@ transaction holds uncommitted. After it stored them (``run``), for the readings 
 transaction (a redelivered duplicate is not new): a reading at or before what its series has judged
 already is late (stored, counted, not judged); the others set the series' due_at (the watermark they
 wait for, ingest.alerts.evaluate.due), due_to (the latest of them) and seen_at (the stage's clock).
-Then every locked series that is due (due_at <= the stage's clock minus alerts.lateness) and that
+Then every locked series that is due (due_at <= the watermark: the stage's clock minus alerts.lateness,
+or less while a worker catches up a backlog, ingest.alerts.catchup) and that
 this worker's version of the rule may judge (ingest.alerts.versions) is judged from the stored rows
 (these included), in event-time order, up to that watermark (``judge_locked``, shared with the
 evaluator). The state, the events and, for the events young enough to notify (or judged on the
@@ -232,12 +233,21 @@ class AlertStage:
         # A row another worker deleted meanwhile (an 'ok' state its rule no longer owns) is found
         # missing by the lock and created then.
         self._ensured: set[Key] = set()
+        # The earliest time a worker was last caught up, while one is draining a backlog
+        # (ingest.alerts.catchup): nothing is judged past it. None: no one is behind.
+        self.floor: Callable[[], datetime | None] = lambda: None
 
     def wants(self, metric: str) -> bool:
         return bool(self.runtime.rules_for(metric))
 
     def watermark(self, active: RuleSet, now: datetime) -> datetime:
-        return now - timedelta(seconds=active.lateness)
+        """Series are judged up to this: the clock minus alerts.lateness, or the floor minus it while a
+        worker catches up (ingest.alerts.catchup)."""
+        to = now - timedelta(seconds=active.lateness)
+        floor = self.floor()
+        if floor is not None and floor - timedelta(seconds=active.lateness) < to:
+            return floor - timedelta(seconds=active.lateness)
+        return to
 
     async def lock(self, conn: Conn, readings: Sequence[NewReading]) -> Prepared | None:
         """Before the batch stores its readings: create and lock the alert_state rows of every series

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +178,10 @@ def ran(monkeypatch: pytest.MonkeyPatch, _restore_logging: None) -> dict[str, An
     """Which way `run` went: the service in-process (ingest.service.run_service) or the supervisor."""
     seen: dict[str, Any] = {}
 
-    async def service(settings: Settings, config: Path | None = None) -> int:
+    async def service(settings: Settings, config: Path | None = None, siblings: Sequence[str] = ()) -> int:
         seen["service"] = settings
+        if siblings:
+            seen["siblings"] = list(siblings)
         logging.getLogger("ingest.service").info("the service would run here")
         return 0
 
@@ -253,6 +255,16 @@ def test_a_worker_runs_the_service_with_its_own_id_port_and_log_tag(
     assert ran["service"].mqtt.client_id == "hn-ingest-2"
     assert ran["service"].http.addr == "127.0.0.1:8081"
     assert "INFO    [w2] ingest.service: the service would run here" in capsys.readouterr().err
+    assert "siblings" not in ran  # how many workers there are was not said
+
+
+def test_a_worker_knows_the_client_ids_of_its_siblings(tmp_path: Path, ran: dict[str, Any]) -> None:
+    # As the supervisor starts it (worker_command): the others' sessions are waited for while they
+    # drain a backlog (ingest.alerts.catchup).
+    argv = worker_command(_config(tmp_path), 2, 1, workers=3)
+    assert argv[-4:-2] == ["--workers", "3"]
+    assert main(argv[3:]) == 0
+    assert ran["siblings"] == ["hn-ingest", "hn-ingest-2", "hn-ingest-3"]
 
 
 def test_the_help_of_run_explains_the_workers(capsys: pytest.CaptureFixture[str]) -> None:
