@@ -470,6 +470,51 @@ async def test_resolved_never_overtakes_its_firing_event(pool: asyncpg.Pool, rec
 
 
 @pytest.mark.asyncio
+async def test_a_delivery_brings_its_series_next_row_and_a_retry_stops_that(pool: asyncpg.Pool,
+                                                                          receiver: Receiver) -> None:
+    # Three series of four rows each. Recording a delivery claims the series' next row in the same
+    # statement, so the claim rounds take only the heads, and the row a retry holds back (b's second,
+    # answered 500 once) is taken again by a round once due, the rest of b coming with it.
+    rows = {s: [await add(pool, "ops", f"pm25-high\x1f{d}\x1f1", st) for st in ("firing", "resolved") * 2]
+            for s, d in (("a", 1), ("b", 2), ("c", 3))}
+    held = f"msg_{rows['b'][1]}"
+    answered: set[str] = set()
+
+    def decide(_path: str, msg_id: str, _n: int) -> Answer | None:
+        if msg_id == held and msg_id not in answered:
+            answered.add(msg_id)
+            return Answer(500)
+        return None
+
+    receiver.decide = decide
+    d = Dispatcher(pool, {"ops": hook("ops", receiver)}, jitter=lambda: 0.0, poll=0.05)
+    claimed: list[int] = []
+    claim = d._claim
+
+    async def spy(limit: int) -> list[Any]:
+        got = await claim(limit)
+        claimed.extend(c.id for c in got)
+        return got
+
+    d._claim = spy  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    try:
+        await until(lambda: len([q for q in receiver.got() if q.answered == 200]) == 12, "every row delivered")
+    finally:
+        stop.set()
+        await task
+        await d.aclose()
+    assert sorted(claimed) == sorted([rows["a"][0], rows["b"][0], rows["c"][0], rows["b"][1]])
+    got = [q.msg_id for q in receiver.got()]
+    for ids in rows.values():  # each series in its order, each row once but the one retried
+        assert [m for m in got if m in {f"msg_{i}" for i in ids}] == [
+            f"msg_{i}" for i in ids for _ in range(2 if f"msg_{i}" == held else 1)]
+    statuses = [(await row(pool, i))["status"] for ids in rows.values() for i in ids]
+    assert statuses == ["delivered"] * 12
+
+
+@pytest.mark.asyncio
 async def test_a_series_in_retry_does_not_hold_others(pool: asyncpg.Pool, receiver: Receiver) -> None:
     stuck = await add(pool, "ops", "pm25-high\x1f1\x1f1")
     free = await add(pool, "ops", "pm25-high\x1f2\x1f1")
