@@ -7,7 +7,8 @@ process or several) can run at once. While a series' oldest row waits for a retr
 no newer row of that series is claimed: a resolved event never overtakes its firing event. The
 statement that records a delivery also claims the series' next row when it is due and not leased,
 and the same task delivers it: a series' events follow each other without waiting for a claim round
-(only run() does this; run_once() takes one row a series).
+(up to CHAIN_MAX rows, then the task ends and a claim round shares the room among all the series;
+only run() does this, run_once() takes one row a series).
 
 Results. 2xx: delivered. 408, 429, 5xx, a network error or a timeout: retried with exponential
 backoff and full jitter (the first retry within a second, doubling up to ``retry_max``), or after
@@ -68,6 +69,7 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests may finish after stop
 UNKNOWN_EVERY = 300.0  # seconds between looks for pending rows of webhooks that are not configured
 FAILING_LOG_EVERY = 60.0  # seconds: at most one "retrying" line per webhook in this time
 USER_AGENT = "sensor-ingest"
+CHAIN_MAX = 32  # rows of one series a delivery task takes in a row: then a claim round, fair to the others
 
 Outcome = Literal["delivered", "retry", "failed", "gone"]
 
@@ -351,7 +353,9 @@ class Dispatcher:
         """One attempt and its result, then the same for the series' next row if recording the
         delivery claimed it. Never raises but CancelledError."""
         next_claim: _Claim | None = claim
-        while next_claim is not None:
+        for taken in range(CHAIN_MAX):
+            if next_claim is None:
+                return
             claim = next_claim
             hook = claim.webhook
             now = self._clock()
@@ -361,7 +365,7 @@ class Dispatcher:
                 verdict = Verdict("failed", None, f"max_age: not delivered within {hook.max_age:g}s{last}")
             else:
                 verdict = await self._attempt(claim, now)
-            next_claim = await self._settle(claim, verdict)
+            next_claim = await self._settle(claim, verdict, chain=taken < CHAIN_MAX - 1)
 
     async def _attempt(self, claim: _Claim, now: float) -> Verdict:
         hook = claim.webhook
@@ -399,8 +403,8 @@ class Dispatcher:
         # "failed": a refusal a retry cannot change (the broker's ACL, an invalid topic, too large), as a 4xx.
         return Verdict(outcome, None, why)
 
-    async def _settle(self, claim: _Claim, verdict: Verdict) -> _Claim | None:
-        """Record the result; after a delivery, the series' next row if that claimed it."""
+    async def _settle(self, claim: _Claim, verdict: Verdict, *, chain: bool = False) -> _Claim | None:
+        """Record the result; after a delivery (``chain``), the series' next row if that claimed it."""
         hook, now = claim.webhook, self._clock()
         error = None if verdict.error is None else verdict.error[:ERROR_LIMIT]
         sql: str
@@ -439,7 +443,7 @@ class Dispatcher:
             self._metrics.webhook_deliveries.labels(hook.name, verdict.outcome).inc()
             if verdict.outcome == "delivered":
                 self._metrics.webhook_delivery_seconds.observe(max(0.0, now - claim.created_at))
-        if verdict.outcome == "delivered" and not self._closing and self._active().get(hook.name) is hook:
+        if chain and verdict.outcome == "delivered" and not self._closing and self._active().get(hook.name) is hook:
             # The series' next row comes with the result, under the same webhook (not removed or
             # disabled by a reload meanwhile).
             return await self._record_and_next(claim, args, hook)

@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 
 from ingest.alerts.body import Annotations, StandardBody
-from ingest.alerts.dispatch import CHANNEL, LEASE_MARGIN, Dispatcher, backoff, judge, retry_after
+from ingest.alerts.dispatch import CHAIN_MAX, CHANNEL, LEASE_MARGIN, Dispatcher, backoff, judge, retry_after
 from ingest.alerts.model import Webhook
 from ingest.alerts.sign import SignatureError, verify
 from ingest.metrics import Metrics
@@ -512,6 +512,32 @@ async def test_a_delivery_brings_its_series_next_row_and_a_retry_stops_that(pool
             f"msg_{i}" for i in ids for _ in range(2 if f"msg_{i}" == held else 1)]
     statuses = [(await row(pool, i))["status"] for ids in rows.values() for i in ids]
     assert statuses == ["delivered"] * 12
+
+
+@pytest.mark.asyncio
+async def test_a_delivery_task_takes_at_most_chain_max_rows_of_its_series(pool: asyncpg.Pool,
+                                                                         receiver: Receiver) -> None:
+    ids = [await add(pool, "ops", "pm25-high\x1f1\x1f1", ("firing", "resolved")[k % 2]) for k in range(CHAIN_MAX + 2)]
+    d = Dispatcher(pool, {"ops": hook("ops", receiver)}, poll=0.05)
+    claimed: list[int] = []
+    claim = d._claim
+
+    async def spy(limit: int) -> list[Any]:
+        got = await claim(limit)
+        claimed.extend(c.id for c in got)
+        return got
+
+    d._claim = spy  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    try:
+        await until(lambda: len(receiver.got()) == len(ids), "every row delivered")
+    finally:
+        stop.set()
+        await task
+        await d.aclose()
+    assert claimed == [ids[0], ids[CHAIN_MAX]]  # the head, then the row after the first task's CHAIN_MAX
+    assert [q.msg_id for q in receiver.got()] == [f"msg_{i}" for i in ids]
 
 
 @pytest.mark.asyncio
