@@ -56,6 +56,7 @@ Event = tuple[str, str, str, datetime]  # (rule, device, status, event time)
 
 @pytest.fixture
 def runs() -> Iterator[list[Supervised]]:
+    """The supervisors a test starts, each closed (killed if still running) after it."""
     started: list[Supervised] = []
     yield started
     for r in started:

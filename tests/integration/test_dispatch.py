@@ -488,15 +488,7 @@ async def test_a_delivery_brings_its_series_next_row_and_a_retry_stops_that(pool
 
     receiver.decide = decide
     d = Dispatcher(pool, {"ops": hook("ops", receiver)}, jitter=lambda: 0.0, poll=0.05)
-    claimed: list[int] = []
-    claim = d._claim
-
-    async def spy(limit: int) -> list[Any]:
-        got = await claim(limit)
-        claimed.extend(c.id for c in got)
-        return got
-
-    d._claim = spy  # type: ignore[method-assign]
+    claimed = claims_of(d)
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))
     try:
@@ -514,11 +506,8 @@ async def test_a_delivery_brings_its_series_next_row_and_a_retry_stops_that(pool
     assert statuses == ["delivered"] * 12
 
 
-@pytest.mark.asyncio
-async def test_a_delivery_task_takes_at_most_chain_max_rows_of_its_series(pool: asyncpg.Pool,
-                                                                         receiver: Receiver) -> None:
-    ids = [await add(pool, "ops", "pm25-high\x1f1\x1f1", ("firing", "resolved")[k % 2]) for k in range(CHAIN_MAX + 2)]
-    d = Dispatcher(pool, {"ops": hook("ops", receiver)}, poll=0.05)
+def claims_of(d: Dispatcher) -> list[int]:
+    """The ids d's claim rounds return from now on (the rows a delivery claims with its result are not among them)."""
     claimed: list[int] = []
     claim = d._claim
 
@@ -528,6 +517,15 @@ async def test_a_delivery_task_takes_at_most_chain_max_rows_of_its_series(pool: 
         return got
 
     d._claim = spy  # type: ignore[method-assign]
+    return claimed
+
+
+@pytest.mark.asyncio
+async def test_a_delivery_task_takes_at_most_chain_max_rows_of_its_series(pool: asyncpg.Pool,
+                                                                         receiver: Receiver) -> None:
+    ids = [await add(pool, "ops", "pm25-high\x1f1\x1f1", ("firing", "resolved")[k % 2]) for k in range(CHAIN_MAX + 2)]
+    d = Dispatcher(pool, {"ops": hook("ops", receiver)}, poll=0.05)
+    claimed = claims_of(d)
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))
     try:
