@@ -376,7 +376,8 @@ async def run_service(settings: Settings, config: Path | None = None, siblings: 
     tasks["evaluator"] = asyncio.create_task(evaluator.run(), name="evaluator")
     tasks["beats"] = asyncio.create_task(beats(), name="beats")
     # Sends the firing notifications that silences held back, once they end (one worker at a time).
-    tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool), name="silences")
+    tasks["silences"] = asyncio.create_task(release_loop(lambda: writer.pool, held=lambda: sessions.floor is not None),
+                                            name="silences")
     if settings.quality.every > 0:
         tasks["quality"] = asyncio.create_task(quality(), name="quality")
     dispatch_stop = asyncio.Event()

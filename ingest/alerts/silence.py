@@ -340,16 +340,19 @@ def _now() -> datetime:
 
 async def release_loop(pool: Callable[[], asyncpg.Pool], every: float = RELEASE_EVERY,
                        clock: Callable[[], datetime] = _now, first_after: float = FIRST_AFTER,
-                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                       held: Callable[[], bool] = lambda: False) -> None:
     """Run the job every ``every`` seconds, the first round ``first_after`` seconds after the start,
     until cancelled. ``pool()``: the writer's current pool. A failed round is logged and tried again
-    at the next. ``clock`` and ``sleep``: seams for the tests."""
+    at the next. ``held()``: judging waits for a worker that drains a backlog (ingest.alerts.catchup):
+    no round runs then, since an episode that looks firing may have resolved in what is not judged
+    yet. ``clock`` and ``sleep``: seams for the tests."""
     failing = False
     await sleep(first_after)
     while True:
         try:
             p = pool()
-            if not p.is_closing():
+            if not held() and not p.is_closing():
                 async with p.acquire(timeout=30) as conn:
                     done = await asyncio.wait_for(release_held(conn, clock()), 60)
                 if done is not None and (done.events or done.dropped):

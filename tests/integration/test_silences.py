@@ -461,6 +461,29 @@ async def test_the_job_waits_first_after_before_its_first_round(pool: asyncpg.Po
     assert FIRST_AFTER == 30.0  # the service's default
 
 
+@pytest.mark.asyncio
+async def test_the_job_waits_while_judging_waits_for_a_backlog(pool: asyncpg.Pool,
+                                                                hooks: dict[str, Webhook]) -> None:
+    """While a worker drains a backlog (ingest.alerts.catchup holds judging) no round runs: the held
+    episode may have resolved in readings not judged yet."""
+    writer = writer_of(pool, hooks)
+    await silence(pool, rule="pm25-high", ends=at(30))
+    await writer.write([outcome(1, [pm("hn-aq-1", 1, 60.0)])])
+    backlog = [True, True, False]
+    state: list[tuple[int, int]] = []
+
+    async def sleep(seconds: float) -> None:
+        state.append((len(await held(pool)), len(await outbox(pool))))
+        if len(state) == 4:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await release_loop(lambda: pool, every=5.0, clock=Clock(at(31)), first_after=0.0, sleep=sleep,
+                           held=lambda: backlog.pop(0))
+    # Before the first round, then after two held rounds (nothing), then after the round that ran.
+    assert state == [(1, 0), (1, 0), (1, 0), (0, 2)]
+
+
 # --- the CLI against the database ----------------------------------------------------------------------
 
 
