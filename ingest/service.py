@@ -332,28 +332,39 @@ async def run_service(settings: Settings, config: Path | None = None, siblings: 
                                                    "sensor-ingest-sessions"))
         tick = evaluator_tick()
         async with sessions_pool[0].acquire(timeout=5) as conn:
-            await asyncio.wait_for(sessions.beat(conn, runtime.active.lateness + tick), 5)
+            await asyncio.wait_for(sessions.beat(conn, max(runtime.active.lateness, 2 * tick)), 5)
         metrics.alert_held.set(sessions.held_for())
 
     def evaluator_tick() -> float:
         return min(1.0, max(0.1, runtime.active.lateness / 4))
 
     async def beats() -> None:
-        failing = False
+        failing_since: float | None = None
+        given_up = False
         while True:
             try:
                 await beat()
-                if failing:
+                if failing_since is not None:
                     log.info("alerts: this worker's catch-up state is written again")
-                failing = False
+                failing_since, given_up = None, False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                sessions.failed()
-                if not failing:
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
                     log.warning("alerts: this worker's catch-up state could not be written (%s); nothing is judged "
-                                "until it is", describe(exc))
-                failing = True
+                                "until it is, for at most alerts.catch_up_wait (%.0fs)", describe(exc),
+                                a.catch_up_wait)
+                if now - failing_since <= a.catch_up_wait:
+                    sessions.failed()
+                else:
+                    sessions.floor = sessions.held_since = None
+                    if not given_up:
+                        given_up = True
+                        log.warning("alerts: this worker's catch-up state has not been written for longer than "
+                                    "alerts.catch_up_wait: judging goes on without the other workers' (%s)",
+                                    describe(exc))
             await asyncio.sleep(evaluator_tick())
 
     with contextlib.suppress(Exception):
@@ -421,8 +432,7 @@ async def run_service(settings: Settings, config: Path | None = None, siblings: 
         with contextlib.suppress(Exception):
             async with writer.pool.acquire(timeout=2) as conn:
                 await asyncio.wait_for(versions.leave(conn), 2.0)
-                if bridge.tracker.unacked == 0:  # nothing left for the broker to send again
-                    await asyncio.wait_for(sessions.leave(conn), 2.0)
+                await asyncio.wait_for(sessions.stopped(conn), 2.0)
     for p in sessions_pool:
         p.terminate()
     if aborted:

@@ -15,12 +15,13 @@ it (a backlog smaller than the receive window arrives at once), and while the re
 connected has a queue growing at the broker, so it has not caught up either.
 
 Each worker writes its state to alert_sessions (``Sessions.beat``): seen_at (its clock),
-caught_up_at (its clock at its last write while caught up) and behind_since. From the rows of all the
-workers it computes the **floor** (``floor_of``): the earliest caught_up_at of the workers that have
-not caught up; every series is then judged only up to the floor minus alerts.lateness (the
-watermark of ingest.alerts.stage), the no-data job included. What a worker fetches from a backlog
-was published after it was last caught up, so nothing it brings is older than that, and the series
-are judged once it is all stored. A worker counts as not caught up when:
+caught_up_at (its clock at its last write while caught up; for the operator) and behind_since. From
+the rows of all the workers it computes the **floor** (``floor_of``): EPOCH while any worker has not
+caught up (nothing is judged: the series wait, due, and the no-data job waits too), None when all
+have. Judged up to where the one behind was last caught up, the series would be judged in order only
+if nothing it fetches were older than that; a gateway that uploads what it stored while it was cut
+off (or a device whose clock is behind) sends exactly that, so nothing is judged. The series are
+judged once all of it is stored. A worker counts as not caught up when:
 - its row says so (alive, seen_at within ``stale`` seconds) and it has been behind for at most
   ``wait`` seconds (alerts.catch_up_wait): one behind for longer is judged without (logged), so that an
   overloaded worker, whose window is always full, does not stop every alert;
@@ -31,10 +32,15 @@ are judged once it is all stored. A worker counts as not caught up when:
   worker up must not judge past what the others' sessions hold.
 This worker itself counts like the others once any other worker is there (fresh row, or siblings):
 what its own session holds is older than the others' newest readings. Alone, it judges in its
-own arrival order and needs no floor. A worker that stops cleanly deletes its row (``leave``).
+own arrival order and needs no floor. A worker that stops marks its row behind (``stopped``): the
+broker goes on queueing its share, so the others wait for it as for one that is silent. Rows are
+``stale`` after alerts.lateness without a beat (at least two beats; beats come every lateness / 4,
+0.1 to 1 s): a worker that hangs right after a beat is noticed before the others' watermark (the
+clock minus the lateness) passes that beat (with a lateness under 0.2 s, up to 0.2 s later).
 
 Until its first beat is read a worker judges nothing (floor EPOCH); so after a failed beat, until
-the next succeeds. The floor lowers the watermark only: it can delay a judgement, never judge early.
+the next succeeds; beats that fail for longer than ``wait`` stop that (judging goes on, logged). The
+floor lowers the watermark only: it can delay a judgement, never judge early.
 """
 
 from __future__ import annotations
@@ -75,7 +81,10 @@ WITH mine AS (
 SELECT client_id, seen_at, caught_up_at, behind_since FROM alert_sessions WHERE client_id <> $1
 UNION ALL SELECT * FROM mine
 """
-_LEAVE = "DELETE FROM alert_sessions WHERE client_id = $1"
+# At a stop: the broker goes on queueing this session's share, so the worker is behind from now on.
+_STOPPED = """
+UPDATE alert_sessions SET seen_at = $2, behind_since = coalesce(behind_since, $2) WHERE client_id = $1
+"""
 
 
 class CatchUp:
@@ -143,7 +152,7 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
         if now - since > wait_d:
             given_up[r.client_id] = text
             continue
-        held[r.client_id] = r.caught_up_at or EPOCH
+        held[r.client_id] = EPOCH
         why[r.client_id] = text
     for sibling in siblings:
         if sibling != me and sibling not in seen:
@@ -153,7 +162,7 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
                 held[sibling], why[sibling] = EPOCH, "not started yet"
     if mine is not None and mine.behind_since is not None and (others or held or len(siblings) > 1):
         if now - mine.behind_since <= wait_d:
-            held[me], why[me] = mine.caught_up_at or EPOCH, "catching up"
+            held[me], why[me] = EPOCH, "catching up"
         else:
             given_up[me] = "catching up"
     return (min(held.values()) if held else None), why, given_up
@@ -205,8 +214,10 @@ class Sessions:
         """A beat failed: what the others do is unknown, judge nothing until the next one succeeds."""
         self._set(EPOCH)
 
-    async def leave(self, conn: Conn) -> None:
-        await conn.execute(_LEAVE, self.client_id)
+    async def stopped(self, conn: Conn) -> None:
+        """At a stop: its row says behind since now (its session keeps the group's share coming), so the
+        others judge nothing until it is back and caught up, for at most the wait."""
+        await conn.execute(_STOPPED, self.client_id, self.clock())
 
     def _log(self, holding: dict[str, str], given_up: dict[str, str]) -> None:
         if holding.keys() != self._holding.keys():

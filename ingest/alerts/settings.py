@@ -446,9 +446,9 @@ class AlertSettings(_Section):
                                         'so that an outage does not page for every device; default: the longest '
                                         'no_data duration of the rules')
     catch_up_wait: float = Field(600.0, description='while a worker drains a backlog (after an outage its broker '
-                                 'session holds part of every device\'s queue) the other workers judge nothing past '
-                                 'where it stopped, so that its readings are judged in order; a worker behind, or '
-                                 'not seen, for longer than this is no longer waited for, e.g. "10m"')
+                                 'session holds part of every device\'s queue) no worker judges, so that its '
+                                 'readings are judged in order once stored; a worker behind, or not seen, for longer '
+                                 'than this is no longer waited for, e.g. "10m"')
 
     @field_validator("mqtt_prefix")
     @classmethod

@@ -4,8 +4,8 @@
 -- worker still drains its part, another's stored readings of a series are newer than readings still
 -- on their way: judged past them, those would come late. Each worker therefore writes, several times
 -- a second, whether it has caught up (connected, and nothing of a backlog at the broker or
--- uncommitted); while any worker has not, every worker judges only up to the last time that one was
--- caught up (minus alerts.lateness), so that a series is judged once all of its readings are stored.
+-- uncommitted); while any worker has not, no worker judges, so that a series is judged once all of
+-- its readings are stored.
 
 CREATE TABLE alert_sessions (
     client_id    text        PRIMARY KEY,  -- the worker's MQTT client id (its broker session)

@@ -109,6 +109,10 @@ def drain(tmp_path: Path, database_url: str, broker: Mosquitto, prefix: str, run
     runs.append(two)
     two.start()  # the sessions
     assert two.stop() == 0
+    # Stopped, each worker's row says behind: the broker queues its share while it is away.
+    with psycopg.connect(database_url) as c:
+        rows = c.execute("SELECT behind_since IS NOT NULL FROM alert_sessions").fetchall()
+    assert rows == [(True,), (True,)]
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=STEPS + 60)
     messages, expected = backlog(prefix, base)
     publish_acked(broker.port, messages)
