@@ -32,8 +32,10 @@ judged once all of it is stored. A worker counts as not caught up when:
   worker up must not judge past what the others' sessions hold.
 This worker itself counts like the others once any other worker is there (fresh row, or siblings):
 what its own session holds is older than the others' newest readings. Alone, it judges in its
-own arrival order and needs no floor. A worker that stops marks its row behind (``stopped``): the
-broker goes on queueing its share, so the others wait for it as for one that is silent. Rows are
+own arrival order and needs no floor. A worker that stops marks its row stopped (``stopped``): the
+broker goes on queueing its share, so its siblings wait for it (a supervisor restarts it, or a
+restart of them all brings it back); any other worker does not (a replica scaled down, a run with
+another client id: waiting would hold every alert for the wait). Rows are
 ``stale`` after alerts.lateness without a beat (at least two beats; beats come every lateness / 4,
 0.1 to 1 s): a worker that hangs right after a beat is noticed before the others' watermark (the
 clock minus the lateness) passes that beat (with a lateness under 0.2 s, up to 0.2 s later).
@@ -73,17 +75,18 @@ WITH mine AS (
     INSERT INTO alert_sessions AS s (client_id, seen_at, caught_up_at, behind_since)
     VALUES ($1, $2::timestamptz, CASE WHEN $3::bool THEN $2::timestamptz END,
             CASE WHEN $3::bool THEN NULL ELSE $2::timestamptz END)
-    ON CONFLICT (client_id) DO UPDATE SET seen_at = EXCLUDED.seen_at,
+    ON CONFLICT (client_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, stopped_at = NULL,
         caught_up_at = CASE WHEN $3 THEN EXCLUDED.seen_at ELSE s.caught_up_at END,
         behind_since = CASE WHEN $3 THEN NULL ELSE coalesce(s.behind_since, EXCLUDED.seen_at) END
-    RETURNING client_id, seen_at, caught_up_at, behind_since
+    RETURNING client_id, seen_at, caught_up_at, behind_since, stopped_at
 )
-SELECT client_id, seen_at, caught_up_at, behind_since FROM alert_sessions WHERE client_id <> $1
+SELECT client_id, seen_at, caught_up_at, behind_since, stopped_at FROM alert_sessions WHERE client_id <> $1
 UNION ALL SELECT * FROM mine
 """
 # At a stop: the broker goes on queueing this session's share, so the worker is behind from now on.
 _STOPPED = """
-UPDATE alert_sessions SET seen_at = $2, behind_since = coalesce(behind_since, $2) WHERE client_id = $1
+UPDATE alert_sessions SET seen_at = $2, stopped_at = $2, behind_since = coalesce(behind_since, $2)
+WHERE client_id = $1
 """
 
 
@@ -120,6 +123,7 @@ class Session:
     seen_at: datetime
     caught_up_at: datetime | None
     behind_since: datetime | None
+    stopped_at: datetime | None = None
 
 
 def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: datetime, started: datetime, *,
@@ -138,13 +142,17 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
         if r.client_id == me:
             mine = r
             continue
-        fresh = now - r.seen_at <= stale_d
+        if r.stopped_at is not None and r.client_id not in siblings:
+            continue  # stopped on purpose, and no worker of this supervisor: not coming back as one of us
+        fresh = r.stopped_at is None and now - r.seen_at <= stale_d
         others = others or fresh
         if fresh and r.behind_since is None:
             continue
         if fresh:
             assert r.behind_since is not None
             since, text = r.behind_since, "catching up"
+        elif r.stopped_at is not None:
+            since, text = max(r.stopped_at, started), "stopped"
         elif now - r.seen_at <= wait_d or r.client_id in siblings:
             since, text = max(r.seen_at, started), f"not seen for {(now - r.seen_at).total_seconds():.0f}s"
         else:

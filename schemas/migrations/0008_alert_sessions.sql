@@ -12,5 +12,6 @@ CREATE TABLE alert_sessions (
     seen_at      timestamptz NOT NULL,     -- the worker's last write (its clock)
     caught_up_at timestamptz,              -- its last write while caught up; NULL: not caught up since it
                                            -- first wrote (what its session held is unknown)
-    behind_since timestamptz               -- since when it has been catching up; NULL: caught up
+    behind_since timestamptz,              -- since when it has been catching up; NULL: caught up
+    stopped_at   timestamptz               -- it stopped cleanly then (NULL: running, or it died)
 );

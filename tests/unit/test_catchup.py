@@ -120,3 +120,19 @@ def test_a_worker_behind_for_longer_than_the_wait_is_judged_without() -> None:
     assert floor([live("a"), behind("b", 700.0, since=WAIT - 1)]) == EPOCH
     # A wait of 0 turns the floor off.
     assert floor_of([live("a"), behind("b", 30.0)], "a", (), NOW, STARTED, stale=STALE, wait=0.0)[0] is None
+
+
+def test_a_stopped_worker_is_waited_for_by_its_siblings_only() -> None:
+    stopped = Session("b", ago(5.0), ago(5.1), ago(5.0), ago(5.0))  # a clean stop 5 s ago
+    # A worker of the same supervisor: its session goes on taking its share, and it comes back.
+    held, why, _ = floor_of([live("a"), stopped], "a", ("a", "b"), NOW, STARTED, stale=STALE, wait=WAIT)
+    assert held == EPOCH
+    assert why["b"] == "stopped"
+    # Any other (a replica scaled down, a run under another client id): not coming back as one of these.
+    assert floor([live("a"), stopped]) is None
+    # A sibling stopped for longer than the wait is no longer waited for.
+    later = NOW + timedelta(seconds=WAIT + 10)
+    held, _, given_up = floor_of([Session("a", later, later, None), stopped], "a", ("a", "b"), later, STARTED,
+                                 stale=STALE, wait=WAIT)
+    assert held is None
+    assert given_up == {"b": "stopped"}
