@@ -17,7 +17,7 @@ import uvicorn
 
 from ingest.alerts.catchup import CatchUp, Sessions
 from ingest.alerts.dispatch import Dispatcher
-from ingest.alerts.evaluator import Evaluator
+from ingest.alerts.evaluator import Evaluator, tick_of
 from ingest.alerts.mqtt_channel import AlertPublisher
 from ingest.alerts.runtime import AlertRuntime, RuleSet
 from ingest.alerts.silence import release_loop
@@ -330,13 +330,10 @@ async def run_service(settings: Settings, config: Path | None = None, siblings: 
         if not sessions_pool:
             sessions_pool.append(await create_pool(settings.database.model_copy(update={"pool_size": 1}),
                                                    "sensor-ingest-sessions"))
-        tick = evaluator_tick()
+        tick = tick_of(runtime.active.lateness)
         async with sessions_pool[0].acquire(timeout=5) as conn:
             await asyncio.wait_for(sessions.beat(conn, max(runtime.active.lateness, 2 * tick)), 5)
         metrics.alert_held.set(sessions.held_for())
-
-    def evaluator_tick() -> float:
-        return min(1.0, max(0.1, runtime.active.lateness / 4))
 
     async def beats() -> None:
         failing_since: float | None = None
@@ -365,7 +362,7 @@ async def run_service(settings: Settings, config: Path | None = None, siblings: 
                         log.warning("alerts: this worker's catch-up state has not been written for longer than "
                                     "alerts.catch_up_wait: judging goes on without the other workers' (%s)",
                                     describe(exc))
-            await asyncio.sleep(evaluator_tick())
+            await asyncio.sleep(tick_of(runtime.active.lateness))
 
     with contextlib.suppress(Exception):
         await beat()

@@ -41,7 +41,7 @@ from ingest.store.classify import describe
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["CLAIM", "LOCK_KEY", "Evaluator"]
+__all__ = ["CLAIM", "LOCK_KEY", "Evaluator", "tick_of"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ FOR UPDATE OF s SKIP LOCKED
 """
 
 
+def tick_of(lateness: float) -> float:
+    """Seconds between the evaluator's rounds (and the catch-up beats): a quarter of the lateness, 0.1 to 1."""
+    return min(1.0, max(0.1, lateness / 4))
+
+
 class Evaluator:
     """``pool()``: the writer's current pool; ``on_result``: counts what a round recorded (metrics)."""
 
@@ -105,7 +110,7 @@ class Evaluator:
 
     @property
     def tick(self) -> float:
-        return min(1.0, max(0.1, self.stage.runtime.active.lateness / 4))
+        return tick_of(self.stage.runtime.active.lateness)
 
     async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         failing = False

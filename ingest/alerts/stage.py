@@ -233,16 +233,16 @@ class AlertStage:
         # A row another worker deleted meanwhile (an 'ok' state its rule no longer owns) is found
         # missing by the lock and created then.
         self._ensured: set[Key] = set()
-        # The earliest time a worker was last caught up, while one is draining a backlog
-        # (ingest.alerts.catchup): nothing is judged past it. None: no one is behind.
+        # Nothing is judged past this while a worker drains a backlog (ingest.alerts.catchup: EPOCH
+        # then, so nothing at all). None: no one is behind.
         self.floor: Callable[[], datetime | None] = lambda: None
 
     def wants(self, metric: str) -> bool:
         return bool(self.runtime.rules_for(metric))
 
     def watermark(self, active: RuleSet, now: datetime) -> datetime:
-        """Series are judged up to this: the clock minus alerts.lateness, or the floor minus it while a
-        worker catches up (ingest.alerts.catchup)."""
+        """Series are judged up to this: the clock minus alerts.lateness, or less while a worker catches
+        up (the floor minus it, ingest.alerts.catchup)."""
         to = now - timedelta(seconds=active.lateness)
         floor = self.floor()
         if floor is not None and floor - timedelta(seconds=active.lateness) < to:
