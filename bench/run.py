@@ -610,6 +610,10 @@ def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | N
 _ALERT_EVENT_COUNTS = """
 SELECT e.status, count(*) FROM alert_events e JOIN devices d ON d.id = e.device_id WHERE d.uid LIKE %s GROUP BY 1
 """
+_LAST_EVENT = """
+SELECT max(pg_xact_commit_timestamp(e.xmin)) FROM alert_events e JOIN devices d ON d.id = e.device_id
+WHERE d.uid LIKE %s
+"""
 
 
 def _baseline_rows(url: str, run: str) -> float:
@@ -662,6 +666,7 @@ def target_drain(svc: Services, plan: Plan, work: Path, shape: str, baseline: bo
     with psycopg.connect(svc.database_url) as c:
         rows = c.execute(targets.groups_sql(baseline), {"base_ms": int(base * 1000), "run": run + "-%"}).fetchall()
         events: dict[str, int] = {} if baseline else dict(c.execute(_ALERT_EVENT_COUNTS, (run + "-%",)).fetchall())
+        last_event = None if baseline else c.execute(_LAST_EVENT, (run + "-%",)).fetchone()[0]
     verified = targets.verify_messages(targets.group([(u, k, n) for u, k, n, _a, _b in rows], run), load, run,
                                        s.readings, DEVICES)
     span = (max(r[4] for r in rows) - min(r[3] for r in rows)).total_seconds() if rows else 0.0
@@ -675,7 +680,11 @@ def target_drain(svc: Services, plan: Plan, work: Path, shape: str, baseline: bo
         extra |= {"rules": 0 if plan.target_rules == "none" else len(targets.TARGET_THRESHOLDS),
                   "rule_scope": plan.target_rules, "rule_devices": targets.rule_devices(run, plan.target_rules),
                   "thresholds_degc": [targets.TARGET_THRESHOLDS[0], targets.TARGET_THRESHOLDS[-1]],
-                  "alert_events": got, "alert_events_expected": want}
+                  "alert_events": got, "alert_events_expected": want,
+                  # The last event's commit after the last reading's: judged in the batch, at most a
+                  # batch's; judged after a backlog (ingest.alerts.catchup), the evaluator's rounds.
+                  "last_event_after_s": (round((last_event - max(r[4] for r in rows)).total_seconds(), 2)
+                                         if last_event is not None and rows else None)}
         if got != want:
             raise VerificationError(f"{run}: alert events {got}, but the messages must raise {want} (bench.targets)")
     return Result(name, n, n * s.readings, round(span, 2), round(wall, 2), round(n / span, 1) if span else 0.0,
@@ -1157,6 +1166,9 @@ def target_line(r: Result) -> str:
     if x["rules"] and want != ev:  # a result of an earlier release: a run now fails instead
         rules += (f" [bold red]instead of the {want['firing']:,} and {want['resolved']:,} the messages must raise: "
                   "the alert guarantees do not hold in this run[/bold red]")
+    after = x.get("last_event_after_s")
+    if after is not None:
+        rules += f", the last {after:.2f} s after the last reading's commit"
     return (f"{r.name}: {x['readings_per_message']} readings a message ({x['format']}), catalog on, {rules}; "
             f"{x['workers']} worker(s)")
 

@@ -30,9 +30,11 @@ judged once all of it is stored. A worker counts as not caught up when:
 - it is a worker of this supervisor (``siblings``: the client ids of `run --workers N`) with no row
   yet, for at most ``wait`` seconds after this worker's start: at a start after an outage, the first
   worker up must not judge past what the others' sessions hold.
-This worker itself counts like the others once any other worker is there (fresh row, or siblings):
-what its own session holds is older than the others' newest readings. Alone, it judges in its
-own arrival order and needs no floor. A worker that stops marks its row stopped (``stopped``): the
+This worker itself counts like the others: what its own session holds is older than the others'
+newest readings. Alone too, though it could judge in its own arrival order: judged in the batch, a
+backlog's readings cost the drain a judgement per batch and series (one worker's drain of 5-reading
+messages with 20 rules took a quarter longer, BENCHMARKS.md), and the alerts of a backlog's newest
+readings come at its end either way. A worker that stops marks its row stopped (``stopped``): the
 broker goes on queueing its share, so its siblings wait for it (a supervisor restarts it, or a
 restart of them all brings it back); any other worker does not (a replica scaled down, a run with
 another client id: waiting would hold every alert for the wait). Rows are
@@ -135,7 +137,6 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
     why: dict[str, str] = {}
     given_up: dict[str, str] = {}
     mine: Session | None = None
-    others = False
     seen: set[str] = set()
     for r in rows:
         seen.add(r.client_id)
@@ -145,7 +146,6 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
         if r.stopped_at is not None and r.client_id not in siblings:
             continue  # stopped on purpose, and no worker of this supervisor: not coming back as one of us
         fresh = r.stopped_at is None and now - r.seen_at <= stale_d
-        others = others or fresh
         if fresh and r.behind_since is None:
             continue
         if fresh:
@@ -168,7 +168,7 @@ def floor_of(rows: Iterable[Session], me: str, siblings: Sequence[str], now: dat
                 given_up[sibling] = "not started"
             else:
                 held[sibling], why[sibling] = EPOCH, "not started yet"
-    if mine is not None and mine.behind_since is not None and (others or held or len(siblings) > 1):
+    if mine is not None and mine.behind_since is not None:
         if now - mine.behind_since <= wait_d:
             held[me], why[me] = EPOCH, "catching up"
         else:

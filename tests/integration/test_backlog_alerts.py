@@ -15,6 +15,8 @@ Run with the receive window (mqtt.receive_maximum) smaller than each worker's sh
 window fills and the broker holds the rest, and larger, so that a share comes at once after the
 CONNACK. And once with alerts.catch_up_wait = 0 (no worker waits for another): readings come late and
 events go missing, which shows that the backlog splits series across the workers as the premise says.
+A lone worker holds its judgements too while it drains (it could judge in arrival order: it waits so
+that the drain does not judge each batch), and records the same events.
 """
 
 from __future__ import annotations
@@ -98,29 +100,31 @@ def waiting(db: str) -> int:
 
 
 def drain(tmp_path: Path, database_url: str, broker: Mosquitto, prefix: str, runs: list[Supervised], *,
-          receive_maximum: int, catch_up_wait: str | None = None) -> tuple[Supervised, Counter[Event]]:
-    port = _port_run(2)
+          receive_maximum: int, catch_up_wait: str | None = None, workers: int = 2
+          ) -> tuple[Supervised, Counter[Event]]:
+    port = _port_run(workers)
     wait = "" if catch_up_wait is None else f'catch_up_wait = "{catch_up_wait}"\n'
     cfg = _config(tmp_path, prefix, database_url, broker, port=port,
                   extra=f"\n[alerts]\ndispatcher = false\n{wait}{RULES}")
     text = cfg.read_text().replace("[mqtt]\n", f"[mqtt]\nreceive_maximum = {receive_maximum}\n", 1)
     cfg.write_text(text)
-    two = Supervised(cfg, tmp_path / "ingest.log", port, workers=2)
+    two = Supervised(cfg, tmp_path / "ingest.log", port, workers=workers)
+    ks = range(1, workers + 1)
     runs.append(two)
     two.start()  # the sessions
     assert two.stop() == 0
     # Stopped, each worker's row says behind: the broker queues its share while it is away.
     with psycopg.connect(database_url) as c:
         rows = c.execute("SELECT behind_since IS NOT NULL FROM alert_sessions").fetchall()
-    assert rows == [(True,), (True,)]
+    assert rows == [(True,)] * workers
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=STEPS + 60)
     messages, expected = backlog(prefix, base)
     publish_acked(broker.port, messages)
     two.start()
     wait_until(lambda: count(database_url, "readings") == len(messages), HANG, "every reading stored")
-    wait_until(lambda: all(two.metric(k, HELD) == 0 for k in (1, 2)) and waiting(database_url) == 0, HANG,
+    wait_until(lambda: all(two.metric(k, HELD) == 0 for k in ks) and waiting(database_url) == 0, HANG,
                "every series judged")
-    received = [two.metric(k, RECEIVED) for k in (1, 2)]
+    received = [two.metric(k, RECEIVED) for k in ks]
     assert sum(received) == len(messages)
     assert all(r > 0 for r in received), received  # both drained a share of the backlog
     return two, expected
@@ -153,3 +157,17 @@ def test_without_waiting_for_each_other_the_same_backlog_comes_late_and_loses_ev
     assert sum((expected - got).values()) > 0  # events that one worker records, missing
     assert "longer than alerts.catch_up_wait = 0s): judging goes on without it" in two.log()
     assert two.stop() == 0
+
+
+def test_a_lone_worker_judges_its_backlog_once_it_is_stored_and_records_the_same_events(
+    tmp_path: Path, database_url: str, broker: Mosquitto, topic_prefix: str, runs: list[Supervised]
+) -> None:
+    one, expected = drain(tmp_path, database_url, broker, topic_prefix, runs, receive_maximum=500, workers=1)
+    assert one.metric(1, LATE) == 0
+    got = recorded(database_url)
+    assert got == expected, (sum((expected - got).values()), sum((got - expected).values()))
+    log = one.log()
+    # Its own catching up held the judgements: the batches of the backlog judged nothing.
+    assert re.search(r"judging waits for worker\(s\) \S+ to catch up \(\S+: catching up\)", log), log[-3000:]
+    assert "every worker has caught up; judging goes on" in log
+    assert one.stop() == 0

@@ -69,11 +69,14 @@ def test_a_full_window_means_more_at_the_broker_until_a_burst_after_it_is_commit
     assert c.caught_up(None)
 
 
-def test_workers_that_have_caught_up_hold_nothing_and_a_lone_worker_needs_no_floor() -> None:
+def test_workers_that_have_caught_up_hold_nothing_and_a_lone_worker_behind_holds_itself() -> None:
     assert floor([live("a"), live("b")]) is None
-    # Alone, a worker judges in its own arrival order, backlog or not.
-    assert floor([behind("a", 30.0)]) is None
-    assert floor([behind("a", None)]) is None
+    assert floor([live("a")]) is None
+    # Alone, a worker could judge in its own arrival order; it waits until its backlog is stored
+    # instead (a faster drain, the same events), for at most the wait.
+    assert floor([behind("a", 30.0)]) == EPOCH
+    assert floor([behind("a", None)]) == EPOCH
+    assert floor([behind("a", None, since=WAIT + 1.0)]) is None
 
 
 def test_while_any_worker_is_behind_this_one_included_nothing_is_judged() -> None:
