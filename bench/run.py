@@ -503,12 +503,14 @@ def _stored_counter(http: str, workers: int, before: float = 0.0) -> Any:
 
 
 @contextmanager
-def profiled(pid: int, out: Path, py_spy: str | None) -> Iterator[None]:
-    """Sample the process with py-spy (if asked) into collapsed stacks, and print where time goes."""
+def profiled(pid: int, out: Path, py_spy: str | None, workers: int = 1) -> Iterator[None]:
+    """Sample the process with py-spy (if asked) into collapsed stacks, and print where time goes.
+    With several workers the supervisor's pid is given: its worker processes are sampled too."""
     if not py_spy:
         yield
         return
     spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "200",
+                            *(["--subprocesses"] if workers > 1 else []),
                             "--format", "raw", "--output", str(out)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -588,7 +590,7 @@ def drain(svc: Services, plan: Plan, work: Path, baseline: bool, py_spy: str | N
     pid = consumer.start()
     me = _consumer_watch(pid, 1 if baseline else plan.workers)
     try:
-        with profiled(pid, work / f"{name}.pyspy.txt", py_spy):
+        with profiled(pid, work / f"{name}.pyspy.txt", py_spy, 1 if baseline else plan.workers):
             if baseline:
                 _wait_stored(lambda: _baseline_count(svc.database_url, run), load.total_acked, name)
             else:
@@ -651,7 +653,7 @@ def target_drain(svc: Services, plan: Plan, work: Path, shape: str, baseline: bo
     pid = consumer.start()
     me = _consumer_watch(pid, workers)
     try:
-        with profiled(pid, work / f"{name}.pyspy.txt", py_spy):
+        with profiled(pid, work / f"{name}.pyspy.txt", py_spy, 1 if baseline else workers):
             if baseline:
                 _wait_stored(lambda: _baseline_rows(svc.database_url, run) / s.readings, load.total_acked, name)
             else:
@@ -1286,7 +1288,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mqtt-url", help="use this running broker")
     ap.add_argument("--profile", nargs="?", const="py-spy", metavar="PY_SPY",
                     help="sample the service with py-spy during ingest-drain and the drain-<shape> targets and "
-                    "print where the time goes "
+                    "print where the time goes (with --workers N: every worker, summed) "
                     "(py-spy is not a dependency: pip install py-spy, or give its path)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config key of sensor-ingest in every scenario that runs it, given as its environment "

@@ -75,15 +75,27 @@ FROM alert_state s JOIN unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
 ORDER BY s.rule, s.device_id, s.metric_id
 FOR UPDATE OF s
 """
+# One statement saves the locked series: those judged whole ($1 to $12), the others only as far as a
+# batch changes them ($13 to $18: when their readings last came, and what of them is due). Most of a
+# batch's series are not judged (not due yet, or judging is held while a worker catches up), and
+# half the columns are half the encoding.
 _SAVE = """
-UPDATE alert_state AS s SET status = t.status, episode_start = t.start, last_time = t.last_time,
-    last_value = t.last_value, evaluated_to = t.evaluated_to, due_at = t.due_at, version = t.version,
-    seen_at = t.seen_at, due_to = t.due_to, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::float8[],
-            $8::timestamptz[], $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[])
-    AS t(rule, device_id, metric_id, status, start, last_time, last_value, evaluated_to, due_at, version, seen_at,
-         due_to)
-WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_id
+WITH judged AS (
+    UPDATE alert_state AS s SET status = t.status, episode_start = t.start, last_time = t.last_time,
+        last_value = t.last_value, evaluated_to = t.evaluated_to, due_at = t.due_at, version = t.version,
+        seen_at = t.seen_at, due_to = t.due_to, updated_at = now()
+    FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::float8[],
+                $8::timestamptz[], $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[])
+        AS t(rule, device_id, metric_id, status, start, last_time, last_value, evaluated_to, due_at, version,
+             seen_at, due_to)
+    WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_id
+), touched AS (
+    UPDATE alert_state AS s SET seen_at = t.seen_at, due_at = t.due_at, due_to = t.due_to, updated_at = now()
+    FROM unnest($13::text[], $14::int[], $15::int[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
+        AS t(rule, device_id, metric_id, seen_at, due_at, due_to)
+    WHERE s.rule = t.rule AND s.device_id = t.device_id AND s.metric_id = t.metric_id
+)
+SELECT 1
 """
 _FORGET = """
 DELETE FROM alert_state s USING unnest($1::text[], $2::int[], $3::int[]) AS k(r, d, m)
@@ -441,11 +453,13 @@ class AlertStage:
                 # the next tick, for at most alerts.lateness.
                 result.stuck += 1
             fired += [(key, e) for e in out.events]
+        full = set(judged)
         saved = [(*k, r.state.status, r.state.episode_start, r.state.last_time, r.state.last_value,
                   r.state.evaluated_to, r.due_at, r.version, r.seen_at, r.due_to)
-                 for k, r in locked.items() if k not in gone]
-        if saved:
-            await conn.execute(_SAVE, *[list(c) for c in zip(*saved, strict=True)])
+                 for k, r in locked.items() if k in full]
+        touched = [(*k, r.seen_at, r.due_at, r.due_to) for k, r in locked.items() if k not in full and k not in gone]
+        if saved or touched:
+            await conn.execute(_SAVE, *_columns(saved, 12), *_columns(touched, 6))
         if gone:
             await conn.execute(_FORGET, *[list(c) for c in zip(*gone, strict=True)])
             self._ensured.difference_update(gone)
@@ -610,6 +624,11 @@ class AlertStage:
 def _others(active: RuleSet) -> Callable[[str], tuple[Rule, ...]]:
     """metric -> the rules a reading of it feeds that are not value rules (those are judged together)."""
     return lambda metric: tuple(r for r in active.for_metric(metric) if r.signal != "value")
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of ``width`` values as that many columns (empty columns for no rows)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 def _locked(r: asyncpg.Record) -> Locked:

@@ -1,4 +1,4 @@
-"""The asyncpg pool of the ingest path: timeouts everywhere, UTC sessions, TCP keepalives."""
+"""The asyncpg pool of the ingest path: timeouts everywhere, UTC sessions, TCP keepalives, no reset round trip."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def dsn_of(settings: DatabaseSettings) -> str:
     return settings.url
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A connection given back to the pool keeps its session as it is. asyncpg's default reset is a round
+    trip on every release (advisory locks, cursors, LISTENs, settings: this code keeps none of them past
+    a transaction: its locks are pg_advisory_xact_lock, its settings SET LOCAL, the dispatcher's LISTEN is
+    removed before its connection goes back or the connection is closed). A transaction left open is
+    still rolled back first: asyncpg does that before calling this, whatever ``reset`` is."""
+
+
 async def create_pool(settings: DatabaseSettings, application_name: str = "sensor-ingest") -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn_of(settings),
@@ -37,6 +45,7 @@ async def create_pool(settings: DatabaseSettings, application_name: str = "senso
         timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
         max_inactive_connection_lifetime=300,
+        reset=_keep_session,
         server_settings={
             "TimeZone": "UTC",
             "application_name": application_name,

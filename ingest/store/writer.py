@@ -1,8 +1,10 @@
 """Writes one batch in one transaction: readings (binary COPY), states, rejections.
 
-A unique-key conflict must not abort the batch's other work: the COPY runs under a SAVEPOINT and,
-on conflict, the rows go in again through INSERT ... ON CONFLICT DO NOTHING (unnest of arrays, no
-DDL). A batch that holds redelivered messages takes that path directly, since conflicts are likely.
+A unique-key conflict must not lose the batch's other work: the COPY ends the transaction, and the
+whole batch is written again with its rows through INSERT ... ON CONFLICT DO NOTHING (unnest of
+arrays, no DDL). A batch that holds redelivered messages takes that path directly, since conflicts
+are likely. (A SAVEPOINT around the COPY would keep the transaction, for two more round trips in
+every batch; the batches that conflict are few.)
 
 Before the transaction, new device ids and metric names are admitted per source (ingest.budget);
 the readings of keys beyond a source's budget become ``too_many_new_series`` rejections.
@@ -113,6 +115,11 @@ def _rejection_row(o: Outcome) -> tuple[object, ...]:
     return (o.message.received_at, None if o.source is None else escape(o.source), escape(o.message.topic),
             o.message.payload, o.rejection.reason, escape(o.rejection.detail),
             None if device is None else escape(device[:MAX_NAME]), details)
+
+
+class _Stored(Exception):
+    """The batch's COPY met a reading stored already: its transaction is over, to be tried again
+    through the conflict path."""
 
 
 class WriteResult:
@@ -245,9 +252,21 @@ class Writer:
 
     async def _write(self, conn: Conn,
                      outcomes: Sequence[Outcome], record_rejections: bool = True) -> WriteResult:
-        result = WriteResult()
         if any(o.readings for o in outcomes):
             outcomes = await self._admit(conn, outcomes)
+        try:
+            return await self._transact(conn, outcomes, record_rejections, copy=True)
+        except _Stored:
+            # A reading of the batch is stored already (a device that sends one again in a new
+            # message): the COPY ended the transaction. Again, through INSERT ... ON CONFLICT; the
+            # first try cost nothing but itself, and spared every batch a savepoint's two round trips.
+            return await self._transact(conn, outcomes, record_rejections, copy=False)
+
+    async def _transact(self, conn: Conn, outcomes: Sequence[Outcome], record_rejections: bool, *,
+                        copy: bool) -> WriteResult:
+        """The batch's transaction (``outcomes`` admitted). ``copy``: the readings by COPY, raising
+        _Stored if one is stored already (then the transaction is rolled back)."""
+        result = WriteResult()
         dev, met = self.ids.devices, self.ids.metrics
         rows: list[tuple[datetime, int, int, float, int]] = []
         texts: list[tuple[datetime, int, int, str, int]] = []
@@ -273,7 +292,7 @@ class Writer:
                         first_source.setdefault(d, o.source)
                 elif seen < r.time:
                     last_seen[d] = r.time
-        redelivered = any(o.message.redelivered for o in outcomes)
+        conflicts = not copy or any(o.message.redelivered for o in outcomes)
         attributes = self._changed_attributes(outcomes)
         async with conn.transaction():
             if attributes:
@@ -291,24 +310,34 @@ class Writer:
                 if self._calibrations:
                     result.calibrated = self._calibrate(rows, row_of, clashes)
             prepared = None
+            candidates: list[NewReading] = []
+            at: list[int] = []  # the row of each candidate
             if rows and self._alerts is not None:
                 # The series' alert_state rows are locked before the readings are stored, so that no
                 # evaluator judges a series past readings this transaction holds uncommitted.
                 wants = self._alerts.wants
-                candidates = [NewReading(r, rows[n][1], rows[n][2]) for n, (_, r) in enumerate(row_of)
-                              if wants(r.metric)]
+                wanting: dict[int, bool] = {}  # metric id -> whether a rule wants it
+                for n, row in enumerate(rows):
+                    w = wanting.get(row[2])
+                    if w is None:
+                        w = wanting[row[2]] = wants(row_of[n][1].metric)
+                    if w:
+                        candidates.append(NewReading(row_of[n][1], row[1], row[2]))
+                        at.append(n)
                 if candidates:
                     prepared = await self._alerts.lock(conn, candidates)
             if rows:
                 result.conflict_path, fresh = await self._store(
-                    conn, "readings", rows, row_of, redelivered, result, clashes)
+                    conn, "readings", rows, row_of, conflicts, result, clashes)
                 new_rows = len(rows) if fresh is None else len(fresh)
                 if self._alerts is not None and prepared is not None:
                     # Only readings new in this transaction are evaluated: a redelivered duplicate
                     # must not fire again.
-                    wanted = [NewReading(row_of[n][1], rows[n][1], rows[n][2])
-                              for n in (range(len(rows)) if fresh is None else fresh)
-                              if self._alerts.wants(row_of[n][1].metric)]
+                    if fresh is None:
+                        wanted = candidates  # every row was new
+                    else:
+                        new = set(fresh)
+                        wanted = [c for n, c in zip(at, candidates, strict=True) if n in new]
                     if wanted:
                         result.alerts = await self._alerts.run(conn, wanted, prepared)
             if texts:
@@ -375,11 +404,10 @@ class Writer:
         with another value, a conflict: a problem of its message (the stored value is kept)."""
         if not conflict_path:
             try:
-                async with conn.transaction():  # a SAVEPOINT inside the batch transaction
-                    await conn.copy_records_to_table(table, records=rows, columns=_READING_COLUMNS)
-                return False, None
-            except asyncpg.UniqueViolationError:
-                pass
+                await conn.copy_records_to_table(table, records=rows, columns=_READING_COLUMNS)
+            except asyncpg.UniqueViolationError as exc:
+                raise _Stored from exc
+            return False, None
         sql = _INSERT_READINGS if table == "readings" else _INSERT_STATES
         inserted = {(d, m, t) for d, m, t in await conn.fetch(sql, *map(list, zip(*rows, strict=True)))}
         if len(inserted) == len(rows):

@@ -47,6 +47,27 @@ def reading(device: str, metric: str, minutes: int, value: float | bool | str) -
 
 
 @pytest.mark.asyncio
+async def test_a_released_connection_is_rolled_back_but_its_session_is_not_reset(database_url: str) -> None:
+    # The pool skips asyncpg's reset round trip on release (ingest.store.pool._keep_session): a session
+    # setting survives, an unfinished transaction does not.
+    one = await create_pool(DatabaseSettings(url=database_url, pool_size=1))
+    try:
+        async with one.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            await conn.execute("SET work_mem = '7MB'")
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TABLE released_mid_transaction (x int)")
+        async with one.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid  # the same session
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('released_mid_transaction')") is None
+            assert await conn.fetchval("SHOW work_mem") == "7MB"
+            assert await conn.fetchval("SHOW TimeZone") == "UTC"
+    finally:
+        await one.close()
+
+
+@pytest.mark.asyncio
 async def test_copy_then_duplicates_take_the_on_conflict_path(pool: asyncpg.Pool) -> None:
     writer = Writer(pool)
     batch = [
@@ -54,8 +75,9 @@ async def test_copy_then_duplicates_take_the_on_conflict_path(pool: asyncpg.Pool
     ]
     first = await writer.write(batch)
     assert (first.readings, first.conflict_path) == (100, False)
-    # The same batch again, plus one new reading: the COPY conflicts, the savepoint is rolled back,
-    # and the ON CONFLICT insert keeps the batch's other work (the new reading and a rejection).
+    # The same batch again, plus one new reading: the COPY conflicts, the transaction is rolled back,
+    # and the batch is written again through the ON CONFLICT insert, with its other work (the new
+    # reading and a rejection).
     again = [
         *batch,
         outcome(99, [reading("d99", "pm25", 5, 1.5)]),
@@ -65,6 +87,24 @@ async def test_copy_then_duplicates_take_the_on_conflict_path(pool: asyncpg.Pool
     assert second.conflict_path is True
     assert await pool.fetchval("SELECT count(*) FROM readings") == 101
     assert await pool.fetchval("SELECT count(*) FROM rejected_messages") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_batch_written_again_after_its_copy_conflicts_is_calibrated_once(pool: asyncpg.Pool) -> None:
+    from ingest.store.calibration import set_calibration
+
+    writer = Writer(pool)
+    first = await writer.write([outcome(1, [reading("d1", "pm25", 0, 10.0)])])
+    assert first.readings == 1
+    async with pool.acquire() as conn:
+        d = await conn.fetchval("SELECT id FROM devices WHERE uid = 'd1'")
+        m = await conn.fetchval("SELECT id FROM metrics WHERE name = 'pm25'")
+        await set_calibration(conn, d, m, T0 + timedelta(minutes=1), 2.0, 0.0)
+    # Not redelivered: the COPY is tried, meets the stored reading, and the batch goes again.
+    second = await writer.write([outcome(2, [reading("d1", "pm25", 0, 10.0), reading("d1", "pm25", 5, 3.0)])])
+    assert (second.conflict_path, second.readings, second.duplicates, second.calibrated) == (True, 1, 1, 1)
+    assert [tuple(r) for r in await pool.fetch("SELECT time, value FROM readings ORDER BY time")] == [
+        (T0, 10.0), (T0 + timedelta(minutes=5), 6.0)]  # x 2 once
 
 
 @pytest.mark.asyncio
