@@ -264,8 +264,8 @@ class HttpSettings(_Section):
 
 
 class IngestSettings(_Section):
-    batch_max_messages: int = Field(1000, ge=1, description="flush a batch when it holds this many messages")
-    batch_max_readings: int = Field(20000, ge=1, description="... or this many readings")
+    batch_max_messages: int = Field(4000, ge=1, description="flush a batch when it holds this many messages")
+    batch_max_readings: int = Field(40000, ge=1, description="... or this many readings")
     batch_max_age: float = Field(0.2, gt=0, description="... or when its oldest message is this many seconds old")
     max_message_bytes: int = Field(
         65536, ge=64, description="larger payloads are rejected (reason too_large); keep it below the broker's "

@@ -24,6 +24,7 @@ from bench.run import (
     _webhook_latency,
     alert_config,
     alert_devices,
+    drained_over,
     ingest_consumer,
     profile_summary,
     verify,
@@ -340,3 +341,17 @@ def test_a_counter_is_summed_over_the_workers_and_a_worker_without_it_counts_zer
     other = "sensor_ingest_alert_readings_late_created 1.7e9\nsensor_ingest_messages_acked_total 12.0\n"
     assert counter_total([one, other, one], "alert_readings_late") == 6.0
     assert counter_total([one, other], "messages_acked") == 12.0
+
+
+def test_a_drain_is_measured_over_the_messages_stored_after_its_first_commit() -> None:
+    t0 = datetime(2026, 12, 4, tzinfo=UTC)
+    # Five commits of 4 messages, one a second: the first commit's messages were processed before the
+    # span began, so 16 messages in 4 s (20 / 4 would be a quarter too fast).
+    commits = [t0 + timedelta(seconds=i // 4) for i in range(20)]
+    assert drained_over(commits, commits, wall=9.0) == (4.0, 16)
+    # A message split over two commits counts from its first: the span still ends at the last commit.
+    firsts, lasts = [t0, t0, t0 + timedelta(seconds=1)], [t0, t0 + timedelta(seconds=2), t0 + timedelta(seconds=3)]
+    assert drained_over(firsts, lasts, wall=9.0) == (3.0, 1)
+    # All in one commit: no span, so the wall time, every message.
+    assert drained_over([t0] * 7, [t0] * 7, wall=2.5) == (2.5, 7)
+    assert drained_over([], [], wall=1.0) == (1.0, 0)

@@ -52,7 +52,8 @@ def test_defaults_without_a_file() -> None:
     assert s.mqtt.qos == 1
     assert s.mqtt.receive_maximum == 4096
     assert s.http.addr == "127.0.0.1:8080"
-    assert s.ingest.batch_max_messages == 1000
+    assert s.ingest.batch_max_messages == 4000
+    assert s.ingest.batch_max_readings == 40000
     assert s.ingest.max_future == 600.0
     assert s.ingest.max_readings_per_message == 2000
     assert s.ingest.max_json_depth == 32
