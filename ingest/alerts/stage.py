@@ -227,6 +227,7 @@ class Prepared:
     devices: dict[int, Device]
     locked: dict[Key, Locked]
     names: dict[int, str]  # metric id -> name, of the batch's readings
+    created: tuple[Key, ...] = ()  # rows this transaction inserted (gone again if it rolls back)
 
 
 
@@ -291,7 +292,8 @@ class AlertStage:
             return None
         ordered = sorted(keys)
         ensured = self._ensured
-        await self._ensure(conn, [k for k in ordered if k not in ensured])
+        created = [k for k in ordered if k not in ensured]
+        await self._ensure(conn, created)
         cols = [list(c) for c in zip(*ordered, strict=True)]
         locked = {(r["rule"], r["device_id"], r["metric_id"]): _locked(r) for r in await conn.fetch(_LOCK, *cols)}
         if len(locked) < len(ordered):
@@ -300,10 +302,17 @@ class AlertStage:
             # here, and is retried like any (SQLSTATE 40P01).
             missing = [k for k in ordered if k not in locked]
             await self._ensure(conn, missing)
+            created += missing
             cols = [list(c) for c in zip(*missing, strict=True)]
             locked.update({(r["rule"], r["device_id"], r["metric_id"]): _locked(r)
                            for r in await conn.fetch(_LOCK, *cols)})
-        return Prepared(active, rules, devices, locked, names)
+        return Prepared(active, rules, devices, locked, names, tuple(created))
+
+    def rolled_back(self, prepared: Prepared) -> None:
+        """The transaction ``prepared`` was taken in rolled back (a batch written again): the rows it
+        created are gone, so that the next lock creates them again in sorted order, not after the
+        others."""
+        self._ensured.difference_update(prepared.created)
 
     async def _ensure(self, conn: Conn, keys: list[Key]) -> None:
         """Create the alert_state rows of ``keys`` that do not exist (sorted order)."""

@@ -22,7 +22,8 @@ re-run a committed batch (doubling its rejection rows) nor delay its acknowledge
 
 A connection that failed with a connection-class error (timeout, reset, closed) is terminated, never
 returned to the pool: after a timeout its state is unknown, and giving it back would run the pool's
-reset queries on a network that may drop every packet (a blackhole), which would hang the writer.
+reset (a ROLLBACK of the open transaction) on a network that may drop every packet (a blackhole),
+which would hang the writer.
 """
 
 from __future__ import annotations
@@ -327,8 +328,14 @@ class Writer:
                 if candidates:
                     prepared = await self._alerts.lock(conn, candidates)
             if rows:
-                result.conflict_path, fresh = await self._store(
-                    conn, "readings", rows, row_of, conflicts, result, clashes)
+                try:
+                    result.conflict_path, fresh = await self._store(
+                        conn, "readings", rows, row_of, conflicts, result, clashes)
+                except _Stored:
+                    if prepared is not None:
+                        assert self._alerts is not None
+                        self._alerts.rolled_back(prepared)
+                    raise
                 new_rows = len(rows) if fresh is None else len(fresh)
                 if self._alerts is not None and prepared is not None:
                     # Only readings new in this transaction are evaluated: a redelivered duplicate

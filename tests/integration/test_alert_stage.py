@@ -184,6 +184,30 @@ async def test_the_same_batch_again_creates_no_new_event(pool: asyncpg.Pool) -> 
 
 
 @pytest.mark.asyncio
+async def test_a_batch_written_again_after_its_copy_conflicts_creates_its_new_series_in_order(
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The COPY meets a stored reading: the transaction rolls back, with the alert_state rows it
+    # created. The stage forgets having created them, so that the batch written again creates them
+    # before its sorted lock, not after it as rows gone missing (out of order: a deadlock risk).
+    st = stage(pm25())
+    writer = Writer(pool, alerts=st)
+    await writer.write([outcome(1, [reading("hn-aq-1", 1, 40.0)])])
+    calls: list[list[Any]] = []
+    ensure = st._ensure
+
+    async def recorded(conn: Any, keys: list[Any]) -> None:
+        calls.append(list(keys))
+        await ensure(conn, keys)
+
+    monkeypatch.setattr(st, "_ensure", recorded)
+    again = await writer.write([outcome(2, [reading("hn-aq-1", 1, 40.0), reading("hn-aq-2", 1, 41.0)])])
+    assert (again.conflict_path, again.readings, again.duplicates) == (True, 1, 1)
+    d2, m = await ids(pool, "hn-aq-2")
+    assert calls == [[("*value", d2, m)], [("*value", d2, m)]]  # each attempt, before its lock
+    assert await pool.fetchval("SELECT count(*) FROM alert_state WHERE device_id = $1", d2) == 1
+
+
+@pytest.mark.asyncio
 async def test_a_conflicting_value_is_not_evaluated(pool: asyncpg.Pool) -> None:
     writer = Writer(pool, alerts=stage(pm25()))
     await writer.write([outcome(1, [reading("hn-aq-1", 1, 40.0)])])

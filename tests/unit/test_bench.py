@@ -352,6 +352,10 @@ def test_a_drain_is_measured_over_the_messages_stored_after_its_first_commit() -
     # A message split over two commits counts from its first: the span still ends at the last commit.
     firsts, lasts = [t0, t0, t0 + timedelta(seconds=1)], [t0, t0 + timedelta(seconds=2), t0 + timedelta(seconds=3)]
     assert drained_over(firsts, lasts, wall=9.0) == (3.0, 1)
+    # Two workers, each committing 4 messages a second, half a second apart: each one's first batch
+    # was processed before the span began, so 3 x 4 x 2 messages in 3.5 s.
+    two = [t0 + timedelta(seconds=i // 4 + (0.5 if w else 0)) for w in (0, 1) for i in range(16)]
+    assert drained_over(two, two, wall=9.0, workers=2) == (3.5, 24)
     # All in one commit: no span, so the wall time, every message.
     assert drained_over([t0] * 7, [t0] * 7, wall=2.5) == (2.5, 7)
     assert drained_over([], [], wall=1.0) == (1.0, 0)
