@@ -153,6 +153,18 @@ def test_bench_fleet_times_quality_and_a_whole_rewrite_on_a_small_fleet(tmp_path
 # --- issue #17: the drain targets and the latency breakdown -------------------------------------------
 
 
+def test_bench_batch_sql_times_each_statement_of_a_batch_with_rules() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.batch_sql", "--devices", "20", "--metrics", "2", "--batches", "5",
+         "--warmup", "1", "--fillfactor", "50"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "batch of 20 devices x 2 readings, 20 alert series, fillfactor 50, 4 batches measured" in proc.stdout
+    for step in ("begin", "lock", "copy", "save", "commit"):
+        assert f"  {step} " in proc.stdout
+    assert "alert_state updates: 100," in proc.stdout  # the save updates every series, every batch
+
+
 def test_bench_target_drains_verify_each_shape_its_alert_events_and_report_a_ratio_per_shape(tmp_path: Path) -> None:
     """--targets at a tiny size: every shape drained through the service (catalog on, 20 rules on every
     device) and through the baseline, each stored set checked message by message, the alert events
